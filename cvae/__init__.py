@@ -1,0 +1,8 @@
+"""cvae: convolutional variational autoencoders with PyTorch Lightning and Hydra."""
+
+from cvae.data import ImageDataModule
+from cvae.models import CVAE
+from cvae.viz import visualize_batch
+
+__all__ = ["CVAE", "ImageDataModule", "visualize_batch"]
+__version__ = "0.1.0"

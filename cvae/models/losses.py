@@ -1,0 +1,33 @@
+"""The terms of the negative ELBO, per image: reconstruction and KL to the standard normal."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+RECON_LOSSES = ("mse", "bce")
+
+
+def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(log_var)) || N(0, I)) in closed form, summed over latent dims: shape (B,)."""
+    return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=1)
+
+
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-image reconstruction error summed over pixels: shape (B,).
+
+    `mse` is the squared error: the negative log-likelihood of a Gaussian decoder with fixed
+    variance 1/2, up to a constant. `bce` is the binary cross-entropy: that of a Bernoulli
+    decoder, exact for binary images and a common choice for near-binary ones. Computed in
+    float32 whatever the autocast precision, since both sum many small terms.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _per_pixel(x_hat.float(), x.float(), kind).flatten(1).sum(dim=1)
+
+
+def _per_pixel(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(x_hat, x, reduction="none")
+    if kind == "bce":
+        return F.binary_cross_entropy(x_hat, x, reduction="none")
+    raise ValueError(f"model.recon_loss={kind!r} is not one of {', '.join(RECON_LOSSES)}")

@@ -1,0 +1,111 @@
+"""Convolutional encoder and decoder, mirror images of each other, plus the sampling trick."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+DOWNSAMPLING = ("stride", "maxpool")
+
+
+def reparameterize(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps: a sample of N(mu, sigma^2) that gradients flow through."""
+    return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+
+
+def _padding(kernel_size: int) -> tuple[int, int]:
+    """Padding and output padding that make a stride-2 (transposed) convolution halve (double)."""
+    padding = (kernel_size - 1) // 2
+    return padding, 2 - kernel_size + 2 * padding
+
+
+def feature_size(image_size: int, num_blocks: int) -> int:
+    """Side of the encoder's last feature map: one halving per block."""
+    return image_size // 2**num_blocks
+
+
+class Encoder(nn.Module):
+    """Conv2d blocks (channels growing with depth), each halving the image, then Linear heads.
+
+    `downsample="stride"` halves with the convolution's stride; `"maxpool"` uses a stride-1
+    convolution followed by `MaxPool2d(2)`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        image_size: int,
+        latent_dim: int,
+        kernel_size: int = 4,
+        downsample: str = "stride",
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        padding, _ = _padding(kernel_size)
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width in channels:
+            stride = 2 if downsample == "stride" else 1
+            conv_padding = padding if downsample == "stride" else kernel_size // 2
+            layers.append(nn.Conv2d(previous, width, kernel_size, stride, conv_padding))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2))
+            previous = width
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        flat = previous * feature_size(image_size, len(channels)) ** 2
+        self.mu = nn.Linear(flat, latent_dim)
+        self.log_var = nn.Linear(flat, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.mu(h), self.log_var(h)
+
+
+class Decoder(nn.Module):
+    """Linear to the encoder's last feature map, then ConvTranspose2d blocks doubling it back.
+
+    Mirrors the encoder: one transposed convolution per encoder block, the last one to the
+    image's channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1].
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        channels: Sequence[int],
+        image_size: int,
+        latent_dim: int,
+        kernel_size: int = 4,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        widths = list(reversed(channels))
+        self.start_shape = (widths[0], *(2 * (feature_size(image_size, len(channels)),)))
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, widths[0] * self.start_shape[1] * self.start_shape[2]),
+            nn.ReLU(inplace=True),
+        )
+        padding, output_padding = _padding(kernel_size)
+        layers: list[nn.Module] = []
+        for width, following in pairwise(widths):
+            layers.append(
+                nn.ConvTranspose2d(width, following, kernel_size, 2, padding, output_padding)
+            )
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(following))
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(
+            nn.ConvTranspose2d(widths[-1], out_channels, kernel_size, 2, padding, output_padding)
+        )
+        layers.append(nn.Sigmoid())
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.project(z).view(-1, *self.start_shape)
+        return self.features(h)

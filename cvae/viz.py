@@ -1,0 +1,22 @@
+"""Image grids: one implementation for notebooks, callbacks and scripts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+
+def visualize_batch(
+    images: torch.Tensor, path: str | os.PathLike | None = None, nrow: int = 8
+) -> torch.Tensor:
+    """A `(C, H', W')` grid of a `(B, C, H, W)` batch in [0, 1]; saved as an image if `path`."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch of shape (B, C, H, W), got {tuple(images.shape)}")
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+    return grid
