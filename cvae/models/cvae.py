@@ -106,9 +106,10 @@ class CVAE(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, _ = batch
         terms = self.loss_terms(images)
-        on_step = stage == "train"
+        # Training curves per step; validation and test as means over the whole split.
+        training = stage == "train"
         for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True,
+            self.log(f"{stage}/{name}", value, on_step=training, on_epoch=not training,
                      prog_bar=name == "loss", batch_size=len(images))  # fmt: skip
         return terms["loss"]
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny configs, generated image folders and one trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Small and fast: 16x16 synthetic shapes, a two-block model, one epoch, no progress bar.
+TINY = [
+    "data=synthetic",
+    "data.image_size=16",
+    "data.synthetic_images=64",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "model.latent_dim=8",
+    "model.hidden_channels=[8,16]",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "~callbacks.rich_progress_bar",
+]
+
+
+def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+    """The training config as `python -m cvae.train` composes it, writing into `output_dir`."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"paths.output_dir={output_dir}", *overrides])
+
+
+def write_mixed_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path]:
+    """JPEG and PNG files of assorted modes and sizes: what a real folder looks like."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("CMYK", "JPEG"),
+             ("RGB", "PNG")]  # fmt: skip
+    paths = []
+    for i in range(count):
+        mode, ext = kinds[i % len(kinds)]
+        width, height = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(array, "RGB")
+        image = image.quantize(16) if mode == "P" else image.convert(mode)
+        path = folder / f"image_{i}.{ext}"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """Flat files at the top plus two class subfolders (one nested a level deeper)."""
+    root = tmp_path / "images"
+    write_mixed_images(root, 4, seed=1)
+    write_mixed_images(root / "cats", 6, seed=2)
+    write_mixed_images(root / "dogs" / "puppies", 6, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with checkpoints from two tiny epochs, shared by the tests that read it."""
+    from cvae.runtime import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    train(compose_train(run_dir, "trainer.max_epochs=2", "test=false"))
+    return run_dir

@@ -1,0 +1,148 @@
+"""The model wing: loss terms, sampling, architectures and config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.distributions import Normal
+
+from cvae import CVAE
+from cvae.models import Decoder, Encoder, kl_divergence, reconstruction_loss, reparameterize
+from cvae.runtime import user_error
+from tests.conftest import compose_train
+
+
+def test_kl_matches_hand_computation() -> None:
+    # KL(N(1, e^0) || N(0, 1)) = 0.5 per dim; KL(N(0, e^2) || N(0, 1)) = 0.5 (e^2 - 1 - 2).
+    mu = torch.tensor([[1.0, 0.0]])
+    log_var = torch.tensor([[0.0, 2.0]])
+    expected = 0.5 + 0.5 * (math.exp(2) - 1 - 2)
+    assert kl_divergence(mu, log_var).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_closed_form_kl_matches_monte_carlo() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 4, generator=generator)
+    log_var = torch.randn(3, 4, generator=generator)
+    q = Normal(mu, torch.exp(0.5 * log_var))
+    z = q.sample((200_000,))
+    monte_carlo = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(-1).mean(0)
+    torch.testing.assert_close(kl_divergence(mu, log_var), monte_carlo, rtol=0.02, atol=0.02)
+
+
+def test_reconstruction_losses_match_hand_computation() -> None:
+    x = torch.tensor([[[[0.0, 1.0], [0.5, 0.25]]]])
+    x_hat = torch.tensor([[[[0.5, 0.5], [0.5, 0.75]]]])
+    assert reconstruction_loss(x_hat, x, "mse").item() == pytest.approx(0.25 + 0.25 + 0 + 0.25)
+    bce = -sum(t * math.log(p) + (1 - t) * math.log(1 - p)
+               for t, p in [(0.0, 0.5), (1.0, 0.5), (0.5, 0.5), (0.25, 0.75)])  # fmt: skip
+    assert reconstruction_loss(x_hat, x, "bce").item() == pytest.approx(bce, rel=1e-6)
+
+
+@pytest.mark.parametrize("recon_loss", ["mse", "bce"])
+def test_loss_is_recon_plus_beta_kl_averaged_over_batch(recon_loss: str) -> None:
+    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
+                 recon_loss=recon_loss, beta=2.5)  # fmt: skip
+    x = torch.rand(5, 1, 8, 8)
+    torch.manual_seed(0)
+    terms = model.loss_terms(x)
+    torch.manual_seed(0)  # the same eps, by hand
+    mu, log_var = model.encoder(x)
+    z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+    x_hat = model.decoder(z)
+    if recon_loss == "mse":
+        recon = ((x_hat - x) ** 2).sum(dim=(1, 2, 3))
+    else:
+        recon = -(x * torch.log(x_hat) + (1 - x) * torch.log(1 - x_hat)).sum(dim=(1, 2, 3))
+    kl = 0.5 * (mu**2 + log_var.exp() - 1 - log_var).sum(dim=1)
+    torch.testing.assert_close(terms["recon"], recon.mean())
+    torch.testing.assert_close(terms["kl"], kl.mean())
+    torch.testing.assert_close(terms["loss"], recon.mean() + 2.5 * kl.mean())
+
+
+def test_gradients_flow_through_the_sampling() -> None:
+    mu = torch.zeros(4, 3, requires_grad=True)
+    log_var = torch.zeros(4, 3, requires_grad=True)
+    z = reparameterize(mu, log_var)
+    (z**2).sum().backward()
+    assert mu.grad is not None and mu.grad.abs().sum() > 0
+    assert log_var.grad is not None and log_var.grad.abs().sum() > 0
+    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4])
+    model.loss_terms(torch.rand(2, 1, 8, 8))["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_reparameterize_samples_the_right_distribution() -> None:
+    torch.manual_seed(0)
+    mu, log_var = torch.full((100_000, 1), 2.0), torch.full((100_000, 1), math.log(9.0))
+    z = reparameterize(mu, log_var)
+    assert z.mean().item() == pytest.approx(2.0, abs=0.05)
+    assert z.std().item() == pytest.approx(3.0, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("preset", "channels", "size"),
+    [("cvae", 1, 32), ("cvae", 3, 64), ("vae_2conv", 1, 28), ("vae_2conv", 3, 64),
+     ("cvae_maxpool", 1, 32), ("cvae_maxpool", 3, 64)],
+)  # fmt: skip
+def test_presets_map_images_to_images(tmp_path, preset: str, channels: int, size: int) -> None:
+    cfg = compose_train(tmp_path, f"model={preset}", f"data.channels={channels}",
+                        f"data.image_size={size}", "model.latent_dim=4")  # fmt: skip
+    model = instantiate(cfg.model)
+    x = torch.rand(2, channels, size, size)
+    x_hat, mu, log_var = model(x)
+    assert x_hat.shape == x.shape and mu.shape == log_var.shape == (2, 4)
+    assert x_hat.min() >= 0 and x_hat.max() <= 1
+    assert model.sample(3).shape == (3, channels, size, size)
+
+
+def test_design_note_architectures_are_exact() -> None:
+    encoder = Encoder(1, [32, 64], 28, 2, kernel_size=3, downsample="stride", batch_norm=False)
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride) for c in convs] == [(32, (2, 2)), (64, (2, 2))]
+    assert encoder.mu.in_features == 64 * 7 * 7
+    decoder = Decoder(1, [32, 64], 28, 2, kernel_size=3, batch_norm=False)
+    linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    deconvs = [m for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(linears) == 1 and [d.out_channels for d in deconvs] == [32, 1]
+    assert isinstance(decoder.features[-1], torch.nn.Sigmoid)
+    pooled = Encoder(3, [32, 64, 128], 64, 2, kernel_size=3, downsample="maxpool")
+    kinds = [type(m).__name__ for m in pooled.features]
+    assert kinds.count("MaxPool2d") == 3 and kinds.count("Conv2d") == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.latent_dim=0", "model.latent_dim"),
+        ("model.beta=-1", "model.beta"),
+        ("model.recon_loss=l1", "model.recon_loss"),
+        ("data.image_size=30", "model.image_size=30"),
+        ("model.downsample=avgpool", "model.downsample"),
+        ("data.batch_size=0", "data.batch_size"),
+    ],
+)
+def test_bad_config_fails_at_build_with_the_key(tmp_path, override: str, key: str) -> None:
+    cfg = compose_train(tmp_path, override)
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - Hydra wraps the ValueError
+        instantiate(cfg.data)
+        instantiate(cfg.model)
+    cause = user_error(caught.value)
+    assert isinstance(cause, ValueError)
+    assert key in str(cause) and "\n" not in str(cause)
+
+
+def test_sample_and_reconstruct_leave_training_mode_alone() -> None:
+    model = CVAE(in_channels=3, image_size=16, latent_dim=4, hidden_channels=[8, 16])
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    first = model.sample(4, generator=generator)
+    assert model.training
+    again = model.sample(4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first, again)
+    x = torch.rand(4, 3, 16, 16)
+    torch.testing.assert_close(model.reconstruct(x), model.reconstruct(x))  # the mean, no noise
+    assert model.sample(4, temperature=0.0).std(0).max() == 0  # all from z = 0

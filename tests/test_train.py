@@ -1,0 +1,151 @@
+"""Training end to end: the CLI, run folders, TensorBoard, sweeps, resume and NaN stops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cvae import CVAE, ImageDataModule
+from cvae.runtime import build, train
+from tests.conftest import TINY, compose_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    *overrides: str, multirun: bool = False, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m cvae.train` with the tiny settings, as a user would run it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cvae.train", *(["-m"] if multirun else []), *TINY, *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def event_tags(run_dir: Path) -> dict[str, list[str]]:
+    tags: dict[str, set[str]] = {"scalars": set(), "images": set()}
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind].update(accumulator.Tags()[kind])
+    return {kind: sorted(names) for kind, names in tags.items()}
+
+
+def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
+    run_cli("trainer.max_epochs=2", f"hydra.run.dir={tmp_path}")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((tmp_path / "checkpoints").glob("epoch_*.ckpt"))) == 1  # the best one
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "resolved_config.yaml").is_file()
+    tags = event_tags(tmp_path)
+    for scalar in ("train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
+                   "test/loss"):  # fmt: skip
+        assert scalar in tags["scalars"]
+    for image in ("data/train_batch", "val/reconstructions", "val/samples"):
+        assert image in tags["images"]
+
+
+def test_cli_trains_on_a_folder_of_mixed_files(tmp_path: Path, mixed_folder: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli("data=folder", f"data.root={mixed_folder}", "data.batch_size=4",
+            f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    datamodule = ImageDataModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert datamodule.hparams.root == str(mixed_folder)
+
+
+def test_cli_sweep_leaves_one_run_folder_per_job(tmp_path: Path) -> None:
+    run_cli("model.beta=0.5,1", "model.latent_dim=4,8", "test=false",
+            f"hydra.sweep.dir={tmp_path}", multirun=True)  # fmt: skip
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name != ".hydra")
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        model = CVAE.load_from_checkpoint(job / "checkpoints" / "last.ckpt", weights_only=True)
+        seen.add((model.hparams.beta, model.hparams.latent_dim))
+    assert seen == {(0.5, 4), (0.5, 8), (1.0, 4), (1.0, 8)}
+
+
+def test_cli_bad_config_is_one_line_before_training(tmp_path: Path) -> None:
+    result = run_cli("model.latent_dim=0", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: model.latent_dim must be >= 1, got 0"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_resume_checkpoint_fails_before_training(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt is not a checkpoint"):
+        train(cfg)
+
+
+def test_checkpoint_hyperparameters_are_plain_values(trained_run: Path) -> None:
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["hidden_channels"] == [8, 16]
+    assert checkpoint["datamodule_hyper_parameters"]["source"] == "synthetic"
+
+
+def test_loaded_checkpoint_samples_and_reconstructs(trained_run: Path) -> None:
+    model = CVAE.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    samples = model.sample(16)
+    assert samples.shape == (16, 3, 16, 16)
+    x = torch.rand(5, 3, 16, 16)
+    reconstructions = model.reconstruct(x)
+    assert reconstructions.shape == x.shape
+    for images in (samples, reconstructions):
+        assert images.min() >= 0 and images.max() <= 1
+
+
+def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_path: Path) -> None:
+    last = trained_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1
+    steps_per_epoch = saved["global_step"] // 2
+    cfg = compose_train(tmp_path, f"ckpt_path={last}", "trainer.max_epochs=3", "test=false")
+    datamodule, model, trainer = build(cfg)
+    started = {}
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            started.setdefault("epoch", trainer.current_epoch)
+            started.setdefault("step", trainer.global_step)
+
+    trainer.callbacks.append(FirstStep())
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    assert started == {"epoch": 2, "step": 2 * steps_per_epoch}
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loss_terms = CVAE.loss_terms
+
+    def diverge_in_second_epoch(self: CVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = loss_terms(self, x)
+        if self.training and self.current_epoch == 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(CVAE, "loss_terms", diverge_in_second_epoch)
+    with pytest.raises(FloatingPointError, match=r"train/loss is nan at epoch 1, step \d+"):
+        train(compose_train(tmp_path, "trainer.max_epochs=3"))
+    good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert good["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
