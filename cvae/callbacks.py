@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from cvae.viz import visualize_batch
+from cvae.viz import interleave_rows, visualize_batch
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -46,12 +46,8 @@ class ImageLogger(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self.val_images is None:
             return
         inputs = self.val_images
-        columns = min(self.nrow, len(inputs))
-        inputs = inputs[: len(inputs) // columns * columns]
         reconstructions = pl_module.reconstruct(inputs)
-        # A row of inputs, then the row of their reconstructions, and so on.
-        pairs = torch.stack([inputs.to(reconstructions), reconstructions])
-        pairs = pairs.unflatten(1, (-1, columns)).transpose(0, 1).flatten(0, 2)
-        self._log(trainer, "val/reconstructions", pairs, columns)
+        pairs = interleave_rows(inputs, reconstructions, self.nrow)
+        self._log(trainer, "val/reconstructions", pairs, min(self.nrow, len(inputs)))
         fixed_noise = torch.Generator().manual_seed(self.seed)
         self._log(trainer, "val/samples", pl_module.sample(self.num_images, generator=fixed_noise))

@@ -20,3 +20,14 @@ def visualize_batch(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
     return grid
+
+
+def interleave_rows(inputs: torch.Tensor, outputs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """A batch to grid with `nrow` columns: a row of inputs, then the row of their outputs, ...
+
+    Keeps the largest multiple of `nrow` images (at least one row).
+    """
+    columns = min(nrow, len(inputs))
+    keep = len(inputs) // columns * columns
+    pairs = torch.stack([inputs[:keep].to(outputs), outputs[:keep]])
+    return pairs.unflatten(1, (-1, columns)).transpose(0, 1).flatten(0, 2)
