@@ -1,0 +1,74 @@
+"""Walk an ImageFolder-style tree: flat folders and class subfolders alike."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """Image files under a root, with the class index of each (-1 when not in a subfolder)."""
+
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def check_root(root: str | os.PathLike | None, key: str = "data.root") -> Path:
+    """Fail early, naming the key and the path, when a data root is unusable."""
+    if root is None or str(root) == "":
+        raise ValueError(f"{key} is not set: point it at a folder of images")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{key}={path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{key}={path} is a file, not a folder of images")
+    return path
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def index_folder(root: str | os.PathLike) -> FolderIndex:
+    """Find every image under `root`, recursively, following symlinks without looping.
+
+    Files directly in `root` get label -1; files anywhere below a first-level subfolder
+    get that subfolder's index among the sorted subfolder names holding images.
+    """
+    root = check_root(root)
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    found: list[tuple[Path, str | None]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink back into the tree: walked already
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        relative = Path(dirpath).relative_to(root)
+        top = relative.parts[0] if relative.parts else None
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if _is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            real_file = os.path.realpath(path)
+            if real_file in seen_files or not os.path.isfile(real_file):
+                continue
+            seen_files.add(real_file)
+            found.append((path, top))
+    if not found:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"data.root={root} holds no image files ({extensions})")
+    classes = sorted({top for _, top in found if top is not None})
+    class_index = {name: i for i, name in enumerate(classes)}
+    files = [path for path, _ in found]
+    labels = [class_index[top] if top is not None else -1 for _, top in found]
+    return FolderIndex(files=files, labels=labels, classes=classes)

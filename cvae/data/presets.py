@@ -1,0 +1,200 @@
+"""Image sources behind the data presets: folders, idx files, torchvision sets, synthetic shapes.
+
+Every source yields `(PIL.Image, int label)` pairs, so one `Preprocess` serves them all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from cvae.data.decode import open_image
+from cvae.data.folder import check_root, index_folder
+
+SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+
+
+class FileDataset(Dataset):
+    """Image files decoded on access."""
+
+    def __init__(self, files: list[Path], labels: list[int]) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return open_image(self.files[index]), self.labels[index]
+
+
+class ArrayDataset(Dataset):
+    """Images held in a uint8 array of shape (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+class SyntheticShapes(Dataset):
+    """Coloured circles, squares and triangles (labels 0, 1, 2) drawn on demand from a seed.
+
+    For smoke runs and tests with nothing on disk: item `i` is the same image every time.
+    """
+
+    SHAPES = ("circle", "square", "triangle")
+
+    def __init__(self, num_images: int = 2048, image_size: int = 64, seed: int = 0) -> None:
+        if num_images < 1:
+            raise ValueError(f"data.synthetic_images must be >= 1, got {num_images}")
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        size = self.image_size
+        background = tuple(rng.randrange(0, 96) for _ in range(3))
+        colour = tuple(rng.randrange(128, 256) for _ in range(3))
+        image = Image.new("RGB", (size, size), background)
+        label = rng.randrange(len(self.SHAPES))
+        radius = rng.uniform(0.15, 0.35) * size
+        cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
+        draw = ImageDraw.Draw(image)
+        if label == 0:
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        elif label == 1:
+            draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+        else:
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                fill=colour,
+            )
+        return image, label
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (MNIST's format), gzipped or not."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+    return array.reshape(shape)
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_idx_dir(folders: list[Path]) -> Path | None:
+    """The first folder holding all four idx files, plain or gzipped."""
+    for folder in folders:
+        names = [name for pair in IDX_FILES.values() for name in pair]
+        if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in names):
+            return folder
+    return None
+
+
+def _read_idx_split(folder: Path, split: str) -> ArrayDataset:
+    arrays = []
+    for name in IDX_FILES[split]:
+        path = folder / name
+        arrays.append(read_idx(path if path.is_file() else f"{path}.gz"))
+    return ArrayDataset(*arrays)
+
+
+def _torchvision_class(source: str) -> type:
+    from torchvision import datasets
+
+    return {"fashion_mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}[source]
+
+
+def load_idx_source(
+    source: str, root: str | os.PathLike, download: bool
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) of Fashion-MNIST or MNIST from idx files, downloading only as a last resort.
+
+    Looks in `root`, in torchvision's layout under it (`root/FashionMNIST/raw`), then in the
+    system folder of the Debian package (Fashion-MNIST only).
+    """
+    root = Path(root).expanduser()
+    torchvision_class = _torchvision_class(source)
+    raw = root / torchvision_class.__name__ / "raw"
+    folders = [root, raw]
+    if source == "fashion_mnist":
+        folders.append(FASHION_MNIST_SYSTEM_DIR)
+    folder = _find_idx_dir(folders)
+    if folder is None and download:
+        try:
+            torchvision_class(str(root), train=True, download=True)
+        except Exception as error:  # no network, a mirror down, a bad checksum
+            raise FileNotFoundError(
+                f"{source}: no idx files in {', '.join(map(str, folders))} "
+                f"and the download into data.root={root} failed: {error}"
+            ) from error
+        folder = _find_idx_dir([raw])
+    if folder is None:
+        raise FileNotFoundError(
+            f"{source}: no idx files in {', '.join(map(str, folders))}; "
+            "set data.root to a folder holding them or data.download=true"
+        )
+    return _read_idx_split(folder, "train"), _read_idx_split(folder, "test")
+
+
+def load_cifar10(root: str | os.PathLike, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        splits = [CIFAR10(str(root), train=t, download=download) for t in (True, False)]
+    except Exception as error:
+        raise FileNotFoundError(
+            f"cifar10: no dataset under data.root={root} "
+            f"({'download failed' if download else 'data.download=false'}): {error}"
+        ) from error
+    return tuple(ArrayDataset(s.data, np.asarray(s.targets)) for s in splits)
+
+
+def load_source(
+    source: str,
+    root: str | os.PathLike | None,
+    download: bool = False,
+    image_size: int = 64,
+    synthetic_images: int = 2048,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset | None]:
+    """The (train pool, official test set or None) of a source, as (PIL image, label) datasets."""
+    if source == "folder":
+        index = index_folder(check_root(root))
+        return FileDataset(index.files, index.labels), None
+    if source in ("fashion_mnist", "mnist"):
+        return load_idx_source(source, root or ".", download)
+    if source == "cifar10":
+        return load_cifar10(root or ".", download)
+    if source == "synthetic":
+        return SyntheticShapes(synthetic_images, image_size, seed), None
+    raise ValueError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
+
+
