@@ -16,11 +16,12 @@ import rich.tree
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "the input is wrong", reported as one line instead of a traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MissingMandatoryValue)
 CONFIG_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths")
 
 

@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
         cause = user_error(error)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {str(cause).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     return metrics.get("val/loss")
 

@@ -58,7 +58,7 @@ class Preprocess:
             image = _center_crop(image, self.crop_size)
         width, height = image.size
         scale = self.image_size / min(width, height)
-        target = (max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale)))
+        target = tuple(max(self.image_size, round(side * scale)) for side in (width, height))
         if target != image.size:
             image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
         image = _center_crop(image, self.image_size)

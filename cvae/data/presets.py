@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ from cvae.data.decode import open_image
 from cvae.data.folder import check_root, index_folder
 
 SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+# Where Debian's dataset-fashion-mnist package puts the idx files.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 class FileDataset(Dataset):
@@ -196,5 +196,3 @@ def load_source(
     if source == "synthetic":
         return SyntheticShapes(synthetic_images, image_size, seed), None
     raise ValueError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
-
-
