@@ -1,8 +1,10 @@
 """cvae: convolutional variational autoencoders with PyTorch Lightning and Hydra."""
 
+from importlib.metadata import version
+
 from cvae.data import ImageDataModule
 from cvae.models import CVAE
 from cvae.viz import visualize_batch
 
 __all__ = ["CVAE", "ImageDataModule", "visualize_batch"]
-__version__ = "0.1.0"
+__version__ = version("cvae")

@@ -7,6 +7,8 @@ import torch
 
 from cvae.viz import interleave_rows, visualize_batch
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list:
     """SummaryWriters of the trainer's loggers (other loggers have no `add_image`)."""
@@ -32,12 +34,20 @@ class ImageLogger(pl.Callback):
         for writer in _tensorboard_writers(trainer):
             writer.add_image(tag, grid, global_step=trainer.global_step)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int
+    ) -> None:
         if trainer.global_step == 0 and batch_idx == 0 and trainer.is_global_zero:
-            self._log(trainer, "data/train_batch", batch[0][: self.num_images * 2])
+            self._log(trainer, "data/train_batch", batch[0][: self.num_images])
 
     def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: Batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self.val_images is None and batch_idx == 0:
             self.val_images = batch[0][: self.num_images].detach().clone()

@@ -18,18 +18,42 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from cvae.data.decode import ImageDecodeError
+
 log = logging.getLogger(__name__)
 
 # Errors that mean "the input is wrong", reported as one line instead of a traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, MissingMandatoryValue)
+INPUT_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    ImageDecodeError,
+    FloatingPointError,
+    MissingMandatoryValue,
+)
 CONFIG_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths")
 
 
 def user_error(error: BaseException) -> BaseException | None:
-    """The input error at the root of `error` (unwrapping Hydra's instantiation), if any."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error if isinstance(error, USER_ERRORS) else None
+    """The input error behind `error`, if it is one: anything that failed while building an
+    object from the config (Hydra wraps it), or one of `INPUT_ERRORS`."""
+    if isinstance(error, InstantiationException):
+        while error.__cause__ is not None:
+            error = error.__cause__
+        return error
+    return error if isinstance(error, INPUT_ERRORS) else None
+
+
+def error_line(error: BaseException) -> str:
+    """The one line to show for an input error.
+
+    An error raised in a DataLoader worker reaches us as "Caught ... in DataLoader worker
+    process N" with the original traceback in the message: its last line is the real error.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if "Original Traceback" in str(error) else lines[0]
 
 
 def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> None:

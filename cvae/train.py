@@ -11,7 +11,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from cvae.runtime import train, user_error
+from cvae.runtime import error_line, train, user_error
 
 # Lightning 2.6 calls a torch API that torch deprecates, once per fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
         cause = user_error(error)
         if cause is None:
             raise
-        print(f"error: {str(cause).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {error_line(cause)}", file=sys.stderr)
         sys.exit(1)
     return metrics.get("val/loss")
 

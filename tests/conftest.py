@@ -30,10 +30,15 @@ TINY = [
 ]
 
 
-def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+def compose_config(output_dir: Path, *overrides: str) -> DictConfig:
     """The training config as `python -m cvae.train` composes it, writing into `output_dir`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*TINY, f"paths.output_dir={output_dir}", *overrides])
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+    """The same with the tiny settings: seconds per run."""
+    return compose_config(output_dir, *TINY, *overrides)
 
 
 def write_mixed_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path]:

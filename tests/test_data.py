@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from cvae.data import ImageDataModule, Preprocess, SyntheticShapes, index_folder, presets, read_idx
+from cvae.data.decode import ImageDecodeError
+from cvae.runtime import error_line, user_error
 from cvae.viz import visualize_batch
 from tests.conftest import write_mixed_images
 
@@ -90,12 +92,26 @@ def test_preprocess_crops_center_and_keeps_16_bit_range() -> None:
     assert Preprocess(image_size=8, channels=1)(half).mean().item() == pytest.approx(0.5, abs=0.01)
 
 
-def test_decode_error_names_the_file(tmp_path: Path) -> None:
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not a jpeg")
-    dataset = presets.FileDataset([bad], [-1])
-    with pytest.raises(OSError, match="broken.jpg"):
-        dataset[0]
+def test_preprocess_composites_alpha_on_black_and_keeps_colours() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[:, :2] = (255, 255, 255, 0)  # hidden white: must come out black
+    rgba[:, 2:] = (200, 100, 50, 255)  # opaque colour: must survive
+    x = Preprocess(image_size=4, channels=3)(Image.fromarray(rgba, "RGBA"))
+    assert torch.all(x[:, :, :2] == 0)
+    torch.testing.assert_close(x[:, 0, 3], torch.tensor([200, 100, 50]) / 255.0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decode_error_names_the_file_even_from_a_worker(tmp_path: Path, workers: int) -> None:
+    write_mixed_images(tmp_path, 3)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    dm = ImageDataModule(root=str(tmp_path), image_size=8, batch_size=8, val_fraction=0,
+                         test_fraction=0, num_workers=workers)  # fmt: skip
+    dm.setup()
+    with pytest.raises(ImageDecodeError) as caught:
+        next(iter(dm.train_dataloader()))
+    line = error_line(user_error(caught.value))
+    assert "cannot decode image file" in line and "broken.jpg" in line and "\n" not in line
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -209,6 +225,18 @@ def test_datamodule_on_generated_folder(mixed_folder: Path) -> None:
 
 def _split_items(dm: ImageDataModule) -> list[set[int]]:
     return [set(split.dataset.indices) for split in (dm.train_set, dm.val_set, dm.test_set)]
+
+
+def test_relative_root_is_saved_absolute(
+    mixed_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(mixed_folder.parent)
+    dm = ImageDataModule(root=mixed_folder.name, image_size=8, num_workers=0)
+    assert dm.hparams.root == str(mixed_folder)
+    monkeypatch.chdir(tmp_path / "..")  # a notebook runs elsewhere
+    reloaded = ImageDataModule(**dm.hparams)
+    reloaded.setup()
+    assert len(reloaded.train_set) == 12
 
 
 def test_splits_are_deterministic_disjoint_and_complete() -> None:

@@ -10,9 +10,9 @@ from hydra.utils import instantiate
 from torch.distributions import Normal
 
 from cvae import CVAE
-from cvae.models import Decoder, Encoder, kl_divergence, reconstruction_loss, reparameterize
-from cvae.runtime import user_error
-from tests.conftest import compose_train
+from cvae.models import kl_divergence, reconstruction_loss, reparameterize
+from cvae.runtime import error_line, user_error
+from tests.conftest import compose_config, compose_train
 
 
 def test_kl_matches_hand_computation() -> None:
@@ -89,7 +89,7 @@ def test_reparameterize_samples_the_right_distribution() -> None:
      ("cvae_maxpool", 1, 32), ("cvae_maxpool", 3, 64)],
 )  # fmt: skip
 def test_presets_map_images_to_images(tmp_path, preset: str, channels: int, size: int) -> None:
-    cfg = compose_train(tmp_path, f"model={preset}", f"data.channels={channels}",
+    cfg = compose_config(tmp_path, f"model={preset}", f"data.channels={channels}",
                         f"data.image_size={size}", "model.latent_dim=4")  # fmt: skip
     model = instantiate(cfg.model)
     x = torch.rand(2, channels, size, size)
@@ -99,25 +99,41 @@ def test_presets_map_images_to_images(tmp_path, preset: str, channels: int, size
     assert model.sample(3).shape == (3, channels, size, size)
 
 
-def test_design_note_architectures_are_exact() -> None:
-    encoder = Encoder(1, [32, 64], 28, 2, kernel_size=3, downsample="stride", batch_norm=False)
-    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.out_channels, c.stride) for c in convs] == [(32, (2, 2)), (64, (2, 2))]
-    assert encoder.mu.in_features == 64 * 7 * 7
-    decoder = Decoder(1, [32, 64], 28, 2, kernel_size=3, batch_norm=False)
-    linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
-    deconvs = [m for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert len(linears) == 1 and [d.out_channels for d in deconvs] == [32, 1]
-    assert isinstance(decoder.features[-1], torch.nn.Sigmoid)
-    pooled = Encoder(3, [32, 64, 128], 64, 2, kernel_size=3, downsample="maxpool")
-    kinds = [type(m).__name__ for m in pooled.features]
-    assert kinds.count("MaxPool2d") == 3 and kinds.count("Conv2d") == 3
+def _layers(module: torch.nn.Module) -> list[str]:
+    return [type(m).__name__ for m in module.modules() if not list(m.children())]
+
+
+def test_vae_2conv_preset_is_the_design_notes_architecture(tmp_path) -> None:
+    cfg = compose_config(tmp_path, "model=vae_2conv", "data.channels=1", "data.image_size=28")
+    model = instantiate(cfg.model)
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (32, (3, 3), (2, 2)), (64, (3, 3), (2, 2))]  # fmt: skip
+    assert _layers(model.encoder) == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear",
+                                      "Linear"]  # fmt: skip
+    assert model.encoder.mu.in_features == 64 * 7 * 7
+    assert _layers(model.decoder) == ["Linear", "ReLU", "ConvTranspose2d", "ReLU",
+                                      "ConvTranspose2d", "Sigmoid"]  # fmt: skip
+    deconvs = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [d.out_channels for d in deconvs] == [32, 1]
+
+
+def test_cvae_maxpool_preset_pools_after_each_growing_convolution(tmp_path) -> None:
+    model = instantiate(compose_config(tmp_path, "model=cvae_maxpool").model)
+    layers = _layers(model.encoder.features)
+    assert layers == ["Conv2d", "ReLU", "MaxPool2d"] * 4 + ["Flatten"]
+    convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256]
+    assert all(c.stride == (1, 1) for c in convs)
+    assert model.encoder.mu.in_features == 256 * 4 * 4
 
 
 @pytest.mark.parametrize(
     ("override", "key"),
     [
         ("model.latent_dim=0", "model.latent_dim"),
+        ("model.latent_dim=abc", "model.latent_dim"),
+        ("+model.latnt_dim=3", "latnt_dim"),
         ("model.beta=-1", "model.beta"),
         ("model.recon_loss=l1", "model.recon_loss"),
         ("data.image_size=30", "model.image_size=30"),
@@ -127,12 +143,12 @@ def test_design_note_architectures_are_exact() -> None:
 )
 def test_bad_config_fails_at_build_with_the_key(tmp_path, override: str, key: str) -> None:
     cfg = compose_train(tmp_path, override)
-    with pytest.raises(Exception) as caught:  # noqa: PT011 - Hydra wraps the ValueError
+    with pytest.raises(Exception) as caught:  # Hydra wraps the error
         instantiate(cfg.data)
         instantiate(cfg.model)
     cause = user_error(caught.value)
-    assert isinstance(cause, ValueError)
-    assert key in str(cause) and "\n" not in str(cause)
+    assert cause is not None
+    assert key in error_line(cause) and len(str(cause).splitlines()) == 1
 
 
 def test_sample_and_reconstruct_leave_training_mode_alone() -> None:

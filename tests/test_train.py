@@ -83,9 +83,12 @@ def test_cli_sweep_leaves_one_run_folder_per_job(tmp_path: Path) -> None:
 def test_cli_bad_config_is_one_line_before_training(tmp_path: Path) -> None:
     result = run_cli("model.latent_dim=0", f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: model.latent_dim must be >= 1, got 0"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: model.latent_dim must be a positive integer, got 0"
+    )
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "tensorboard").exists()  # no logger, so no trainer, was built
 
 
 def test_missing_resume_checkpoint_fails_before_training(tmp_path: Path) -> None:
@@ -132,19 +135,20 @@ def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_pat
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
 
 
+@pytest.mark.parametrize("stage", ["train", "val"])
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
     loss_terms = CVAE.loss_terms
 
     def diverge_in_second_epoch(self: CVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = loss_terms(self, x)
-        if self.training and self.current_epoch == 1:
+        if self.training == (stage == "train") and self.current_epoch == 1:
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
     monkeypatch.setattr(CVAE, "loss_terms", diverge_in_second_epoch)
-    with pytest.raises(FloatingPointError, match=r"train/loss is nan at epoch 1, step \d+"):
+    with pytest.raises(FloatingPointError, match=rf"{stage}/loss is nan at epoch 1, step \d+"):
         train(compose_train(tmp_path, "trainer.max_epochs=3"))
     good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["epoch"] == 0

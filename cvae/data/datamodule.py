@@ -87,7 +87,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be null or >= 0, got {num_workers}")
         if source == "folder":
             check_root(root)
-        root = str(Path(root).expanduser()) if root is not None else None
+        # Absolute, so a checkpoint's data settings reload from any working directory.
+        root = str(Path(root).expanduser().resolve()) if root is not None else None
         self.save_hyperparameters()  # plain values: the datamodule reloads from a checkpoint
         self.preprocess = Preprocess(image_size=image_size, channels=channels, crop_size=crop_size)
         self.num_workers = default_num_workers() if num_workers is None else num_workers

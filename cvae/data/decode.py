@@ -10,6 +10,10 @@ import torch
 from PIL import Image, ImageOps
 
 
+class ImageDecodeError(OSError):
+    """A file that is not a readable image; the message names the file."""
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Read a file fully (first frame of an animation), with its EXIF orientation applied."""
     try:
@@ -17,7 +21,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             image.load()
             return ImageOps.exif_transpose(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise OSError(f"cannot decode image file {path}: {error}") from error
+        raise ImageDecodeError(f"cannot decode image file {path}: {error}") from error
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from cvae.data.decode import open_image
-from cvae.data.folder import check_root, index_folder
+from cvae.data.folder import index_folder
 
 SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
 # Where Debian's dataset-fashion-mnist package puts the idx files.
@@ -111,8 +111,8 @@ IDX_FILES = {
 
 def _find_idx_dir(folders: list[Path]) -> Path | None:
     """The first folder holding all four idx files, plain or gzipped."""
+    names = [name for pair in IDX_FILES.values() for name in pair]
     for folder in folders:
-        names = [name for pair in IDX_FILES.values() for name in pair]
         if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in names):
             return folder
     return None
@@ -187,7 +187,7 @@ def load_source(
 ) -> tuple[Dataset, Dataset | None]:
     """The (train pool, official test set or None) of a source, as (PIL image, label) datasets."""
     if source == "folder":
-        index = index_folder(check_root(root))
+        index = index_folder(root)
         return FileDataset(index.files, index.labels), None
     if source in ("fashion_mnist", "mnist"):
         return load_idx_source(source, root or ".", download)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 import torch
 
-from cvae.models.losses import RECON_LOSSES, kl_divergence, reconstruction_loss
+from cvae.models.losses import check_recon_loss, kl_divergence, reconstruction_loss
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize
 
 
@@ -113,21 +113,25 @@ class CVAE(pl.LightningModule):
                      prog_bar=name == "loss", batch_size=len(images))  # fmt: skip
         return terms["loss"]
 
+    def _stop_unless_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Stop before a diverged model is stepped (train) or checkpointed (val)."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage}/loss is {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: training stopped, the last good checkpoint is kept "
+                "(try a lower model.lr or set trainer.gradient_clip_val)"
+            )
+
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}: training stopped, the last good checkpoint is kept "
-                "(try a lower model.lr or set trainer.gradient_clip_val)"
-            )
+        self._stop_unless_finite(loss, "train")
         self.log("train/beta", self.hparams.beta, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._stop_unless_finite(self._step(batch, "val"), "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
@@ -154,25 +158,24 @@ def _validate(
     lr: float,
 ) -> None:
     """One-line errors naming the config key, raised before anything is built."""
-    if in_channels < 1:
-        raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
-    if latent_dim < 1:
-        raise ValueError(f"model.latent_dim must be >= 1, got {latent_dim}")
-    if len(hidden_channels) < 1 or any(int(c) < 1 for c in hidden_channels):
+    for key, value in (("in_channels", in_channels), ("image_size", image_size),
+                       ("latent_dim", latent_dim), ("kernel_size", kernel_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+    if not hidden_channels or not all(isinstance(c, int) and c >= 1 for c in hidden_channels):
         raise ValueError(
-            f"model.hidden_channels must be a non-empty list of positive widths, "
+            "model.hidden_channels must be a non-empty list of positive widths, "
             f"got {list(hidden_channels)}"
         )
     if kernel_size < 2:
         raise ValueError(f"model.kernel_size must be >= 2, got {kernel_size}")
     if downsample not in DOWNSAMPLING:
         raise ValueError(f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLING)}")
-    if recon_loss not in RECON_LOSSES:
-        raise ValueError(f"model.recon_loss={recon_loss!r} is not one of {', '.join(RECON_LOSSES)}")
-    if beta < 0:
-        raise ValueError(f"model.beta must be >= 0, got {beta}")
-    if lr <= 0:
-        raise ValueError(f"model.lr must be > 0, got {lr}")
+    check_recon_loss(recon_loss)
+    if not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"model.beta must be a number >= 0, got {beta!r}")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"model.lr must be a number > 0, got {lr!r}")
     factor = 2 ** len(hidden_channels)
     if image_size < factor or image_size % factor:
         raise ValueError(

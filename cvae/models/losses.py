@@ -8,6 +8,11 @@ import torch.nn.functional as F
 RECON_LOSSES = ("mse", "bce")
 
 
+def check_recon_loss(kind: str) -> None:
+    if kind not in RECON_LOSSES:
+        raise ValueError(f"model.recon_loss={kind!r} is not one of {', '.join(RECON_LOSSES)}")
+
+
 def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(log_var)) || N(0, I)) in closed form, summed over latent dims: shape (B,)."""
     return -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=1)
@@ -26,8 +31,7 @@ def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "mse")
 
 
 def _per_pixel(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    check_recon_loss(kind)
     if kind == "mse":
         return F.mse_loss(x_hat, x, reduction="none")
-    if kind == "bce":
-        return F.binary_cross_entropy(x_hat, x, reduction="none")
-    raise ValueError(f"model.recon_loss={kind!r} is not one of {', '.join(RECON_LOSSES)}")
+    return F.binary_cross_entropy(x_hat, x, reduction="none")

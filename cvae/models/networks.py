@@ -45,13 +45,14 @@ class Encoder(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        padding, _ = _padding(kernel_size)
+        if downsample == "stride":
+            stride, padding = 2, _padding(kernel_size)[0]
+        else:  # size-keeping convolution; MaxPool2d halves
+            stride, padding = 1, kernel_size // 2
         layers: list[nn.Module] = []
         previous = in_channels
         for width in channels:
-            stride = 2 if downsample == "stride" else 1
-            conv_padding = padding if downsample == "stride" else kernel_size // 2
-            layers.append(nn.Conv2d(previous, width, kernel_size, stride, conv_padding))
+            layers.append(nn.Conv2d(previous, width, kernel_size, stride, padding))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))
