@@ -8,14 +8,17 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from cvae.models.networks import unit_range
+
 
 def visualize_batch(
     images: torch.Tensor, path: str | os.PathLike | None = None, nrow: int = 8
 ) -> torch.Tensor:
-    """A `(C, H', W')` grid of a `(B, C, H, W)` batch in [0, 1]; saved as an image if `path`."""
+    """A `(C, H', W')` grid of a `(B, C, H, W)` batch (uint8, or floats in [0, 1]); saved as
+    an image if `path`."""
     if images.ndim != 4:
         raise ValueError(f"expected a batch of shape (B, C, H, W), got {tuple(images.shape)}")
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2)
+    grid = make_grid(unit_range(images.detach().cpu()).clamp(0, 1), nrow=nrow, padding=2)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
@@ -29,5 +32,5 @@ def interleave_rows(inputs: torch.Tensor, outputs: torch.Tensor, nrow: int = 8) 
     """
     columns = min(nrow, len(inputs))
     keep = len(inputs) // columns * columns
-    pairs = torch.stack([inputs[:keep].to(outputs), outputs[:keep]])
+    pairs = torch.stack([unit_range(inputs[:keep]).to(outputs), outputs[:keep]])
     return pairs.unflatten(1, (-1, columns)).transpose(0, 1).flatten(0, 2)

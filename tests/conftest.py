@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,14 @@ def write_mixed_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path
         image.save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Caches of root-less sources (synthetic) go here, for this process and its children."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    return folder
 
 
 @pytest.fixture

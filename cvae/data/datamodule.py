@@ -1,37 +1,138 @@
-"""`ImageDataModule`: any image source, split deterministically, preprocessed, batched."""
+"""`ImageDataModule`: any image source, decoded once, split deterministically, batched.
+
+Batches are `(images, labels)`: uint8 `(B, C, H, W)` images and int64 labels. The model
+scales images to [0, 1] on its own device, so a quarter of the bytes travel there.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from cvae.data.cache import Decoded, decode_source
 from cvae.data.decode import Preprocess
 from cvae.data.folder import check_root
-from cvae.data.presets import SOURCES, load_source
+from cvae.data.presets import SOURCES, ImageSource, load_source
+
+log = logging.getLogger(__name__)
+Batch = tuple[torch.Tensor, torch.Tensor]
+SHOWN_SKIPPED = 5  # how many skipped files a warning names
 
 
-class PreprocessedDataset(Dataset):
-    """(PIL image, label) pairs -> (float tensor in [0, 1], int label)."""
+class SkippedImagesWarning(UserWarning):
+    """Some files of a folder could not be decoded and are left out."""
 
-    def __init__(self, dataset: Dataset, preprocess: Preprocess) -> None:
-        self.dataset, self.preprocess = dataset, preprocess
+
+class DecodedDataset(Dataset):
+    """Items of a source decoded on access: the decode-per-epoch path (`cache: false`)."""
+
+    def __init__(self, source: ImageSource, preprocess: Preprocess, indices: np.ndarray) -> None:
+        self.source, self.preprocess, self.indices = source, preprocess, indices
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        return self.preprocess(image), label
+        item = int(self.indices[index])
+        pixels = self.source.decode(item, self.preprocess)
+        return torch.from_numpy(pixels), int(self.source.labels[item])
+
+
+class CachedDataset(Dataset):
+    """Items of a decoded (memory-mapped) array, read a whole batch at a time."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = int(self.indices[index])
+        return torch.from_numpy(np.array(self.images[item])), int(self.labels[item])
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        items = self.indices[indices]
+        images = torch.from_numpy(self.images[items])  # fancy indexing copies: writable
+        return images, torch.from_numpy(self.labels[items])
+
+
+def _already_batched(batch: Batch) -> Batch:
+    return batch
+
+
+class DeviceBatches:
+    """Batches shuffled and sliced on the device holding the whole uint8 array.
+
+    No worker processes and no host-to-device copy per batch. Under data-parallel training
+    each rank takes every `world_size`-th item of the same permutation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def _per_rank(self) -> int:
+        return len(self.indices) // self.world_size if self.world_size > 1 else len(self.indices)
+
+    def __len__(self) -> int:
+        return math.ceil(self._per_rank() / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        indices = self.indices
+        if self.shuffle:  # seeded from torch's global generator, like DataLoader's shuffle
+            seed = int(torch.randint(2**62, (1,)))
+            generator = torch.Generator(device=indices.device).manual_seed(seed)
+            order = torch.randperm(len(indices), device=indices.device, generator=generator)
+            indices = indices[order]
+        indices = indices[self.rank :: self.world_size][: self._per_rank()]
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start : start + self.batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+def usable_cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
 
 
 def default_num_workers() -> int:
     """Half the usable cores (at most 8): the other half keeps the model busy."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, (cores or 1) // 2)
+    return min(8, usable_cores() // 2)
+
+
+def default_cache_dir(root: str | None) -> Path:
+    """`<root>/.cvae-cache`, or the user's cache folder for sources without a root."""
+    if root is not None:
+        return Path(root) / ".cvae-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cvae"
+
+
+def _skipped_summary(decoded: Decoded, total: int, name: str) -> str:
+    shown = "; ".join(f"{item} ({reason})" for item, reason in decoded.skipped[:SHOWN_SKIPPED])
+    more = len(decoded.skipped) - SHOWN_SKIPPED
+    return f"{len(decoded.skipped)} of {total} files under {name} could not be decoded: {shown}" + (
+        f"; and {more} more" if more > 0 else ""
+    )
 
 
 def _split_size(total: int, fraction: float) -> int:
@@ -40,13 +141,16 @@ def _split_size(total: int, fraction: float) -> int:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Batches of `(images, labels)`: float32 `(B, C, H, W)` in [0, 1] and int64 labels.
+    """Batches of `(images, labels)`: uint8 `(B, C, H, W)` images and int64 labels.
 
     `source` picks where images come from: `folder` (an ImageFolder-style tree under
     `root`, labels from first-level subfolders or -1), `fashion_mnist`, `mnist`, `cifar10`
-    or `synthetic`. Validation (and test, for sources without an official test split) are
-    carved from the training pool by a seeded permutation, so splits never change between
-    runs. `num_workers` and `pin_memory` left as None pick values that suit the machine.
+    or `synthetic`. With `cache` (the default) every image is decoded once into a
+    memory-mapped array under `cache_dir` and later epochs and runs read only that; files
+    that cannot be decoded are skipped, counted and named in a warning (an error with
+    `strict`). Validation (and test, for sources without an official test split) are carved
+    from the usable images by a seeded permutation, so splits never change between runs.
+    `on_device` moves the whole array to the accelerator once and batches there.
     """
 
     def __init__(
@@ -56,10 +160,16 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: int = 64,
         channels: int = 3,
         crop_size: int | None = None,
+        background: int | list[int] = 0,
         batch_size: int = 64,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_workers: int | None = None,
+        strict: bool = False,
+        on_device: bool = False,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -83,72 +193,158 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key} must be in [0, 1), got {fraction}")
         if val_fraction + test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-        if num_workers is not None and num_workers < 0:
-            raise ValueError(f"data.num_workers must be null or >= 0, got {num_workers}")
+        for key, workers in (("num_workers", num_workers), ("cache_workers", cache_workers)):
+            if workers is not None and workers < 0:
+                raise ValueError(f"data.{key} must be null or >= 0, got {workers}")
+        if on_device and not cache:
+            raise ValueError("data.on_device=true needs data.cache=true (the decoded array)")
         if source == "folder":
             check_root(root)
         # Absolute, so a checkpoint's data settings reload from any working directory.
         root = str(Path(root).expanduser().resolve()) if root is not None else None
+        cache_dir = str(Path(cache_dir).expanduser().resolve()) if cache_dir else None
+        if isinstance(background, (list, tuple)):  # ListConfig from Hydra: plain values
+            background = [int(value) for value in background]
+        self.preprocess = Preprocess(image_size, channels, crop_size, background)
         self.save_hyperparameters()  # plain values: the datamodule reloads from a checkpoint
-        self.preprocess = Preprocess(image_size=image_size, channels=channels, crop_size=crop_size)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(root)
+        self.cache_workers = cache_workers or usable_cores()
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.num_images = 0  # usable images in the source (train pool and official test)
+        self.skipped: list[tuple[str, str]] = []  # (file, reason) of those left out
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._sources: tuple[ImageSource, ImageSource | None] | None = None
+        self._on_device: dict[str, DeviceBatches] = {}
+
+    def _load_sources(self) -> tuple[ImageSource, ImageSource | None]:
+        if self._sources is None:
+            hp = self.hparams
+            self._sources = load_source(
+                hp.source,
+                hp.root,
+                download=hp.download,
+                image_size=hp.image_size,
+                synthetic_images=hp.synthetic_images,
+                seed=hp.split_seed,
+            )
+        return self._sources
+
+    def _decode(self, source: ImageSource) -> Decoded:
+        if self.hparams.cache or source.may_fail:  # a scan finds broken files up front
+            return decode_source(
+                source, self.preprocess, self.cache_dir, self.cache_workers, self.hparams.cache
+            )
+        return Decoded(None, np.arange(len(source)), [])
+
+    def prepare_data(self) -> None:
+        """Build the cache once per machine; the other ranks wait, then read it."""
+        for source in self._load_sources():
+            if source is not None:
+                self._decode(source)
+
+    def _report(self, decoded: Decoded, source: ImageSource) -> None:
+        total = len(source)
+        if decoded.skipped:
+            summary = _skipped_summary(decoded, total, source.name)
+            if len(decoded.valid) == 0:
+                raise ValueError(f"no usable images: {summary}")
+            if self.hparams.strict:
+                raise ValueError(f"data.strict=true: {summary}")
+            warnings.warn(SkippedImagesWarning(summary), stacklevel=2)
+        log.info(
+            "%s: %d images used, %d skipped", source.name, len(decoded.valid), len(decoded.skipped)
+        )
+        self.num_images += len(decoded.valid)
+        self.skipped += decoded.skipped
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
-        pool, official_test = load_source(
-            hp.source,
-            hp.root,
-            download=hp.download,
-            image_size=hp.image_size,
-            synthetic_images=hp.synthetic_images,
-            seed=hp.split_seed,
-        )
-        total = len(pool)
+        pool, official_test = self._load_sources()
+        decoded = self._decode(pool)
+        self._report(decoded, pool)
+        total = len(decoded.valid)
         order = torch.randperm(total, generator=torch.Generator().manual_seed(hp.split_seed))
+        order = decoded.valid[order.numpy()]
         n_val = _split_size(total, hp.val_fraction)
         n_test = 0 if official_test is not None else _split_size(total, hp.test_fraction)
         if total - n_val - n_test < 1:
             raise ValueError(
-                f"data.root={hp.root} has {total} images: too few for "
+                f"{pool.name} has {total} usable images: too few for "
                 f"val_fraction={hp.val_fraction} and test_fraction={hp.test_fraction}"
             )
-        order = order.tolist()
-        val = Subset(pool, order[:n_val])
-        test = official_test if official_test is not None else Subset(pool, order[n_val:][:n_test])
-        train = Subset(pool, order[n_val + n_test :])
-        self.train_set, self.val_set, self.test_set = (
-            PreprocessedDataset(split, self.preprocess) for split in (train, val, test)
-        )
+        splits = {
+            "train": (pool, decoded, order[n_val + n_test :]),
+            "val": (pool, decoded, order[:n_val]),
+            "test": (pool, decoded, order[n_val:][:n_test]),
+        }
+        if official_test is not None:
+            decoded_test = self._decode(official_test)
+            self._report(decoded_test, official_test)
+            splits["test"] = (official_test, decoded_test, decoded_test.valid)
+        datasets = {
+            name: (
+                CachedDataset(decoded.images, source.labels, indices)
+                if decoded.images is not None
+                else DecodedDataset(source, self.preprocess, indices)
+            )
+            for name, (source, decoded, indices) in splits.items()
+        }
+        self.train_set, self.val_set, self.test_set = datasets.values()
+        if hp.on_device:
+            self._move_to_device(splits)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _move_to_device(self, splits: dict) -> None:
+        """One upload per decoded array, shared by the splits that index it."""
+        trainer = self.trainer
+        if trainer is not None:
+            device = trainer.strategy.root_device
+            rank, world_size = trainer.global_rank, trainer.world_size
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            rank, world_size = 0, 1
+        uploaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, (source, decoded, indices) in splits.items():
+            if id(decoded) not in uploaded:
+                images = torch.from_numpy(np.asarray(decoded.images)).to(device)
+                uploaded[id(decoded)] = images, torch.from_numpy(source.labels).to(device)
+            images, labels = uploaded[id(decoded)]
+            self._on_device[name] = DeviceBatches(
+                images,
+                labels,
+                torch.from_numpy(np.asarray(indices)).to(device),
+                self.hparams.batch_size,
+                shuffle=name == "train",
+                rank=rank,
+                world_size=world_size,
+            )
+        log.info("data: %d images moved to %s", len(next(iter(uploaded.values()))[0]), device)
+
+    def _loader(self, name: str, dataset: Dataset | None) -> DataLoader | DeviceBatches:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        options = {}
-        if self.num_workers > 0:
-            options = {
-                "persistent_workers": self.hparams.persistent_workers,
-                "prefetch_factor": self.hparams.prefetch_factor,
-            }
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            **options,
-        )
+        if name in self._on_device:
+            return self._on_device[name]
+        options: dict = {"batch_size": self.hparams.batch_size, "shuffle": name == "train"}
+        if isinstance(dataset, CachedDataset):  # no decoding left: the main process suffices
+            options["collate_fn"] = _already_batched
+        elif self.num_workers > 0:
+            options.update(
+                num_workers=self.num_workers,
+                persistent_workers=self.hparams.persistent_workers,
+                prefetch_factor=self.hparams.prefetch_factor,
+            )
+        return DataLoader(dataset, pin_memory=self.pin_memory, **options)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("train", self.train_set)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("val", self.val_set)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader("test", self.test_set)

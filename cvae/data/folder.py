@@ -13,6 +13,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 class FolderIndex:
     """Image files under a root, with the class index of each (-1 when not in a subfolder)."""
 
+    root: Path
     files: list[Path]
     labels: list[int]
     classes: list[str]
@@ -38,7 +39,8 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
     """Find every image under `root`, recursively, following symlinks without looping.
 
     Files directly in `root` get label -1; files anywhere below a first-level subfolder
-    get that subfolder's index among the sorted subfolder names holding images.
+    get that subfolder's index among the sorted subfolder names holding images. A dangling
+    link named like an image is listed, so that decoding reports it instead of losing it.
     """
     root = check_root(root)
     seen_dirs: set[str] = set()
@@ -58,7 +60,9 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
             if _is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             real_file = os.path.realpath(path)
-            if real_file in seen_files or not os.path.isfile(real_file):
+            if real_file in seen_files or (
+                os.path.exists(real_file) and not os.path.isfile(real_file)
+            ):
                 continue
             seen_files.add(real_file)
             found.append((path, top))
@@ -69,4 +73,4 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
     class_index = {name: i for i, name in enumerate(classes)}
     files = [path for path, _ in found]
     labels = [class_index[top] if top is not None else -1 for _, top in found]
-    return FolderIndex(files=files, labels=labels, classes=classes)
+    return FolderIndex(root=root, files=files, labels=labels, classes=classes)

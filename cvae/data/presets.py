@@ -1,20 +1,20 @@
 """Image sources behind the data presets: folders, idx files, torchvision sets, synthetic shapes.
 
-Every source yields `(PIL.Image, int label)` pairs, so one `Preprocess` serves them all.
+Every source is an `ImageSource`: numbered images with labels that one `Preprocess` decodes.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
 
-from cvae.data.decode import open_image
+from cvae.data.decode import Preprocess, open_image
 from cvae.data.folder import index_folder
 
 SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
@@ -22,35 +22,81 @@ SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-class FileDataset(Dataset):
-    """Image files decoded on access."""
+class ImageSource:
+    """Numbered images with labels, decoded to uint8 arrays by a `Preprocess`.
 
-    def __init__(self, files: list[Path], labels: list[int]) -> None:
-        self.files, self.labels = files, labels
+    `fingerprint` describes the content for the decoded-image cache: a source whose
+    fingerprint is unchanged decodes to the same pixels.
+    """
+
+    labels: np.ndarray
+    name: str  # for messages: where the images come from
+    may_fail = False  # whether an item can turn out undecodable (files can)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return open_image(self.files[index]), self.labels[index]
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def decode(self, index: int, preprocess: Preprocess) -> np.ndarray:
+        return preprocess(self.image(index))
+
+    def item_name(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
 
 
-class ArrayDataset(Dataset):
+class FileDataset(ImageSource):
+    """Image files; may hold broken ones, which `decode` reports as `ImageDecodeError`."""
+
+    may_fail = True
+
+    def __init__(self, root: Path, files: list[Path], labels: list[int]) -> None:
+        self.root, self.files, self.labels = root, files, np.asarray(labels, dtype=np.int64)
+        self.name = f"data.root={root}"
+
+    def image(self, index: int) -> Image.Image:
+        return open_image(self.files[index])
+
+    def decode(self, index: int, preprocess: Preprocess) -> np.ndarray:
+        return preprocess.load(self.files[index])
+
+    def item_name(self, index: int) -> str:
+        return str(self.files[index].relative_to(self.root))
+
+    def fingerprint(self) -> dict:
+        """Every file's path, size and modification time: any change shows."""
+        entries = []
+        for path in self.files:
+            try:
+                stat = path.stat()
+                entries.append((str(path.relative_to(self.root)), stat.st_size, stat.st_mtime_ns))
+            except OSError:  # a dangling link: listed, so that it is counted as skipped
+                entries.append((str(path.relative_to(self.root)), -1, -1))
+        return {"root": str(self.root), "files": entries, "labels": self.labels.tolist()}
+
+
+class ArrayDataset(ImageSource):
     """Images held in a uint8 array of shape (N, H, W) or (N, H, W, C)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "array") -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.name = images, np.asarray(labels, np.int64), name
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[index]), int(self.labels[index])
+    def fingerprint(self) -> dict:
+        digest = hashlib.blake2b(np.ascontiguousarray(self.images).data, digest_size=16)
+        digest.update(np.ascontiguousarray(self.labels).data)
+        return {"name": self.name, "shape": list(self.images.shape), "content": digest.hexdigest()}
 
 
-class SyntheticShapes(Dataset):
+class SyntheticShapes(ImageSource):
     """Coloured circles, squares and triangles (labels 0, 1, 2) drawn on demand from a seed.
 
     For smoke runs and tests with nothing on disk: item `i` is the same image every time.
@@ -61,18 +107,22 @@ class SyntheticShapes(Dataset):
     def __init__(self, num_images: int = 2048, image_size: int = 64, seed: int = 0) -> None:
         if num_images < 1:
             raise ValueError(f"data.synthetic_images must be >= 1, got {num_images}")
-        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+        self.image_size, self.seed = image_size, seed
+        self.labels = np.array(
+            [self._rng(i).randrange(len(self.SHAPES)) for i in range(num_images)]
+        )
+        self.name = f"synthetic shapes (seed {seed})"
 
-    def __len__(self) -> int:
-        return self.num_images
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + index)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        rng = random.Random(self.seed * 1_000_003 + index)
+    def image(self, index: int) -> Image.Image:
+        rng = self._rng(index)
+        label = rng.randrange(len(self.SHAPES))
         size = self.image_size
         background = tuple(rng.randrange(0, 96) for _ in range(3))
         colour = tuple(rng.randrange(128, 256) for _ in range(3))
         image = Image.new("RGB", (size, size), background)
-        label = rng.randrange(len(self.SHAPES))
         radius = rng.uniform(0.15, 0.35) * size
         cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
         draw = ImageDraw.Draw(image)
@@ -85,7 +135,10 @@ class SyntheticShapes(Dataset):
                 [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
                 fill=colour,
             )
-        return image, label
+        return image
+
+    def fingerprint(self) -> dict:
+        return {"synthetic": len(self), "image_size": self.image_size, "seed": self.seed}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -118,12 +171,12 @@ def _find_idx_dir(folders: list[Path]) -> Path | None:
     return None
 
 
-def _read_idx_split(folder: Path, split: str) -> ArrayDataset:
+def _read_idx_split(folder: Path, split: str, source: str) -> ArrayDataset:
     arrays = []
     for name in IDX_FILES[split]:
         path = folder / name
         arrays.append(read_idx(path if path.is_file() else f"{path}.gz"))
-    return ArrayDataset(*arrays)
+    return ArrayDataset(*arrays, name=f"{source}-{split}")
 
 
 def _torchvision_class(source: str) -> type:
@@ -161,7 +214,7 @@ def load_idx_source(
             f"{source}: no idx files in {', '.join(map(str, folders))}; "
             "set data.root to a folder holding them or data.download=true"
         )
-    return _read_idx_split(folder, "train"), _read_idx_split(folder, "test")
+    return _read_idx_split(folder, "train", source), _read_idx_split(folder, "test", source)
 
 
 def load_cifar10(root: str | os.PathLike, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
@@ -174,7 +227,10 @@ def load_cifar10(root: str | os.PathLike, download: bool) -> tuple[ArrayDataset,
             f"cifar10: no dataset under data.root={root} "
             f"({'download failed' if download else 'data.download=false'}): {error}"
         ) from error
-    return tuple(ArrayDataset(s.data, np.asarray(s.targets)) for s in splits)
+    return tuple(
+        ArrayDataset(s.data, np.asarray(s.targets), name=f"cifar10-{n}")
+        for s, n in zip(splits, ("train", "test"), strict=True)
+    )
 
 
 def load_source(
@@ -184,11 +240,11 @@ def load_source(
     image_size: int = 64,
     synthetic_images: int = 2048,
     seed: int = 0,
-) -> tuple[Dataset, Dataset | None]:
-    """The (train pool, official test set or None) of a source, as (PIL image, label) datasets."""
+) -> tuple[ImageSource, ImageSource | None]:
+    """The (train pool, official test set or None) of a source."""
     if source == "folder":
         index = index_folder(root)
-        return FileDataset(index.files, index.labels), None
+        return FileDataset(index.root, index.files, index.labels), None
     if source in ("fashion_mnist", "mnist"):
         return load_idx_source(source, root or ".", download)
     if source == "cifar10":

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from cvae.models.losses import check_recon_loss, kl_divergence, reconstruction_loss
-from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize
+from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 
 
 class CVAE(pl.LightningModule):
@@ -58,8 +58,8 @@ class CVAE(pl.LightningModule):
 
     # --- the model -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters `(mu, log_var)` of images `x` in [0, 1]."""
-        return self.encoder(x)
+        """Posterior parameters `(mu, log_var)` of images `x` (uint8, or floats in [0, 1])."""
+        return self.encoder(unit_range(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`."""
@@ -71,6 +71,7 @@ class CVAE(pl.LightningModule):
 
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batch means of the loss and its parts, each per image."""
+        x = unit_range(x)
         x_hat, mu, log_var = self(x)
         recon = reconstruction_loss(x_hat, x, self.hparams.recon_loss).mean()
         kl = kl_divergence(mu.float(), log_var.float()).mean()

@@ -11,6 +11,14 @@ from torch import nn
 DOWNSAMPLING = ("stride", "maxpool")
 
 
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1]: uint8 pixels are divided by 255, floats pass through.
+
+    Data stays uint8 until it is on the model's device: a quarter of the bytes to move.
+    """
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 def reparameterize(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """z = mu + sigma * eps: a sample of N(mu, sigma^2) that gradients flow through."""
     return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)

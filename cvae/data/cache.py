@@ -1,0 +1,181 @@
+"""Decode every image once into a memory-mapped uint8 `.npy` file, then read only that.
+
+A cache entry is `<stem>.npy` (images, `(N, C, S, S)`) plus `<stem>.json` (what was
+decoded and what was skipped). The stem holds a hash of the source's fingerprint and the
+preprocessing settings, so a changed folder or setting gets a new entry and an unchanged
+one is never decoded again. The array is written to a `.partial` file that is renamed
+once complete, and the manifest is written last: a killed build leaves nothing that a
+later run would read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from cvae.data.decode import ImageDecodeError, Preprocess
+from cvae.data.presets import ImageSource
+
+log = logging.getLogger(__name__)
+
+# Bump when decoding changes what pixels a file gives: old entries are then ignored.
+CACHE_FORMAT = 1
+CHUNK = 256  # images per decode task: large enough to amortise scheduling
+
+
+@dataclass
+class Decoded:
+    """A source after decoding: the pixels (None for a scan), which items are usable and
+    which were skipped, with the reason."""
+
+    images: np.ndarray | None
+    valid: np.ndarray
+    skipped: list[tuple[str, str]]
+
+
+def cache_stem(source: ImageSource, preprocess: Preprocess) -> str:
+    """`<name>-<S>px-<C>ch-<hash>`: readable, and different whenever the pixels would be."""
+    settings = dataclasses.asdict(preprocess)
+    payload = json.dumps([CACHE_FORMAT, settings, source.fingerprint()], sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() else "-" for c in type(source).__name__.lower())
+    return f"{name}-{preprocess.image_size}px-{preprocess.channels}ch-{digest}"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One builder per entry: a second process waits, then finds the entry complete."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_entry(array_path: Path, manifest_path: Path, expected: tuple[int, ...]) -> Decoded | None:
+    """The entry if it is complete and matches, else None (it will be rebuilt)."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not manifest.get("complete") or tuple(manifest["shape"]) != expected:
+            return None
+        images = None
+        if manifest["with_images"]:
+            images = np.load(array_path, mmap_mode="r")
+            if images.shape != expected or images.dtype != np.uint8:
+                return None
+        skipped = [tuple(item) for item in manifest["skipped"]]
+        return Decoded(images, np.asarray(manifest["valid"], dtype=np.int64), skipped)
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or foreign files
+        return None
+
+
+def _decode_all(
+    source: ImageSource, preprocess: Preprocess, out: np.ndarray | None, workers: int
+) -> list[tuple[int, str]]:
+    """Decode every item (into `out` if given) on `workers` threads; return the failures.
+
+    Threads suffice: Pillow releases the GIL while it decodes and resizes.
+    """
+
+    def decode_chunk(start: int) -> tuple[int, list[tuple[int, str]]]:
+        failures = []
+        stop = min(start + CHUNK, len(source))
+        for index in range(start, stop):
+            try:
+                pixels = source.decode(index, preprocess)
+            except ImageDecodeError as error:
+                failures.append((index, str(error.__cause__ or error)))
+                continue
+            if out is not None:
+                out[index] = pixels
+        return stop - start, failures
+
+    failures: list[tuple[int, str]] = []
+    console = Console(stderr=True)
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        Progress(console=console, disable=not console.is_terminal) as progress,
+    ):
+        task = progress.add_task(f"Decoding {source.name}", total=len(source))
+        for done, chunk_failures in pool.map(decode_chunk, range(0, len(source), CHUNK)):
+            failures.extend(chunk_failures)
+            progress.advance(task, done)
+    return sorted(failures)
+
+
+def decode_source(
+    source: ImageSource,
+    preprocess: Preprocess,
+    cache_dir: str | os.PathLike,
+    workers: int,
+    with_images: bool = True,
+) -> Decoded:
+    """Decode `source` once into `cache_dir` (or reuse the entry there) and map it.
+
+    Without `with_images` only the list of usable items is kept: the scan that lets the
+    decode-per-epoch path skip broken files too.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"data.cache_dir={cache_dir} cannot be created: {error}") from error
+    if not os.access(cache_dir, os.W_OK):
+        raise PermissionError(f"data.cache_dir={cache_dir} is not writable")
+    stem = cache_stem(source, preprocess) + ("" if with_images else "-scan")
+    array_path, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+    shape = (len(source), *preprocess.shape)
+    with _locked(cache_dir / f"{stem}.lock"):
+        entry = _read_entry(array_path, manifest_path, shape)
+        if entry is not None:
+            return entry
+        for stale in (array_path, manifest_path, *cache_dir.glob(f"{stem}.*.partial")):
+            stale.unlink(missing_ok=True)
+        started = time.perf_counter()
+        partial = cache_dir / f"{stem}.{os.getpid()}.partial"
+        out = None
+        if with_images:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        failures = _decode_all(source, preprocess, out, workers)
+        if out is not None:
+            out.flush()
+            del out
+            os.replace(partial, array_path)
+        bad = {index for index, _ in failures}
+        manifest = {
+            "complete": True,
+            "with_images": with_images,
+            "shape": list(shape),
+            "source": source.name,
+            "preprocess": dataclasses.asdict(preprocess),
+            "valid": [i for i in range(len(source)) if i not in bad],
+            "skipped": [(source.item_name(i), reason) for i, reason in failures],
+        }
+        temporary = manifest_path.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(manifest))
+        os.replace(temporary, manifest_path)
+        seconds = time.perf_counter() - started
+        log.info(
+            "decoded %d images from %s in %.1f s (%.0f images/s) into %s",
+            len(source), source.name, seconds, len(source) / max(seconds, 1e-9),
+            array_path if with_images else manifest_path,
+        )  # fmt: skip
+        entry = _read_entry(array_path, manifest_path, shape)
+    if entry is None:
+        raise OSError(f"cache entry {manifest_path} was written but cannot be read back")
+    return entry
