@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,39 @@ def write_mixed_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path
         image.save(path)
         paths.append(path)
     return paths
+
+
+def _png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims `width` x `height`: a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + data[24:29]
+    data[12:29] = header
+    data[29:33] = zlib.crc32(header).to_bytes(4, "big")
+    return bytes(data)
+
+
+def write_broken_files(folder: Path) -> dict[str, Path]:
+    """One file of each kind that a real folder holds and no decoder can read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        good, "JPEG"
+    )
+    files = {
+        "zero_bytes": folder / "empty.jpg",
+        "truncated": folder / "truncated.jpg",
+        "not_an_image": folder / "notes.png",
+        "decompression_bomb": folder / "bomb.png",
+        "unreadable": folder / "dangling.jpg",
+    }
+    files["zero_bytes"].write_bytes(b"")
+    files["truncated"].write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    files["not_an_image"].write_text("a text file named like an image")
+    files["decompression_bomb"].write_bytes(_png_claiming_size(30_000, 30_000))
+    files["unreadable"].symlink_to(folder / "no_such_file.jpg")
+    return files
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cvae import CVAE, ImageDataModule
 from cvae.runtime import build, train
-from tests.conftest import TINY, compose_train
+from tests.conftest import TINY, compose_train, write_broken_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,13 +59,25 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
         assert image in tags["images"]
 
 
-def test_cli_trains_on_a_folder_of_mixed_files(tmp_path: Path, mixed_folder: Path) -> None:
+def test_cli_trains_on_a_folder_of_mixed_and_broken_files(
+    tmp_path: Path, mixed_folder: Path
+) -> None:
+    broken = write_broken_files(mixed_folder / "broken")
     run_dir = tmp_path / "run"
-    run_cli("data=folder", f"data.root={mixed_folder}", "data.batch_size=4",
-            f"hydra.run.dir={run_dir}")  # fmt: skip
+    result = run_cli("data=folder", f"data.root={mixed_folder}", "data.batch_size=4",
+                     f"hydra.run.dir={run_dir}")  # fmt: skip
+    report = "16 images used, 5 skipped"
+    assert report in result.stdout + result.stderr
+    assert report in (run_dir / "train.log").read_text()  # kept with the run
+    assert all(f"broken/{path.name}" in result.stdout + result.stderr for path in broken.values())
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     datamodule = ImageDataModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert datamodule.hparams.root == str(mixed_folder)
+
+
+def test_training_with_batches_kept_on_the_device(tmp_path: Path) -> None:
+    metrics = train(compose_train(tmp_path, "data.on_device=true", "test=false"))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
 
 def test_cli_sweep_leaves_one_run_folder_per_job(tmp_path: Path) -> None:

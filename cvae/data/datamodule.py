@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +25,6 @@ from cvae.data.presets import SOURCES, ImageSource, load_source
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 SHOWN_SKIPPED = 5  # how many skipped files a warning names
-
-
-class SkippedImagesWarning(UserWarning):
-    """Some files of a folder could not be decoded and are left out."""
 
 
 class DecodedDataset(Dataset):
@@ -90,6 +85,8 @@ class DeviceBatches:
         self.images, self.labels, self.indices = images, labels, indices
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rank, self.world_size = rank, world_size
+        # Drawn from torch's global generator (seeded alike on every rank), as DataLoader does.
+        self.seed, self.epoch = int(torch.randint(2**62, (1,))), 0
 
     def _per_rank(self) -> int:
         return len(self.indices) // self.world_size if self.world_size > 1 else len(self.indices)
@@ -99,15 +96,24 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         indices = self.indices
-        if self.shuffle:  # seeded from torch's global generator, like DataLoader's shuffle
-            seed = int(torch.randint(2**62, (1,)))
-            generator = torch.Generator(device=indices.device).manual_seed(seed)
+        if self.shuffle:  # the same permutation on every rank: each takes its own share
+            generator = torch.Generator(device=indices.device)
+            generator.manual_seed(self.seed + self.epoch)
+            self.epoch += 1
             order = torch.randperm(len(indices), device=indices.device, generator=generator)
             indices = indices[order]
         indices = indices[self.rank :: self.world_size][: self._per_rank()]
         for start in range(0, len(indices), self.batch_size):
             batch = indices[start : start + self.batch_size]
             yield self.images[batch], self.labels[batch]
+
+
+def _upload(array: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """Copy a (memory-mapped) array to `device` a chunk at a time: no full copy in RAM."""
+    tensor = torch.empty(array.shape, dtype=torch.uint8, device=device)
+    for start in range(0, len(array), chunk):
+        tensor[start : start + chunk] = torch.from_numpy(np.array(array[start : start + chunk]))
+    return tensor
 
 
 def usable_cores() -> int:
@@ -125,14 +131,6 @@ def default_cache_dir(root: str | None) -> Path:
     if root is not None:
         return Path(root) / ".cvae-cache"
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cvae"
-
-
-def _skipped_summary(decoded: Decoded, total: int, name: str) -> str:
-    shown = "; ".join(f"{item} ({reason})" for item, reason in decoded.skipped[:SHOWN_SKIPPED])
-    more = len(decoded.skipped) - SHOWN_SKIPPED
-    return f"{len(decoded.skipped)} of {total} files under {name} could not be decoded: {shown}" + (
-        f"; and {more} more" if more > 0 else ""
-    )
 
 
 def _split_size(total: int, fraction: float) -> int:
@@ -246,18 +244,23 @@ class ImageDataModule(pl.LightningDataModule):
                 self._decode(source)
 
     def _report(self, decoded: Decoded, source: ImageSource) -> None:
-        total = len(source)
-        if decoded.skipped:
-            summary = _skipped_summary(decoded, total, source.name)
-            if len(decoded.valid) == 0:
+        """One line: how many images are used and, naming the first few, which were not."""
+        used, skipped = len(decoded.valid), len(decoded.skipped)
+        if skipped:
+            shown = "; ".join(f"{item} ({why})" for item, why in decoded.skipped[:SHOWN_SKIPPED])
+            more = f"; and {skipped - SHOWN_SKIPPED} more" if skipped > SHOWN_SKIPPED else ""
+            summary = (
+                f"{source.name}: {skipped} of {len(source)} files could not be decoded: "
+                f"{shown}{more}"
+            )
+            if used == 0:
                 raise ValueError(f"no usable images: {summary}")
             if self.hparams.strict:
                 raise ValueError(f"data.strict=true: {summary}")
-            warnings.warn(SkippedImagesWarning(summary), stacklevel=2)
-        log.info(
-            "%s: %d images used, %d skipped", source.name, len(decoded.valid), len(decoded.skipped)
-        )
-        self.num_images += len(decoded.valid)
+            log.warning("%s. %d images used, %d skipped.", summary, used, skipped)
+        else:
+            log.info("%s: %d images used, 0 skipped.", source.name, used)
+        self.num_images += used
         self.skipped += decoded.skipped
 
     def setup(self, stage: str | None = None) -> None:
@@ -310,8 +313,10 @@ class ImageDataModule(pl.LightningDataModule):
         uploaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, (source, decoded, indices) in splits.items():
             if id(decoded) not in uploaded:
-                images = torch.from_numpy(np.asarray(decoded.images)).to(device)
-                uploaded[id(decoded)] = images, torch.from_numpy(source.labels).to(device)
+                uploaded[id(decoded)] = (
+                    _upload(decoded.images, device),
+                    torch.from_numpy(source.labels).to(device),
+                )
             images, labels = uploaded[id(decoded)]
             self._on_device[name] = DeviceBatches(
                 images,

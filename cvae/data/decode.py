@@ -79,17 +79,25 @@ class Preprocess:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def __call__(self, image: Image.Image, crop_size: float | None = None) -> np.ndarray:
-        """`image` as a uint8 array of `shape`; `crop_size` overrides the configured one."""
-        crop = crop_size or self.crop_size
+    def __call__(self, image: Image.Image, full_size: tuple[int, int] | None = None) -> np.ndarray:
+        """`image` as a uint8 array of `shape`.
+
+        `full_size` is the image's size before a reduced-scale decode: the crop is placed in
+        full-resolution pixels, so a reduced decode takes the same square as a full one.
+        """
         image = _to_mode(image, self.mode, self.background)
-        width, height = image.size
-        side = round(min(width, height, crop or math.inf))
+        width, height = full_size or image.size
+        side = min(width, height, self.crop_size or math.inf)
         left, top = (width - side) // 2, (height - side) // 2
-        if (side, side) != image.size:  # crop first: no pixels from outside bleed in
-            image = image.crop((left, top, left + side, top + side))
+        sx, sy = image.size[0] / width, image.size[1] / height
+        box = (left * sx, top * sy, (left + side) * sx, (top + side) * sy)
+        # Crop to the pixels the square covers first: none from outside bleed in.
+        outer = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+        if outer != (0, 0, *image.size):
+            image = image.crop(outer)
+            box = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
         size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        image = image.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
         array = np.asarray(image, dtype=np.uint8)
         return np.ascontiguousarray(array.transpose(2, 0, 1) if array.ndim == 3 else array[None])
 
@@ -98,17 +106,16 @@ class Preprocess:
         (`Image.draft`) as long as the square to resize keeps at least `image_size` pixels."""
         try:
             with Image.open(path) as image:
-                full_width, full_height = image.size
-                side = min(full_width, full_height, self.crop_size or math.inf)
-                scale = self.image_size / side
+                full = image.size
+                scale = self.image_size / min(*full, self.crop_size or math.inf)
                 if scale < 1:
-                    wanted = (math.ceil(full_width * scale), math.ceil(full_height * scale))
-                    convert = self.mode if image.mode in ("RGB", "L") else None
-                    image.draft(convert, wanted)
-                reduced = image.size[0] / full_width
+                    wanted = (math.ceil(full[0] * scale), math.ceil(full[1] * scale))
+                    image.draft(self.mode if image.mode in ("RGB", "L") else None, wanted)
+                decoded = image.size
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                crop = self.crop_size * reduced if self.crop_size else None
-                return self(image, crop_size=crop)
+                if image.size != decoded:  # rotated by its EXIF orientation
+                    full = full[::-1]
+                return self(image, full_size=full)
         except DECODE_ERRORS as error:
             raise ImageDecodeError(f"cannot decode image file {path}: {error}") from error

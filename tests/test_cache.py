@@ -1,0 +1,184 @@
+"""The decoded-image cache: built once, read after, rebuilt when anything changes or breaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cvae.data import ImageDataModule
+from cvae.data.cache import decode_source
+from cvae.data.datamodule import DeviceBatches
+from cvae.data.decode import Preprocess
+from cvae.data.presets import FileDataset
+from tests.conftest import write_mixed_images
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where on_device puts the data
+
+
+def _datamodule(root: Path, **settings: object) -> ImageDataModule:
+    options = {"image_size": 8, "batch_size": 64, "val_fraction": 0.25, "test_fraction": 0}
+    dm = ImageDataModule(root=str(root), **{**options, **settings})
+    dm.setup()
+    return dm
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / ".cvae-cache").glob("*.npy"))
+
+
+def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError("decoded a file although the cache holds it")
+
+    monkeypatch.setattr(FileDataset, "decode", refuse)
+
+
+def test_first_use_builds_the_cache_and_later_runs_only_read_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mixed_images(tmp_path, 12)
+    first = _datamodule(tmp_path)
+    assert len(_entries(tmp_path)) == 1 and len(first.train_set) == 9
+    assert isinstance(first.train_set.images, np.memmap)  # read from disk, not a copy
+    _forbid_decoding(monkeypatch)
+    second = _datamodule(tmp_path)
+    for a, b in zip(first.val_dataloader(), second.val_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_cached_batches_equal_decoding_each_epoch(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path, 12)
+    cached, plain = _datamodule(tmp_path), _datamodule(tmp_path, cache=False)
+    (a_images, a_labels), (b_images, b_labels) = (
+        next(iter(dm.val_dataloader())) for dm in (cached, plain)
+    )
+    assert a_images.dtype == b_images.dtype == torch.uint8
+    assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+
+
+def test_a_changed_folder_or_setting_rebuilds_and_an_unchanged_one_never_does(
+    tmp_path: Path,
+) -> None:
+    files = write_mixed_images(tmp_path, 8)
+    _datamodule(tmp_path)
+    _datamodule(tmp_path)
+    assert len(_entries(tmp_path)) == 1
+    os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched
+    _datamodule(tmp_path)
+    assert len(_entries(tmp_path)) == 2
+    write_mixed_images(tmp_path / "more", 2, seed=5)  # a new file
+    assert len(_datamodule(tmp_path).train_set) == 8
+    _datamodule(tmp_path, image_size=4)
+    _datamodule(tmp_path, crop_size=10)
+    assert len(_entries(tmp_path)) == 5
+
+
+def test_half_written_entries_are_rebuilt_never_read(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path, 8)
+    reference = _datamodule(tmp_path).val_set
+    (entry,) = (tmp_path / ".cvae-cache").glob("*.npy")
+    manifest = entry.with_suffix(".json")
+    expected = np.array(reference.images)
+
+    def rebuilt() -> np.ndarray:
+        return np.array(_datamodule(tmp_path).val_set.images)
+
+    manifest.unlink()  # killed after the array, before the manifest
+    assert np.array_equal(rebuilt(), expected)
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated array, manifest still there
+    assert np.array_equal(rebuilt(), expected)
+    np.save(entry, np.zeros_like(expected[:3]))  # an array of the wrong shape
+    assert np.array_equal(rebuilt(), expected)
+
+
+KILLED_BUILD = """
+import sys, time
+from cvae.data import ImageDataModule
+from cvae.data.decode import Preprocess
+slow_load = Preprocess.load
+def load(self, path):
+    time.sleep(0.1)
+    return slow_load(self, path)
+Preprocess.load = load
+ImageDataModule(root=sys.argv[1], image_size=8, cache_workers=1).setup()
+"""
+
+
+def test_a_build_killed_mid_way_leaves_nothing_that_is_read(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path, 300)
+    process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(tmp_path)], cwd=REPO)
+    cache = tmp_path / ".cvae-cache"
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # well into the decoding
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(cache.glob("*.partial")) and not list(cache.glob("*.json"))
+    dm = _datamodule(tmp_path, val_fraction=0.1)
+    assert dm.num_images == 300 and not list(cache.glob("*.partial"))
+    plain = _datamodule(tmp_path, val_fraction=0.1, cache=False)
+    for a, b in zip(dm.val_dataloader(), plain.val_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0])
+
+
+def test_unusable_cache_dir_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path / "images", 3)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    dm = ImageDataModule(root=str(tmp_path / "images"), cache_dir=str(blocker / "cache"))
+    with pytest.raises(OSError, match=f"data.cache_dir={blocker / 'cache'} cannot be created"):
+        dm.setup()
+
+
+def test_scan_without_cache_keeps_no_pixels(tmp_path: Path) -> None:
+    files = write_mixed_images(tmp_path, 4)
+    source = FileDataset(tmp_path, files, [-1] * 4)
+    decoded = decode_source(source, Preprocess(8), tmp_path / "c", workers=2, with_images=False)
+    assert decoded.images is None and decoded.valid.tolist() == [0, 1, 2, 3]
+    assert not list((tmp_path / "c").glob("*.npy"))
+
+
+# --- batches on the device -------------------------------------------------------------------
+def test_on_device_batches_match_the_loader_and_cover_each_epoch(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path, 40)
+    loader_dm = _datamodule(tmp_path, batch_size=8)
+    device_dm = _datamodule(tmp_path, batch_size=8, on_device=True)
+    batches = device_dm.train_dataloader()
+    assert isinstance(batches, DeviceBatches) and len(batches) == 4
+    for a, b in zip(loader_dm.val_dataloader(), device_dm.val_dataloader(), strict=True):
+        assert b[0].device.type == DEVICE and b[0].dtype == torch.uint8
+        assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+    epochs = [torch.cat([images.flatten(1) for images, _ in batches]) for _ in range(2)]
+    assert len(epochs[0]) == 30 and not torch.equal(epochs[0], epochs[1])  # reshuffled
+    expected = torch.from_numpy(np.array(loader_dm.train_set.images)).flatten(1)
+    expected = expected[torch.from_numpy(loader_dm.train_set.indices)]
+    for epoch in epochs:  # every training image exactly once
+        assert torch.equal(epoch.sort(0).values, expected.sort(0).values)
+
+
+def test_on_device_ranks_take_disjoint_shares_of_one_permutation() -> None:
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    labels, indices = torch.arange(10), torch.arange(10)
+    torch.manual_seed(0)
+    shares = []
+    for rank in (0, 1):
+        torch.manual_seed(0)  # every rank is seeded alike
+        batches = DeviceBatches(images, labels, indices, 2, shuffle=True, rank=rank, world_size=2)
+        shares.append(torch.cat([b for _, b in batches]).tolist())
+    assert len(shares[0]) == len(shares[1]) == 5
+    assert sorted(shares[0] + shares[1]) == list(range(10))
+
+
+def test_on_device_needs_the_cache() -> None:
+    with pytest.raises(ValueError, match="data.on_device=true needs data.cache=true"):
+        ImageDataModule(source="synthetic", on_device=True, cache=False)

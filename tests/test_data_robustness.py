@@ -1,0 +1,171 @@
+"""Real folders are messy: every odd file is decoded correctly or skipped and counted."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cvae.data import ImageDataModule, Preprocess, open_image
+from cvae.data.decode import ImageDecodeError
+from tests.conftest import write_broken_files, write_mixed_images
+
+LOGGER = "cvae.data.datamodule"
+
+
+# --- broken files are skipped, counted and named ----------------------------------------------
+@pytest.mark.parametrize(
+    "kind", ["zero_bytes", "truncated", "not_an_image", "decompression_bomb", "unreadable"]
+)
+def test_each_kind_of_broken_file_fails_to_decode_naming_it(tmp_path: Path, kind: str) -> None:
+    path = write_broken_files(tmp_path)[kind]
+    with pytest.raises(ImageDecodeError, match=f"cannot decode image file .*{path.name}"):
+        Preprocess(image_size=8).load(path)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_broken_files_are_skipped_with_one_warning_that_counts_them(
+    tmp_path: Path, cache: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_mixed_images(tmp_path / "images", 7)
+    broken = write_broken_files(tmp_path / "images" / "sub")
+    dm = ImageDataModule(root=str(tmp_path / "images"), image_size=8, batch_size=64,
+                         val_fraction=0, test_fraction=0, cache=cache)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        dm.setup()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "5 of 12 files could not be decoded" in warnings[0]
+    assert "7 images used, 5 skipped" in warnings[0]
+    for path in broken.values():
+        assert f"sub/{path.name}" in warnings[0]
+    assert dm.num_images == 7 and len(dm.skipped) == 5
+    images, _ = next(iter(dm.train_dataloader()))
+    assert len(images) == 7  # one full epoch, no broken file reached the loader
+
+
+def test_strict_turns_the_warning_into_an_error(tmp_path: Path) -> None:
+    write_mixed_images(tmp_path, 3)
+    write_broken_files(tmp_path)
+    dm = ImageDataModule(root=str(tmp_path), image_size=8, strict=True)
+    with pytest.raises(ValueError, match="data.strict=true: .*5 of 8 files could not be decoded"):
+        dm.setup()
+
+
+def test_a_folder_of_only_broken_files_is_an_error_naming_root(tmp_path: Path) -> None:
+    write_broken_files(tmp_path)
+    dm = ImageDataModule(root=str(tmp_path), image_size=8)
+    with pytest.raises(ValueError, match=f"no usable images: data.root={tmp_path}: 5 of 5"):
+        dm.setup()
+
+
+def test_the_warning_names_only_the_first_few(tmp_path: Path, caplog) -> None:
+    write_mixed_images(tmp_path, 2)
+    for i in range(9):
+        (tmp_path / f"bad_{i}.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ImageDataModule(root=str(tmp_path), image_size=8, val_fraction=0, test_fraction=0).setup()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "9 of 11 files" in message and "and 4 more" in message
+    assert len(re.findall(r"bad_\d\.png \(", message)) == 5
+
+
+# --- odd but valid files are decoded correctly -----------------------------------------------
+def _load(path: Path, **settings: object) -> np.ndarray:
+    return Preprocess(**{"image_size": 8, **settings}).load(path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_on_the_configured_background(tmp_path: Path, mode: str) -> None:
+    pixels = np.zeros((8, 8, 4), dtype=np.uint8)
+    pixels[:, :4] = (255, 255, 255, 0)  # invisible white on the left
+    pixels[:, 4:] = (90, 90, 90, 255)  # opaque grey on the right
+    Image.fromarray(pixels, "RGBA").convert(mode).save(tmp_path / "alpha.png")
+    black = _load(tmp_path / "alpha.png")
+    assert np.all(black[:, :, :3] == 0) and np.all(black[:, :, 5:] == 90)
+    red = _load(tmp_path / "alpha.png", background=[255, 0, 0])
+    assert red[:, :, :3].reshape(3, -1).mean(axis=1).tolist() == [255, 0, 0]
+    grey = _load(tmp_path / "alpha.png", channels=1, background=128)
+    assert np.all(grey[:, :, :3] == 128)
+
+
+def test_palette_transparency_becomes_background(tmp_path: Path) -> None:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([255, 255, 255, 0, 0, 255] + [0] * 762)
+    image.paste(1, (4, 0, 8, 8))  # right half: blue; left half: palette 0, transparent
+    image.save(tmp_path / "palette.png", transparency=0)
+    x = _load(tmp_path / "palette.png")
+    assert np.all(x[:, :, :3] == 0)
+    assert x[:, :, 5:].reshape(3, -1).mean(axis=1).tolist() == [0, 0, 255]
+
+
+def test_cmyk_jpeg_keeps_its_colour(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 16), (220, 30, 30)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    colour = _load(tmp_path / "cmyk.jpg").reshape(3, -1).mean(axis=1)
+    assert np.allclose(colour, [220, 30, 30], atol=8)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 16384, dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert _load(tmp_path / "deep.png", channels=1).mean() == pytest.approx(64, abs=1)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    pixels = np.zeros((16, 32), dtype=np.uint8)
+    pixels[:, :16] = 255  # stored: white left half, black right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: white on top
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    x = _load(tmp_path / "rotated.jpg", image_size=16, channels=1)[0]
+    assert x[:3].mean() > 200 and x[-3:].mean() < 55
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    colour = _load(tmp_path / "anim.gif").reshape(3, -1).mean(axis=1)
+    assert np.allclose(colour, [255, 0, 0], atol=2)
+
+
+def test_progressive_jpeg_decodes_like_a_baseline_one(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((96, 120))
+    image.save(tmp_path / "baseline.jpg", quality=95)
+    image.save(tmp_path / "progressive.jpg", quality=95, progressive=True)
+    assert Image.open(tmp_path / "progressive.jpg").info.get("progressive")
+    a, b = (_load(tmp_path / f"{n}.jpg", image_size=32) for n in ("baseline", "progressive"))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 2
+
+
+def test_draft_decoding_matches_a_full_decode(tmp_path: Path) -> None:
+    """The reduced-scale JPEG decode differs from decoding in full by a few levels at most."""
+    pixels = np.random.default_rng(1).integers(0, 256, (28, 22, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((178, 218), Image.BICUBIC).save(tmp_path / "face.jpg")
+    preprocess = Preprocess(image_size=64, crop_size=148)
+    drafted = preprocess.load(tmp_path / "face.jpg")
+    full = preprocess(open_image(tmp_path / "face.jpg"))
+    assert drafted.shape == full.shape == (3, 64, 64)
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 1000), (1000, 3), (2, 5)])
+def test_tiny_and_elongated_images_become_full_squares(tmp_path: Path, size) -> None:
+    Image.new("RGB", size, (10, 200, 30)).save(tmp_path / "odd.png")
+    x = _load(tmp_path / "odd.png", image_size=16)
+    assert x.shape == (3, 16, 16)
+    assert x.reshape(3, -1).min(axis=1).tolist() == [10, 200, 30]
+
+
+def test_upper_case_extensions_are_decoded(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "SHOUT.JPEG", "JPEG")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "LOUD.PNG", "PNG")
+    dm = ImageDataModule(root=str(tmp_path), image_size=8, val_fraction=0, test_fraction=0)
+    dm.setup()
+    assert dm.num_images == 2 and dm.skipped == []
