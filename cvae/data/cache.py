@@ -85,36 +85,52 @@ def _read_entry(array_path: Path, manifest_path: Path, expected: tuple[int, ...]
 
 
 def _decode_all(
-    source: ImageSource, preprocess: Preprocess, out: np.ndarray | None, workers: int
+    source: ImageSource, preprocess: Preprocess, out: Path | None, workers: int
 ) -> list[tuple[int, str]]:
-    """Decode every item (into `out` if given) on `workers` threads; return the failures.
+    """Decode every item on `workers` threads, writing the pixels into the `.npy` file
+    `out` if given; return the failures (index, reason).
 
-    Threads suffice: Pillow releases the GIL while it decodes and resizes.
+    Threads suffice: Pillow releases the GIL while it decodes and resizes, and each chunk
+    goes to the file in one `pwrite`, which releases it too (page faults on a fresh memory
+    map would not).
     """
+    item_bytes = int(np.prod(preprocess.shape))
+    header = 0
+    if out is not None:
+        array = np.lib.format.open_memmap(
+            out, mode="w+", dtype=np.uint8, shape=(len(source), *preprocess.shape)
+        )
+        header = array.offset
+        del array
+    descriptor = os.open(out, os.O_WRONLY) if out is not None else None
 
     def decode_chunk(start: int) -> tuple[int, list[tuple[int, str]]]:
-        failures = []
         stop = min(start + CHUNK, len(source))
+        pixels = np.zeros((stop - start, *preprocess.shape), dtype=np.uint8)
+        failures = []
         for index in range(start, stop):
             try:
-                pixels = source.decode(index, preprocess)
+                pixels[index - start] = source.decode(index, preprocess)
             except ImageDecodeError as error:
                 failures.append((index, str(error.__cause__ or error)))
-                continue
-            if out is not None:
-                out[index] = pixels
+        if descriptor is not None:
+            os.pwrite(descriptor, pixels.data, header + start * item_bytes)
         return stop - start, failures
 
     failures: list[tuple[int, str]] = []
     console = Console(stderr=True)
-    with (
-        ThreadPoolExecutor(max(1, workers)) as pool,
-        Progress(console=console, disable=not console.is_terminal) as progress,
-    ):
-        task = progress.add_task(f"Decoding {source.name}", total=len(source))
-        for done, chunk_failures in pool.map(decode_chunk, range(0, len(source), CHUNK)):
-            failures.extend(chunk_failures)
-            progress.advance(task, done)
+    try:
+        with (
+            ThreadPoolExecutor(max(1, workers)) as pool,
+            Progress(console=console, disable=not console.is_terminal) as progress,
+        ):
+            task = progress.add_task(f"Decoding {source.name}", total=len(source))
+            for done, chunk_failures in pool.map(decode_chunk, range(0, len(source), CHUNK)):
+                failures.extend(chunk_failures)
+                progress.advance(task, done)
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
     return sorted(failures)
 
 
@@ -148,13 +164,8 @@ def decode_source(
             stale.unlink(missing_ok=True)
         started = time.perf_counter()
         partial = cache_dir / f"{stem}.{os.getpid()}.partial"
-        out = None
+        failures = _decode_all(source, preprocess, partial if with_images else None, workers)
         if with_images:
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        failures = _decode_all(source, preprocess, out, workers)
-        if out is not None:
-            out.flush()
-            del out
             os.replace(partial, array_path)
         bad = {index for index, _ in failures}
         manifest = {

@@ -91,9 +91,10 @@ class Preprocess:
         left, top = (width - side) // 2, (height - side) // 2
         sx, sy = image.size[0] / width, image.size[1] / height
         box = (left * sx, top * sy, (left + side) * sx, (top + side) * sy)
-        # Crop to the pixels the square covers first: none from outside bleed in.
+        # An explicit crop comes first, as torchvision's CenterCrop + Resize: nothing outside
+        # it bleeds in. Without one, resizing straight from the box is Resize + CenterCrop.
         outer = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
-        if outer != (0, 0, *image.size):
+        if self.crop_size and outer != (0, 0, *image.size):
             image = image.crop(outer)
             box = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
         size = (self.image_size, self.image_size)

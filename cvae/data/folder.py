@@ -59,7 +59,8 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
             path = Path(dirpath) / name
             if _is_hidden(name) or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            real_file = os.path.realpath(path)
+            # Only links need resolving: a plain file's real path is its folder's plus its name.
+            real_file = os.path.realpath(path) if path.is_symlink() else os.path.join(real, name)
             if real_file in seen_files or (
                 os.path.exists(real_file) and not os.path.isfile(real_file)
             ):
