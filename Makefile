@@ -11,7 +11,7 @@ ARGS ?=
 SWEEP ?= model.beta=0.5,1,4 model.latent_dim=32,128
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help install fashion-mnist train test lint tensorboard sweep clean
+.PHONY: help install fashion-mnist train test lint tensorboard sweep bench-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ tensorboard: install  ## serve every run under outputs/ at http://localhost:6006
 
 sweep: install fashion-mnist  ## a Hydra multirun over SWEEP="..." (default: beta x latent_dim)
 	$(RUN) python -m cvae.train -m $(SWEEP) $(ARGS)
+
+bench-data: install  ## images/s of ImageDataModule (cold and warm cache) vs torchvision ImageFolder; ARGS="--root DIR"
+	$(RUN) python benchmarks/data_throughput.py $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

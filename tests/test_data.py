@@ -43,6 +43,7 @@ def test_index_skips_hidden_and_non_images_and_symlink_loops(tmp_path: Path) -> 
     (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "b").symlink_to(tmp_path / "a", target_is_directory=True)
     (tmp_path / "folder.png").mkdir()  # a folder named like an image is not an image
+    (tmp_path / "a" / "z_link.jpg").symlink_to(tmp_path / "a" / "image_0.jpg")  # same file
     index = index_folder(tmp_path)
     assert sorted(p.name for p in index.files) == ["image_0.jpg", "image_1.png"]
 
@@ -285,6 +286,8 @@ def test_worker_processes_deliver_the_same_batches() -> None:
         ({"source": "synthetic", "batch_size": 0}, "data.batch_size"),
         ({"source": "synthetic", "val_fraction": 1.5}, "data.val_fraction"),
         ({"source": "folder", "root": None}, "data.root"),
+        ({"source": "synthetic", "background": [1, 2]}, "data.background"),
+        ({"source": "synthetic", "cache_workers": 0}, "data.cache_workers"),
     ],
 )
 def test_bad_data_settings_name_the_key(kwargs: dict, key: str) -> None:

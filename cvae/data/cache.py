@@ -48,12 +48,11 @@ class Decoded:
 
 
 def cache_stem(source: ImageSource, preprocess: Preprocess) -> str:
-    """`<name>-<S>px-<C>ch-<hash>`: readable, and different whenever the pixels would be."""
+    """`<kind>-<S>px-<C>ch-<hash>`: readable, and different whenever the pixels would be."""
     settings = dataclasses.asdict(preprocess)
     payload = json.dumps([CACHE_FORMAT, settings, source.fingerprint()], sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
-    name = "".join(c if c.isalnum() else "-" for c in type(source).__name__.lower())
-    return f"{name}-{preprocess.image_size}px-{preprocess.channels}ch-{digest}"
+    return f"{source.kind}-{preprocess.image_size}px-{preprocess.channels}ch-{digest}"
 
 
 @contextmanager

@@ -191,9 +191,10 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key} must be in [0, 1), got {fraction}")
         if val_fraction + test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-        for key, workers in (("num_workers", num_workers), ("cache_workers", cache_workers)):
-            if workers is not None and workers < 0:
-                raise ValueError(f"data.{key} must be null or >= 0, got {workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers must be null or >= 0, got {num_workers}")
+        if cache_workers is not None and cache_workers < 1:
+            raise ValueError(f"data.cache_workers must be null or >= 1, got {cache_workers}")
         if on_device and not cache:
             raise ValueError("data.on_device=true needs data.cache=true (the decoded array)")
         if source == "folder":

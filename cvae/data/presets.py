@@ -31,6 +31,7 @@ class ImageSource:
 
     labels: np.ndarray
     name: str  # for messages: where the images come from
+    kind: str  # for file names: what sort of source this is
     may_fail = False  # whether an item can turn out undecodable (files can)
 
     def __len__(self) -> int:
@@ -53,6 +54,7 @@ class FileDataset(ImageSource):
     """Image files; may hold broken ones, which `decode` reports as `ImageDecodeError`."""
 
     may_fail = True
+    kind = "folder"
 
     def __init__(self, root: Path, files: list[Path], labels: list[int]) -> None:
         self.root, self.files, self.labels = root, files, np.asarray(labels, dtype=np.int64)
@@ -85,7 +87,8 @@ class ArrayDataset(ImageSource):
     def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "array") -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.name = images, np.asarray(labels, np.int64), name
+        self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.name = self.kind = name
 
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
@@ -103,6 +106,7 @@ class SyntheticShapes(ImageSource):
     """
 
     SHAPES = ("circle", "square", "triangle")
+    kind = "synthetic"
 
     def __init__(self, num_images: int = 2048, image_size: int = 64, seed: int = 0) -> None:
         if num_images < 1:
