@@ -6,19 +6,27 @@ with a config from `hydra.compose`.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lightning.pytorch as pl
 import rich
 import rich.syntax
+import rich.table
 import rich.tree
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from cvae.data import ImageDataModule
 from cvae.data.decode import ImageDecodeError
+from cvae.models import CVAE
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,21 @@ def error_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     return lines[-1] if "Original Traceback" in str(error) else lines[0]
+
+
+T = TypeVar("T")
+
+
+def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """`run(cfg)`, turning an input error into `error: <one line>` and exit status 1."""
+    try:
+        return run(cfg)
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        print(f"error: {error_line(cause)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
@@ -112,3 +135,66 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     log.info("output folder: %s", cfg.paths.output_dir)
     return metrics
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
+    """The model of `cfg.ckpt_path` on `cfg.device`, and its data: `cfg.data` if given, else
+    the data settings saved in the checkpoint. Fails early when they do not fit together."""
+    path = Path(str(cfg.ckpt_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} is not a checkpoint file")
+    model = CVAE.load_from_checkpoint(path, map_location=_device(cfg.device), weights_only=True)
+    if cfg.get("data"):
+        datamodule = instantiate(cfg.data)
+    else:
+        datamodule = ImageDataModule.load_from_checkpoint(path, weights_only=True)
+    data, hp = datamodule.hparams, model.hparams
+    for key, expected in (("image_size", hp.image_size), ("channels", hp.in_channels)):
+        if data[key] != expected:
+            raise ValueError(
+                f"data.{key}={data[key]} does not fit the checkpoint's model ({expected})"
+            )
+    return model, datamodule
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json."""
+    from cvae.metrics import evaluate as evaluate_model
+
+    model, datamodule = load_checkpoint(cfg)
+    if cfg.eval.batch_size:
+        datamodule.hparams.batch_size = int(cfg.eval.batch_size)
+    split = cfg.eval.split
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"eval.split={split!r} is not one of train, val, test")
+    datamodule.setup("test")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    metrics = evaluate_model(
+        model, loader, iw_samples=int(cfg.eval.iw_samples), seed=int(cfg.eval.seed),
+        max_images=cfg.eval.max_images,
+    )  # fmt: skip
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print_metrics(metrics)
+    log.info("metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+def print_metrics(metrics: dict) -> None:
+    table = rich.table.Table("metric", "value", title=f"{metrics['split']} split")
+    for key, value in metrics.items():
+        if key == "kl_per_dim":
+            top = sorted(value, reverse=True)[:5]
+            value = "largest: " + ", ".join(f"{v:.2f}" for v in top)
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(key, str(value))
+    rich.print(table)

@@ -5,13 +5,12 @@ Run with `--help` for the config groups, `--cfg job` for the composed config.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import hydra
 from omegaconf import DictConfig
 
-from cvae.runtime import error_line, train, user_error
+from cvae.runtime import run_or_report, train
 
 # Lightning 2.6 calls a torch API that torch deprecates, once per fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -19,15 +18,7 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except Exception as error:
-        cause = user_error(error)
-        if cause is None:
-            raise
-        print(f"error: {error_line(cause)}", file=sys.stderr)
-        sys.exit(1)
-    return metrics.get("val/loss")
+    return run_or_report(train, cfg).get("val/loss")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained_run")
     train(compose_train(run_dir, "trainer.max_epochs=2", "test=false"))
     return run_dir
+
+
+def compose_tool(name: str, output_dir: Path, *overrides: str) -> DictConfig:
+    """The config of `python -m cvae.<evaluate|generate|export>` (config `eval`, ...)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_dir={output_dir}", *overrides])

@@ -116,6 +116,21 @@ def _upload(array: np.ndarray, device: torch.device, chunk: int = 4096) -> torch
     return tensor
 
 
+def _bernoulli(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images with each pixel set to 255 with probability intensity / 255, else 0."""
+    noise = torch.rand(images.shape, generator=generator, device=images.device)
+    return (noise * 255 < images).to(torch.uint8) * 255
+
+
+def _binarized(dataset: CachedDataset, seed: int) -> CachedDataset:
+    """A split binarised once with a fixed seed, held in memory (binary sets are small)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(dataset.images[dataset.indices])
+    binary = _bernoulli(images, generator).numpy()
+    labels = dataset.labels[dataset.indices]
+    return CachedDataset(binary, labels, np.arange(len(binary)))
+
+
 def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
@@ -149,6 +164,8 @@ class ImageDataModule(pl.LightningDataModule):
     `strict`). Validation (and test, for sources without an official test split) are carved
     from the usable images by a seeded permutation, so splits never change between runs.
     `on_device` moves the whole array to the accelerator once and batches there.
+    `binarize` makes images binary: training images afresh at every step (in the trainer),
+    validation and test images once, with `split_seed`.
     """
 
     def __init__(
@@ -168,6 +185,7 @@ class ImageDataModule(pl.LightningDataModule):
         cache_workers: int | None = None,
         strict: bool = False,
         on_device: bool = False,
+        binarize: bool = False,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -195,8 +213,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be null or >= 0, got {num_workers}")
         if cache_workers is not None and cache_workers < 1:
             raise ValueError(f"data.cache_workers must be null or >= 1, got {cache_workers}")
-        if on_device and not cache:
-            raise ValueError("data.on_device=true needs data.cache=true (the decoded array)")
+        for key, wanted in (("on_device", on_device), ("binarize", binarize)):
+            if wanted and not cache:
+                raise ValueError(f"data.{key}=true needs data.cache=true (the decoded array)")
         if source == "folder":
             check_root(root)
         # Absolute, so a checkpoint's data settings reload from any working directory.
@@ -298,11 +317,22 @@ class ImageDataModule(pl.LightningDataModule):
             )
             for name, (source, decoded, indices) in splits.items()
         }
+        if hp.binarize:  # evaluation data binarised once, so every run sees the same bits
+            for name in ("val", "test"):
+                datasets[name] = _binarized(datasets[name], seed=hp.split_seed)
         self.train_set, self.val_set, self.test_set = datasets.values()
         if hp.on_device:
-            self._move_to_device(splits)
+            self._move_to_device(datasets)
 
-    def _move_to_device(self, splits: dict) -> None:
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """With `binarize`, training images are drawn afresh at every step: each pixel is 1
+        with probability its intensity (on the device, after the copy)."""
+        if self.hparams.binarize and self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            return _bernoulli(images), labels
+        return batch
+
+    def _move_to_device(self, datasets: dict[str, CachedDataset]) -> None:
         """One upload per decoded array, shared by the splits that index it."""
         trainer = self.trainer
         if trainer is not None:
@@ -312,23 +342,23 @@ class ImageDataModule(pl.LightningDataModule):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             rank, world_size = 0, 1
         uploaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, (source, decoded, indices) in splits.items():
-            if id(decoded) not in uploaded:
-                uploaded[id(decoded)] = (
-                    _upload(decoded.images, device),
-                    torch.from_numpy(source.labels).to(device),
+        for name, dataset in datasets.items():
+            if id(dataset.images) not in uploaded:
+                uploaded[id(dataset.images)] = (
+                    _upload(dataset.images, device),
+                    torch.from_numpy(dataset.labels).to(device),
                 )
-            images, labels = uploaded[id(decoded)]
+            images, labels = uploaded[id(dataset.images)]
             self._on_device[name] = DeviceBatches(
                 images,
                 labels,
-                torch.from_numpy(np.asarray(indices)).to(device),
+                torch.from_numpy(np.asarray(dataset.indices)).to(device),
                 self.hparams.batch_size,
                 shuffle=name == "train",
                 rank=rank,
                 world_size=world_size,
             )
-        log.info("data: %d images moved to %s", len(next(iter(uploaded.values()))[0]), device)
+        log.info("data: %d images moved to %s", sum(len(i) for i, _ in uploaded.values()), device)
 
     def _loader(self, name: str, dataset: Dataset | None) -> DataLoader | DeviceBatches:
         if dataset is None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import lightning.pytorch as pl
 import torch
 
-from cvae.models.losses import check_recon_loss, kl_divergence, reconstruction_loss
+from cvae.models.losses import (
+    check_recon_loss,
+    kl_divergence,
+    log_likelihood,
+    normal_log_density,
+    reconstruction_loss,
+)
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 
 
@@ -102,6 +109,66 @@ class CVAE(pl.LightningModule):
         with self._inference():
             mu, _ = self.encode(x.to(self.device))
             return self.decode(mu)
+
+    def interpolate(
+        self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, spherical: bool = False
+    ) -> torch.Tensor:
+        """`steps` images decoded along the path between the posterior means of two images
+        `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
+        that latents of a Gaussian prior concentrate at."""
+        with self._inference():
+            mu, _ = self.encode(torch.stack([x1, x2]).to(self.device))
+            t = torch.linspace(0, 1, steps, device=self.device)[:, None]
+            if spherical:
+                a, b = mu[0], mu[1]
+                cos = torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1)
+                omega = torch.arccos(cos)
+                if omega.abs() < 1e-6:  # parallel: the great circle is the line
+                    z = (1 - t) * a + t * b
+                else:
+                    z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
+            else:
+                z = (1 - t) * mu[0] + t * mu[1]
+            return self.decode(z)
+
+    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The evidence lower bound of each image in nats (one posterior sample), with the
+        decoder's proper density: shape (B,). Not scaled by beta."""
+        with self._inference():
+            x = unit_range(x.to(self.device))
+            mu, log_var = self.encode(x)
+            eps = torch.randn(mu.shape, generator=generator).to(mu)
+            x_hat = self.decode(mu + torch.exp(0.5 * log_var) * eps)
+            return log_likelihood(x_hat, x, self.hparams.recon_loss) - kl_divergence(mu, log_var)
+
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        k: int = 1000,
+        generator: torch.Generator | None = None,
+        max_decodes: int = 4096,
+    ) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) in nats with `k` posterior samples (IWAE):
+        log mean_k p(x | z_k) p(z_k) / q(z_k | x). A lower bound that tightens as `k` grows;
+        `k = 1` is the ELBO. Samples are drawn `max_decodes // len(x)` at a time, so any
+        `k` fits in memory. Shape (B,)."""
+        if k < 1:
+            raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
+        with self._inference():
+            x = unit_range(x.to(self.device))
+            mu, log_var = self.encode(x)
+            chunk = max(1, max_decodes // len(x))
+            total = torch.full((len(x),), -math.inf, device=self.device)
+            for start in range(0, k, chunk):
+                n = min(chunk, k - start)
+                eps = torch.randn((n, *mu.shape), generator=generator).to(mu)
+                z = mu + torch.exp(0.5 * log_var) * eps  # (n, B, latent)
+                x_hat = self.decode(z.flatten(0, 1))
+                targets = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
+                log_px = log_likelihood(x_hat, targets, self.hparams.recon_loss).view(n, -1)
+                log_w = log_px + normal_log_density(z) - normal_log_density(z, mu, log_var)
+                total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+            return total - math.log(k)
 
     # --- training --------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:

@@ -1,0 +1,21 @@
+"""Evaluate a checkpoint: `python -m cvae.evaluate ckpt_path=PATH [data=...] [eval.iw_samples=K]`.
+
+Prints per-image negative ELBO, importance-weighted NLL, bits/dim, PSNR, SSIM, active units
+and more, and writes them to outputs/eval/<timestamp>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from cvae.runtime import evaluate, run_or_report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_or_report(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Evaluation and generation: likelihood estimates with known answers, the commands' outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvae import CVAE, ImageDataModule
+from cvae.generate import generate
+from cvae.metrics import PosteriorStatistics, evaluate, likelihood_input
+from cvae.runtime import evaluate as evaluate_command
+from tests.conftest import compose_tool, write_mixed_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Tensor:
+    """Make `model` a linear Gaussian model x = W z + b + N(0, 1/2), whose marginal
+    likelihood is known: N(x; b, W W^T + I/2). Returns log p(x) of a test batch."""
+    torch.manual_seed(0)
+    pixels, latent = 16, model.hparams.latent_dim
+    w = torch.linalg.qr(torch.randn(pixels, latent))[0] * torch.tensor([2.0, 1.0, 0.5])
+    b = torch.rand(pixels)
+    noise = 0.5
+    x = torch.randn(n, latent) @ w.T + b + noise**0.5 * torch.randn(n, pixels)
+    x = x.view(n, 1, 4, 4)
+    # W has orthogonal columns, so the exact posterior has a diagonal covariance.
+    posterior_var = 1 / (1 + (w * w).sum(0) / noise)
+
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not exact_posterior:  # the prior: a poor proposal, fixed by many samples
+            return torch.zeros(len(images), latent), torch.zeros(len(images), latent)
+        mean = posterior_var * ((images.flatten(1) - b) @ w) / noise
+        return mean, posterior_var.log().expand(len(images), -1)
+
+    model.encode = encode
+    model.decode = lambda z: (z @ w.T + b).view(-1, 1, 4, 4)
+    marginal = torch.distributions.MultivariateNormal(b, w @ w.T + noise * torch.eye(pixels))
+    return x, marginal.log_prob(x.flatten(1))
+
+
+def test_iwae_is_exact_with_the_true_posterior() -> None:
+    model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
+    x, truth = _linear_gaussian(model, exact_posterior=True)
+    for k in (1, 7):
+        torch.testing.assert_close(model.log_likelihood(x, k), truth, atol=1e-3, rtol=0)
+
+
+def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
+    model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
+    x, truth = _linear_gaussian(model, exact_posterior=False, n=200)
+    generator = torch.Generator().manual_seed(0)
+    gaps = [  # mean over 200 points of log p(x) minus its estimate
+        float((truth - model.log_likelihood(x, k, generator=generator, max_decodes=10**5)).mean())
+        for k in (1, 10, 100, 2000)
+    ]
+    assert gaps[0] > gaps[1] > gaps[2] > -0.05  # a lower bound, closing in
+    assert abs(gaps[3]) < 0.05 < gaps[0] / 20
+
+
+def test_trained_model_bound_tightens_and_k_one_is_the_elbo(trained_run: Path) -> None:
+    model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True)
+    x = torch.rand(16, 3, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    nll = [float(-model.log_likelihood(x, k, generator=generator).mean()) for k in (1, 64)]
+    elbo = float(model.elbo(x, generator=generator).mean())
+    assert nll[1] < nll[0]
+    assert abs(-elbo - nll[0]) < 0.05 * abs(nll[0])  # both one-sample estimates
+
+
+def test_active_units_count_latents_whose_mean_varies() -> None:
+    statistics = PosteriorStatistics()
+    mu = torch.zeros(100, 3)
+    mu[:, 0] = torch.linspace(-1, 1, 100)  # variance 0.34: active
+    mu[:, 1] = torch.linspace(-0.05, 0.05, 100)  # variance 0.0009: inactive
+    statistics.update(mu, torch.zeros(100, 3))
+    assert statistics.active_units() == 1
+    expected_kl = 0.5 * mu.pow(2).mean(0)
+    torch.testing.assert_close(statistics.kl_per_dim().float(), expected_kl)
+
+
+def test_dequantisation_keeps_each_value_in_its_bin() -> None:
+    images = torch.tensor([[[[0, 1, 254, 255]]]], dtype=torch.uint8)
+    x = likelihood_input(images, binary=False, generator=torch.Generator().manual_seed(0))
+    assert torch.all(x * 256 >= images.float()) and torch.all(x * 256 < images.float() + 1)
+    binary = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    assert likelihood_input(binary, binary=True).tolist() == [[[[0.0, 1.0]]]]
+
+
+def test_evaluate_reports_every_metric(trained_run: Path) -> None:
+    model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True)
+    dm = ImageDataModule.load_from_checkpoint(_checkpoint(trained_run))
+    dm.setup()
+    metrics = evaluate(model, dm.test_dataloader(), iw_samples=8, max_images=5)
+    assert metrics["images"] == 5
+    assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
+    assert metrics["iw_nll"] < metrics["neg_elbo"] + 1.0
+    dims = 3 * 16 * 16
+    bpd = (metrics["iw_nll"] + dims * math.log(256)) / (dims * math.log(2))
+    assert metrics["bits_per_dim"] == pytest.approx(bpd)
+    assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
+    assert 0 <= metrics["active_units"] <= 8 and len(metrics["kl_per_dim"]) == 8
+    assert 0 < metrics["mse_per_pixel"] < 1
+
+
+def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cvae.evaluate", f"ckpt_path={_checkpoint(trained_run)}",
+         "eval.iw_samples=4", "eval.split=val", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["images"] == 6 and metrics["iw_samples"] == 4 and metrics["split"] == "val"
+    assert "iw_nll" in result.stdout and "bits_per_dim" in result.stdout
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_evaluate_on_data_that_does_not_fit_names_the_key(trained_run: Path, tmp_path) -> None:
+    cfg = compose_tool("eval", tmp_path, f"ckpt_path={_checkpoint(trained_run)}",
+                       "data=synthetic", "data.image_size=32")  # fmt: skip
+    with pytest.raises(ValueError, match="data.image_size=32 does not fit"):
+        evaluate_command(cfg)
+
+
+def test_binarized_data_is_fixed_for_evaluation_and_fresh_for_training() -> None:
+    def datamodule() -> ImageDataModule:
+        dm = ImageDataModule(source="synthetic", synthetic_images=40, image_size=8,
+                             binarize=True, batch_size=40)  # fmt: skip
+        dm.setup()
+        return dm
+
+    first, second = datamodule(), datamodule()
+    val = next(iter(first.val_dataloader()))[0]
+    assert set(val.unique().tolist()) <= {0, 255}
+    assert torch.equal(val, next(iter(second.val_dataloader()))[0])
+    first.trainer = SimpleNamespace(training=True)
+    batch = next(iter(first.train_dataloader()))
+    draws = [first.on_after_batch_transfer(batch, 0)[0] for _ in range(2)]
+    assert set(draws[0].unique().tolist()) <= {0, 255} and not torch.equal(*draws)
+    mean_draw = torch.stack([first.on_after_batch_transfer(batch, 0)[0] for _ in range(200)])
+    intensity = batch[0].float()
+    assert (mean_draw.float().mean(0) - intensity).abs().mean() < 10  # pixel ~ Bernoulli(x)
+
+
+# --- generation ------------------------------------------------------------------------------
+def _generate(trained_run: Path, out: Path, *overrides: str) -> Path:
+    cfg = compose_tool("generate", out, f"ckpt_path={_checkpoint(trained_run)}", *overrides)
+    return generate(cfg)
+
+
+def test_sample_writes_a_grid_and_files_reproducibly(trained_run: Path, tmp_path: Path) -> None:
+    a = _generate(trained_run, tmp_path / "a", "mode=sample", "n=6", "temperature=0.8")
+    b = _generate(trained_run, tmp_path / "b", "mode=sample", "n=6", "temperature=0.8")
+    files = sorted(p.name for p in (a / "samples").iterdir())
+    assert files == [f"{i:04d}.png" for i in range(6)]
+    assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
+    assert Image.open(a / "samples" / "0000.png").size == (16, 16)
+
+
+def test_reconstruct_decodes_a_folder_like_training_data(trained_run: Path, tmp_path) -> None:
+    write_mixed_images(tmp_path / "in" / "sub", 3)
+    (tmp_path / "in" / "broken.png").write_bytes(b"")
+    out = _generate(trained_run, tmp_path / "out", "mode=reconstruct", f"input={tmp_path / 'in'}")
+    pairs = sorted(str(p.relative_to(out / "pairs")) for p in (out / "pairs").rglob("*.png"))
+    assert pairs == ["sub/image_0.png", "sub/image_1.png", "sub/image_2.png"]
+    assert Image.open(out / "pairs" / pairs[0]).size == (32, 16)  # input | reconstruction
+    assert (out / "reconstructions.png").is_file()
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_interpolate_writes_grid_and_gif(trained_run: Path, tmp_path, spherical: bool) -> None:
+    out = _generate(trained_run, tmp_path, "mode=interpolate", "steps=5",
+                    f"spherical={spherical}")  # fmt: skip
+    gif = Image.open(out / "interpolation.gif")
+    assert gif.n_frames == 8  # 5 forwards, 3 back
+    assert Image.open(out / "interpolation.png").size[0] > 5 * 16
+
+
+def test_interpolation_ends_at_the_two_reconstructions(trained_run: Path) -> None:
+    model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True)
+    x = torch.rand(2, 3, 16, 16)
+    ends = model.reconstruct(x)
+    for spherical in (False, True):
+        frames = model.interpolate(x[0], x[1], steps=4, spherical=spherical)
+        torch.testing.assert_close(frames[[0, -1]], ends, atol=1e-5, rtol=1e-4)
+
+
+def test_traverse_sweeps_the_most_informative_dims(trained_run: Path, tmp_path: Path) -> None:
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(image)
+    out = _generate(trained_run, tmp_path / "out", "mode=traverse", f"input={image}",
+                    "dims=3", "steps=4")  # fmt: skip
+    dims = [int(d) for d in (out / "traversal_dims.txt").read_text().split()]
+    assert len(set(dims)) == 3 and all(0 <= d < 8 for d in dims)
+    width, height = Image.open(out / "traversal.png").size
+    assert (width, height) == (4 * 16 + 5 * 2, 3 * 16 + 4 * 2)
+
+
+def test_unknown_mode_is_an_error(trained_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mode='dream' is not one of"):
+        _generate(trained_run, tmp_path, "mode=dream")
