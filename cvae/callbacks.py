@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from cvae.metrics import PosteriorStatistics
 from cvae.viz import interleave_rows, visualize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -61,3 +62,58 @@ class ImageLogger(pl.Callback):
         self._log(trainer, "val/reconstructions", pairs, min(self.nrow, len(inputs)))
         fixed_noise = torch.Generator().manual_seed(self.seed)
         self._log(trainer, "val/samples", pl_module.sample(self.num_images, generator=fixed_noise))
+
+
+class LatentMonitor(pl.Callback):
+    """How much of the latent space the model uses, per validation epoch: `val/active_units`
+    and a histogram of each dimension's KL (`val/kl_per_dim`). Also fills TensorBoard's
+    hparams tab: the run's model and data settings with its latest `hp/val_*` metrics, so
+    the runs of a sweep can be compared there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statistics = PosteriorStatistics()
+        self.hparams_written = False
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.statistics = PosteriorStatistics()
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: Batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        with torch.no_grad():
+            self.statistics.update(*pl_module.encode(batch[0]))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.statistics.count == 0:
+            return
+        pl_module.log("val/active_units", float(self.statistics.active_units()))
+        if not trainer.is_global_zero:
+            return
+        kl = self.statistics.kl_per_dim().float().cpu()
+        for writer in _tensorboard_writers(trainer):
+            writer.add_histogram("val/kl_per_dim", kl, global_step=trainer.global_step)
+        self._update_hparams(trainer, pl_module)
+
+    def _update_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        values = {f"hp/{key.replace('/', '_')}": float(metrics[key])
+                  for key in ("val/loss", "val/recon", "val/kl") if key in metrics}  # fmt: skip
+        values["hp/val_active_units"] = float(self.statistics.active_units())
+        for logger in trainer.loggers:
+            if not hasattr(logger.experiment, "add_scalar"):
+                continue
+            if not self.hparams_written:  # the hparams summary, naming the metrics, once
+                params = {f"model/{k}": v for k, v in pl_module.hparams.items()}
+                if trainer.datamodule is not None:
+                    params |= {f"data/{k}": v for k, v in trainer.datamodule.hparams.items()}
+                logger.log_hyperparams(params, metrics=values)
+            for key, value in values.items():
+                logger.experiment.add_scalar(key, value, global_step=trainer.global_step)
+        self.hparams_written = True

@@ -11,6 +11,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_accumulator import (
+    EventAccumulator as PluginEventAccumulator,
+)
 
 from cvae import CVAE, ImageDataModule
 from cvae.runtime import build, train
@@ -36,12 +39,17 @@ def run_cli(
 
 
 def event_tags(run_dir: Path) -> dict[str, list[str]]:
-    tags: dict[str, set[str]] = {"scalars": set(), "images": set()}
+    tags: dict[str, set[str]] = {"scalars": set(), "images": set(), "histograms": set(),
+                                 "hparams": set()}  # fmt: skip
     for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
-        for kind in tags:
+        for kind in ("scalars", "images", "histograms"):
             tags[kind].update(accumulator.Tags()[kind])
+        plugins = PluginEventAccumulator(str(events))  # the one that reads plugin data
+        plugins.Reload()
+        if "hparams" in plugins.ActivePlugins():
+            tags["hparams"].update(plugins.PluginTagToContent("hparams"))
     return {kind: sorted(names) for kind, names in tags.items()}
 
 
@@ -52,9 +60,21 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "resolved_config.yaml").is_file()
     tags = event_tags(tmp_path)
-    for scalar in ("train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
-                   "test/loss"):  # fmt: skip
+    for scalar in (
+        "train/loss",
+        "train/recon",
+        "train/kl",
+        "val/loss",
+        "val/recon",
+        "val/kl",
+        "val/active_units",
+        "test/loss",
+        "hp/val_loss",
+        "hp/val_active_units",
+    ):
         assert scalar in tags["scalars"]
+    assert tags["histograms"] == ["val/kl_per_dim"]
+    assert "_hparams_/session_start_info" in tags["hparams"]  # the hparams tab has this run
     for image in ("data/train_batch", "val/reconstructions", "val/samples"):
         assert image in tags["images"]
 
