@@ -143,13 +143,20 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
-    """The model of `cfg.ckpt_path` on `cfg.device`, and its data: `cfg.data` if given, else
-    the data settings saved in the checkpoint. Fails early when they do not fit together."""
+def load_model(cfg: DictConfig) -> CVAE:
+    """The model of `cfg.ckpt_path` on `cfg.device`, in eval mode."""
     path = Path(str(cfg.ckpt_path))
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} is not a checkpoint file")
     model = CVAE.load_from_checkpoint(path, map_location=_device(cfg.device), weights_only=True)
+    return model.eval()
+
+
+def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
+    """The model of `cfg.ckpt_path` on `cfg.device`, and its data: `cfg.data` if given, else
+    the data settings saved in the checkpoint. Fails early when they do not fit together."""
+    path = Path(str(cfg.ckpt_path))
+    model = load_model(cfg)
     if cfg.get("data"):
         datamodule = instantiate(cfg.data)
     else:
