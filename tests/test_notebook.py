@@ -25,9 +25,12 @@ def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     figures = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(figures) == 4  # a batch, reconstructions, samples at two temperatures
+    # a batch, reconstructions, samples at two temperatures, two interpolations, a traversal,
+    # the posterior means in 2-D and the training curves
+    assert len(figures) == 9
     datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
     datamodule.setup("test")
     batch = min(datamodule.hparams.batch_size, len(datamodule.test_set))
     text = "".join(out.get("text", "") for out in outputs)
     assert f"batch: ({batch}, 3, 16, 16)" in text
+    assert "highest-KL dimensions:" in text and "active units:" in text
