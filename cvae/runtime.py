@@ -187,9 +187,10 @@ def evaluate(cfg: DictConfig) -> dict:
         max_images=cfg.eval.max_images,
     )  # fmt: skip
     metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}
+    settings = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "metrics.json").write_text(json.dumps({**metrics, **settings}, indent=2))
     print_metrics(metrics)
     log.info("metrics written to %s", output_dir / "metrics.json")
     return metrics
