@@ -10,7 +10,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from cvae.models import CVAE
-from cvae.models.losses import kl_divergence, log_likelihood
+from cvae.models.losses import kl_divergence, kl_per_dimension
 from cvae.models.networks import unit_range
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
@@ -46,7 +46,7 @@ class PosteriorStatistics:
 
     def update(self, mu: torch.Tensor, log_var: torch.Tensor) -> None:
         mu, log_var = mu.detach().double(), log_var.detach().double()
-        kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp())
+        kl = kl_per_dimension(mu, log_var)
         if self.sum is None:
             self.sum, self.sum_squares, self.kl_sum = (torch.zeros_like(mu[0]) for _ in range(3))
         self.count += len(mu)
@@ -102,7 +102,7 @@ def evaluate(
             mu, log_var = model.encode(x)
             eps = torch.randn(mu.shape, generator=generator).to(mu)
             x_hat = model.decode(mu + torch.exp(0.5 * log_var) * eps)
-            recon = -log_likelihood(x_hat, x, model.hparams.recon_loss)
+            recon = -model.likelihood(x_hat, x)
             kl = kl_divergence(mu, log_var)
             nll = -model.log_likelihood(x, iw_samples, generator=generator)
             mean_decoded = model.decode(model.encode(clean)[0])

@@ -173,8 +173,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 ) -> None:
     loss_terms = CVAE.loss_terms
 
-    def diverge_in_second_epoch(self: CVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = loss_terms(self, x)
+    def diverge_in_second_epoch(self: CVAE, x: torch.Tensor, **kwargs) -> dict:
+        terms = loss_terms(self, x, **kwargs)
         if self.training == (stage == "train") and self.current_epoch == 1:
             terms["loss"] = terms["loss"] * float("nan")
         return terms

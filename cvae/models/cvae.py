@@ -9,18 +9,24 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 import torch
 
+from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import (
-    check_recon_loss,
+    BETA_SCHEDULES,
+    beta_at,
+    free_bits_kl,
     kl_divergence,
-    log_likelihood,
     normal_log_density,
-    reconstruction_loss,
 )
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 
 
 class CVAE(pl.LightningModule):
-    """Convolutional VAE: loss = reconstruction + beta * KL, per image, averaged over the batch.
+    """Convolutional VAE: loss = -log p(x | z) + beta * KL, per image, averaged over the batch.
+
+    `recon_loss` names the decoder's likelihood (`likelihoods.py`); `beta_schedule` and
+    `warmup_steps` warm the KL weight up (training only), and `free_bits` floors each latent
+    dimension's KL in the training objective. Logged `kl` is always the true KL, and
+    `val/loss` and `test/loss` always use the final `beta`, so epochs stay comparable.
 
     Every constructor argument but `optimizer` and `scheduler` is a plain value saved in the
     checkpoint, so `CVAE.load_from_checkpoint(path)` needs no config. `optimizer` is a
@@ -38,7 +44,12 @@ class CVAE(pl.LightningModule):
         downsample: str = "stride",
         batch_norm: bool = True,
         recon_loss: str = "mse",
+        sigma: float = 2**-0.5,
+        min_sigma: float = 0.0025,
         beta: float = 1.0,
+        beta_schedule: str = "constant",
+        warmup_steps: int = 0,
+        free_bits: float = 0.0,
         lr: float = 1e-3,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
@@ -46,6 +57,7 @@ class CVAE(pl.LightningModule):
         super().__init__()
         _validate(in_channels, image_size, latent_dim, hidden_channels, kernel_size, downsample,
                   recon_loss, beta, lr)  # fmt: skip
+        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits)
         hidden_channels = [int(c) for c in hidden_channels]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer or torch.optim.Adam
@@ -62,6 +74,7 @@ class CVAE(pl.LightningModule):
         self.decoder = Decoder(
             in_channels, hidden_channels, image_size, latent_dim, kernel_size, batch_norm
         )
+        self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
 
     # --- the model -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +89,25 @@ class CVAE(pl.LightningModule):
         mu, log_var = self.encode(x)
         return self.decode(reparameterize(mu, log_var)), mu, log_var
 
-    def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batch means of the loss and its parts, each per image."""
+    def loss_terms(
+        self, x: torch.Tensor, beta: float | None = None, free_bits: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """Batch means of the loss and its parts, each per image: `recon` = -log p(x | z),
+        `kl` the true KL; the loss weighs the KL (floored by `free_bits`) with `beta`
+        (default: the configured one)."""
         x = unit_range(x)
         x_hat, mu, log_var = self(x)
-        recon = reconstruction_loss(x_hat, x, self.hparams.recon_loss).mean()
-        kl = kl_divergence(mu.float(), log_var.float()).mean()
-        return {"loss": recon + self.hparams.beta * kl, "recon": recon, "kl": kl}
+        recon = -self.likelihood(x_hat, x).mean()
+        mu, log_var = mu.float(), log_var.float()
+        kl = kl_divergence(mu, log_var).mean()
+        objective_kl = free_bits_kl(mu, log_var, free_bits) if free_bits > 0 else kl
+        beta = self.hparams.beta if beta is None else beta
+        return {"loss": recon + beta * objective_kl, "recon": recon, "kl": kl}
+
+    def current_beta(self) -> float:
+        """The KL weight of this training step under `beta_schedule`."""
+        hp = self.hparams
+        return beta_at(self.global_step, hp.beta, hp.beta_schedule, hp.warmup_steps)
 
     # --- for users -------------------------------------------------------------------------
     @contextmanager
@@ -139,7 +164,7 @@ class CVAE(pl.LightningModule):
             mu, log_var = self.encode(x)
             eps = torch.randn(mu.shape, generator=generator).to(mu)
             x_hat = self.decode(mu + torch.exp(0.5 * log_var) * eps)
-            return log_likelihood(x_hat, x, self.hparams.recon_loss) - kl_divergence(mu, log_var)
+            return self.likelihood(x_hat, x) - kl_divergence(mu, log_var)
 
     def log_likelihood(
         self,
@@ -165,7 +190,7 @@ class CVAE(pl.LightningModule):
                 z = mu + torch.exp(0.5 * log_var) * eps  # (n, B, latent)
                 x_hat = self.decode(z.flatten(0, 1))
                 targets = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
-                log_px = log_likelihood(x_hat, targets, self.hparams.recon_loss).view(n, -1)
+                log_px = self.likelihood(x_hat, targets).view(n, -1)
                 log_w = log_px + normal_log_density(z) - normal_log_density(z, mu, log_var)
                 total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             return total - math.log(k)
@@ -173,9 +198,14 @@ class CVAE(pl.LightningModule):
     # --- training --------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, _ = batch
-        terms = self.loss_terms(images)
-        # Training curves per step; validation and test as means over the whole split.
         training = stage == "train"
+        if training:
+            beta = self.current_beta()
+            terms = self.loss_terms(images, beta=beta, free_bits=self.hparams.free_bits)
+            self.log("train/beta", beta, on_step=True, on_epoch=False)  # the one used
+        else:
+            terms = self.loss_terms(images)
+        # Training curves per step; validation and test as means over the whole split.
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, on_step=training, on_epoch=not training,
                      prog_bar=name == "loss", batch_size=len(images))  # fmt: skip
@@ -195,7 +225,6 @@ class CVAE(pl.LightningModule):
     ) -> torch.Tensor:
         loss = self._step(batch, "train")
         self._stop_unless_finite(loss, "train")
-        self.log("train/beta", self.hparams.beta, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -212,6 +241,22 @@ class CVAE(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
+
+
+def _validate_aids(
+    sigma: float, min_sigma: float, beta_schedule: str, warmup_steps: int, free_bits: float
+) -> None:
+    for key, value in (("sigma", sigma), ("min_sigma", min_sigma)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"model.{key} must be a number > 0, got {value!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"model.beta_schedule={beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}"
+        )
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not isinstance(free_bits, (int, float)) or free_bits < 0:
+        raise ValueError(f"model.free_bits must be a number >= 0, got {free_bits!r}")
 
 
 def _validate(

@@ -1,0 +1,136 @@
+"""Decoder likelihoods are proper densities; KL warm-up and free bits do what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+from cvae import CVAE
+from cvae.models.likelihoods import GaussianOptimal, build_likelihood, check_recon_loss
+from cvae.models.losses import beta_at, free_bits_kl, kl_per_dimension
+
+
+def _pair(binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x_hat = torch.rand(4, 3, 5, 5, generator=generator).clamp(0.01, 0.99)
+    x = torch.rand(4, 3, 5, 5, generator=generator)
+    return x_hat, (x > 0.5).float() if binary else x
+
+
+def _reference(x_hat: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    return Normal(x_hat, sigma).log_prob(x).flatten(1).sum(1)
+
+
+def test_bernoulli_matches_torch_distributions() -> None:
+    x_hat, x = _pair(binary=True)
+    expected = Bernoulli(probs=x_hat).log_prob(x).flatten(1).sum(1)
+    for name in ("bernoulli", "bce"):
+        torch.testing.assert_close(build_likelihood(name)(x_hat, x), expected)
+
+
+@pytest.mark.parametrize("name", ["gaussian_fixed", "mse", "gaussian_learned"])
+def test_gaussians_match_torch_distributions(name: str) -> None:
+    x_hat, x = _pair()
+    likelihood = build_likelihood(name, sigma=0.3)
+    torch.testing.assert_close(likelihood(x_hat, x), _reference(x_hat, x, 0.3))
+
+
+def test_mse_is_the_seed_squared_error_plus_a_constant() -> None:
+    x_hat, x = _pair()
+    squared_error = (x - x_hat).pow(2).flatten(1).sum(1)
+    constant = 0.5 * x[0].numel() * math.log(math.pi)
+    torch.testing.assert_close(-build_likelihood("mse")(x_hat, x), squared_error + constant)
+
+
+def test_gaussian_learned_sigma_is_trained() -> None:
+    likelihood = build_likelihood("gaussian_learned", sigma=1.0)
+    x_hat, x = _pair()
+    (-likelihood(x_hat, x).sum()).backward()
+    assert likelihood.log_sigma.grad is not None and likelihood.log_sigma.grad > 0  # shrink it
+
+
+def test_gaussian_optimal_uses_the_analytic_sigma_and_keeps_it_for_evaluation() -> None:
+    x_hat, x = _pair()
+    likelihood = build_likelihood("gaussian_optimal")
+    sigma = (x - x_hat).pow(2).mean().sqrt()
+    torch.testing.assert_close(likelihood(x_hat, x), _reference(x_hat, x, sigma))
+    assert math.isclose(float(likelihood.log_sigma.exp()), float(sigma), rel_tol=1e-5)
+    likelihood.eval()  # evaluation: the running sigma, whatever the batch
+    torch.testing.assert_close(likelihood(x_hat[:1], x[:1]), _reference(x_hat, x, sigma)[:1])
+
+
+def test_gaussian_optimal_sigma_is_clamped_below() -> None:
+    likelihood = GaussianOptimal(min_sigma=0.01)
+    x = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(likelihood(x, x), _reference(x, x, 0.01))
+
+
+def test_switching_likelihood_changes_nothing_else() -> None:
+    x = torch.rand(3, 1, 8, 8)
+    models, terms = [], []
+    for name in ("bernoulli", "gaussian_fixed", "gaussian_learned", "gaussian_optimal"):
+        torch.manual_seed(0)
+        model = CVAE(in_channels=1, image_size=8, latent_dim=4, hidden_channels=[4],
+                     recon_loss=name)  # fmt: skip
+        torch.manual_seed(1)
+        terms.append(model.loss_terms(x))
+        models.append(model)
+    networks = [{k: v for k, v in m.state_dict().items() if not k.startswith("likelihood")}
+                for m in models]  # fmt: skip
+    for other, other_terms in zip(networks[1:], terms[1:], strict=True):
+        assert other.keys() == networks[0].keys()
+        assert all(torch.equal(other[k], networks[0][k]) for k in other)
+        torch.testing.assert_close(other_terms["kl"], terms[0]["kl"])
+    recons = [float(t["recon"]) for t in terms]
+    assert recons[1] == recons[2]  # fixed and learned sigma start from the same value
+    assert len({recons[0], recons[1], recons[3]}) == 3  # otherwise the reconstruction differs
+
+
+def test_unknown_likelihood_names_the_key() -> None:
+    with pytest.raises(ValueError, match="model.recon_loss='l1' is not one of bernoulli"):
+        check_recon_loss("l1")
+
+
+# --- training aids ---------------------------------------------------------------------------
+def test_beta_schedules() -> None:
+    assert [beta_at(s, 2.0, "linear", 4) for s in (0, 2, 4, 10)] == [0.0, 1.0, 2.0, 2.0]
+    assert [beta_at(s, 1.0, "cyclical", 4) for s in (0, 2, 4, 7, 8, 10)] == [
+        0.0, 0.5, 1.0, 1.0, 0.0, 0.5]  # fmt: skip
+    assert beta_at(5, 3.0, "constant", 4) == 3.0 and beta_at(5, 3.0, "linear", 0) == 3.0
+
+
+def test_free_bits_floor_each_dimension_of_the_batch_mean_kl() -> None:
+    mu = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    log_var = torch.zeros(2, 2)
+    per_dim = kl_per_dimension(mu, log_var).mean(0)  # [0, 2]
+    assert per_dim.tolist() == [0.0, 2.0]
+    assert float(free_bits_kl(mu, log_var, 0.5)) == pytest.approx(2.5)
+
+
+def test_logged_beta_is_the_one_used_and_val_loss_uses_the_final_beta(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cvae.runtime import train
+    from tests.conftest import compose_train
+
+    train(compose_train(tmp_path, "model.beta=2.0", "model.beta_schedule=linear",
+                        "model.warmup_steps=4", "trainer.max_epochs=2", "test=false"))  # fmt: skip
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    betas = [(e.step, e.value) for e in accumulator.Scalars("train/beta")]
+    assert betas[:5] == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
+    for val, recon, kl in zip(*(accumulator.Scalars(f"val/{n}") for n in ("loss", "recon", "kl")),
+                              strict=True):  # fmt: skip
+        assert val.value == pytest.approx(recon.value + 2.0 * kl.value, rel=1e-5)
+
+
+def test_bad_training_aid_settings_name_the_key() -> None:
+    for kwargs, key in (({"beta_schedule": "cosine"}, "model.beta_schedule"),
+                        ({"free_bits": -1.0}, "model.free_bits"),
+                        ({"sigma": 0.0}, "model.sigma")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            CVAE(in_channels=1, image_size=8, hidden_channels=[4], **kwargs)
