@@ -11,6 +11,7 @@ from torch.distributions import Normal
 
 from cvae import CVAE
 from cvae.models import kl_divergence, reparameterize
+from cvae.models.networks import ResidualBlock
 from cvae.runtime import error_line, user_error
 from tests.conftest import compose_config, compose_train
 
@@ -77,7 +78,7 @@ def test_reparameterize_samples_the_right_distribution() -> None:
 @pytest.mark.parametrize(
     ("preset", "channels", "size"),
     [("cvae", 1, 32), ("cvae", 3, 64), ("vae_2conv", 1, 28), ("vae_2conv", 3, 64),
-     ("cvae_maxpool", 1, 32), ("cvae_maxpool", 3, 64)],
+     ("cvae_maxpool", 1, 32), ("cvae_maxpool", 3, 64), ("cvae_deep", 3, 32)],
 )  # fmt: skip
 def test_presets_map_images_to_images(tmp_path, preset: str, channels: int, size: int) -> None:
     cfg = compose_config(tmp_path, f"model={preset}", f"data.channels={channels}",
@@ -117,6 +118,23 @@ def test_cvae_maxpool_preset_pools_after_each_growing_convolution(tmp_path) -> N
     assert [c.out_channels for c in convs] == [32, 64, 128, 256]
     assert all(c.stride == (1, 1) for c in convs)
     assert model.encoder.mu.in_features == 256 * 4 * 4
+
+
+def test_cvae_deep_adds_residual_blocks_at_every_resolution(tmp_path) -> None:
+    model = instantiate(compose_config(tmp_path, "model=cvae_deep").model)
+    encoder_blocks = [m for m in model.encoder.modules() if isinstance(m, ResidualBlock)]
+    decoder_blocks = [m for m in model.decoder.modules() if isinstance(m, ResidualBlock)]
+    assert len(encoder_blocks) == len(decoder_blocks) == 2 * 4
+    kinds = {type(m).__name__ for m in model.modules() if "Conv" in type(m).__name__}
+    assert kinds == {"Conv2d", "ConvTranspose2d"}
+    block = encoder_blocks[0]
+    x = torch.rand(2, block.body[0].in_channels, 8, 8)
+    with torch.no_grad():
+        for layer in block.body:  # a block whose body gives zero is the identity (after ReLU)
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight.zero_()
+        block.eval()
+        torch.testing.assert_close(block(x), torch.relu(x))  # the skip path carries x
 
 
 @pytest.mark.parametrize(

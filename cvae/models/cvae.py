@@ -43,6 +43,7 @@ class CVAE(pl.LightningModule):
         kernel_size: int = 4,
         downsample: str = "stride",
         batch_norm: bool = True,
+        residual_blocks: int = 0,
         recon_loss: str = "mse",
         sigma: float = 2**-0.5,
         min_sigma: float = 0.0025,
@@ -57,7 +58,7 @@ class CVAE(pl.LightningModule):
         super().__init__()
         _validate(in_channels, image_size, latent_dim, hidden_channels, kernel_size, downsample,
                   recon_loss, beta, lr)  # fmt: skip
-        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits)
+        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks)
         hidden_channels = [int(c) for c in hidden_channels]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer or torch.optim.Adam
@@ -70,9 +71,16 @@ class CVAE(pl.LightningModule):
             kernel_size,
             downsample,
             batch_norm,
+            residual_blocks,
         )
         self.decoder = Decoder(
-            in_channels, hidden_channels, image_size, latent_dim, kernel_size, batch_norm
+            in_channels,
+            hidden_channels,
+            image_size,
+            latent_dim,
+            kernel_size,
+            batch_norm,
+            residual_blocks,
         )
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
 
@@ -244,7 +252,12 @@ class CVAE(pl.LightningModule):
 
 
 def _validate_aids(
-    sigma: float, min_sigma: float, beta_schedule: str, warmup_steps: int, free_bits: float
+    sigma: float,
+    min_sigma: float,
+    beta_schedule: str,
+    warmup_steps: int,
+    free_bits: float,
+    residual_blocks: int,
 ) -> None:
     for key, value in (("sigma", sigma), ("min_sigma", min_sigma)):
         if not isinstance(value, (int, float)) or value <= 0:
@@ -253,6 +266,8 @@ def _validate_aids(
         raise ValueError(
             f"model.beta_schedule={beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}"
         )
+    if not isinstance(residual_blocks, int) or residual_blocks < 0:
+        raise ValueError(f"model.residual_blocks must be an integer >= 0, got {residual_blocks!r}")
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if not isinstance(free_bits, (int, float)) or free_bits < 0:

@@ -35,6 +35,25 @@ def feature_size(image_size: int, num_blocks: int) -> int:
     return image_size // 2**num_blocks
 
 
+class ResidualBlock(nn.Module):
+    """x + f(x), f two 3x3 convolutions: depth at one resolution without a harder optimisation."""
+
+    def __init__(self, channels: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for index in range(2):
+            layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(channels))
+            if index == 0:
+                layers.append(nn.ReLU(inplace=True))
+        self.body = nn.Sequential(*layers)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x + self.body(x))
+
+
 class Encoder(nn.Module):
     """Conv2d blocks (channels growing with depth), each halving the image, then Linear heads.
 
@@ -51,6 +70,7 @@ class Encoder(nn.Module):
         kernel_size: int = 4,
         downsample: str = "stride",
         batch_norm: bool = True,
+        residual_blocks: int = 0,
     ) -> None:
         super().__init__()
         if downsample == "stride":
@@ -66,6 +86,7 @@ class Encoder(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             if downsample == "maxpool":
                 layers.append(nn.MaxPool2d(2))
+            layers += [ResidualBlock(width, batch_norm) for _ in range(residual_blocks)]
             previous = width
         self.features = nn.Sequential(*layers, nn.Flatten())
         flat = previous * feature_size(image_size, len(channels)) ** 2
@@ -92,6 +113,7 @@ class Decoder(nn.Module):
         latent_dim: int,
         kernel_size: int = 4,
         batch_norm: bool = True,
+        residual_blocks: int = 0,
     ) -> None:
         super().__init__()
         widths = list(reversed(channels))
@@ -103,12 +125,14 @@ class Decoder(nn.Module):
         padding, output_padding = _padding(kernel_size)
         layers: list[nn.Module] = []
         for width, following in pairwise(widths):
+            layers += [ResidualBlock(width, batch_norm) for _ in range(residual_blocks)]
             layers.append(
                 nn.ConvTranspose2d(width, following, kernel_size, 2, padding, output_padding)
             )
             if batch_norm:
                 layers.append(nn.BatchNorm2d(following))
             layers.append(nn.ReLU(inplace=True))
+        layers += [ResidualBlock(widths[-1], batch_norm) for _ in range(residual_blocks)]
         layers.append(
             nn.ConvTranspose2d(widths[-1], out_channels, kernel_size, 2, padding, output_padding)
         )
