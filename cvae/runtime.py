@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -76,7 +77,16 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if cause is None:
             raise
         print(f"error: {error_line(cause)}", file=sys.stderr)
+        if _in_multirun():  # let Hydra record this job as failed and go on with the others
+            raise
         sys.exit(1)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
@@ -119,16 +129,38 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, model, trainer
 
 
+def _write_result(
+    output_dir: str, trainer: pl.Trainer, metrics: dict[str, float], seconds: float
+) -> None:
+    """`result.json`: what a sweep summary lists for this run."""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_score if checkpoint is not None else None
+    result = {
+        "final": {k: v for k, v in metrics.items() if k.startswith("val/")},
+        "best_val_loss": float(best) if best is not None else metrics.get("val/loss"),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "wall_seconds": round(seconds, 1),
+        "checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path)
+        if checkpoint is not None
+        else None,
+    }
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "result.json").write_text(json.dumps(result, indent=2))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming from `ckpt_path` if set), then test the best checkpoint if `test`.
 
     Returns the final metrics, `val/loss` among them (what a sweeper minimises).
     """
     print_config_tree(cfg, cfg.paths.output_dir)
+    started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
