@@ -84,7 +84,7 @@ def test_switching_likelihood_changes_nothing_else() -> None:
         assert other.keys() == networks[0].keys()
         assert all(torch.equal(other[k], networks[0][k]) for k in other)
         torch.testing.assert_close(other_terms["kl"], terms[0]["kl"])
-    recons = [float(t["recon"]) for t in terms]
+    recons = [float(t["recon"].detach()) for t in terms]
     assert recons[1] == recons[2]  # fixed and learned sigma start from the same value
     assert len({recons[0], recons[1], recons[3]}) == 3  # otherwise the reconstruction differs
 
