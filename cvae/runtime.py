@@ -115,8 +115,19 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
+def newest_last_checkpoint(runs_dir: Path) -> str:
+    """`ckpt_path=last`: the most recently written `last.ckpt` of this task's runs."""
+    found = sorted(runs_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"ckpt_path=last: no {runs_dir}/*/checkpoints/last.ckpt")
+    return str(found[-1])
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Data module, model and trainer, failing on bad input before any training."""
+    if cfg.get("ckpt_path") == "last":
+        cfg.ckpt_path = newest_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+        log.info("resuming from %s", cfg.ckpt_path)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint file")
     datamodule = instantiate(cfg.data)

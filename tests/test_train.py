@@ -167,6 +167,24 @@ def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_pat
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
 
 
+def test_ckpt_path_last_resumes_the_newest_run(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    runs = tmp_path / "logs" / "train" / "runs"
+    for name in ("older", "newer"):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(trained_run / "checkpoints" / "last.ckpt", runs / name / "checkpoints")
+    cfg = compose_train(tmp_path / "run", f"paths.log_dir={tmp_path / 'logs'}", "ckpt_path=last",
+                        "trainer.max_epochs=3", "test=false")  # fmt: skip
+    datamodule, model, trainer = build(cfg)
+    assert cfg.ckpt_path == str(runs / "newer" / "checkpoints" / "last.ckpt")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    assert trainer.current_epoch == 3  # continued from epoch 2 of the copied run
+    missing = compose_train(tmp_path / "x", f"paths.log_dir={tmp_path / 'none'}", "ckpt_path=last")
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last: no .*none/train/runs"):
+        build(missing)
+
+
 @pytest.mark.parametrize("stage", ["train", "val"])
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
