@@ -167,6 +167,19 @@ def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_pat
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
 
 
+def test_same_seed_and_deterministic_trainer_give_the_same_losses(tmp_path: Path) -> None:
+    curves = []
+    for name in ("a", "b"):
+        train(compose_train(tmp_path / name, "trainer.deterministic=true", "test=false",
+                            "trainer.max_epochs=2"))  # fmt: skip
+        (events,) = (tmp_path / name / "tensorboard").glob("events.out.tfevents.*")
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        curves.append([(e.step, e.value) for tag in ("train/loss", "val/loss")
+                       for e in accumulator.Scalars(tag)])  # fmt: skip
+    assert len(curves[0]) > 4 and curves[0] == curves[1]
+
+
 def test_ckpt_path_last_resumes_the_newest_run(trained_run: Path, tmp_path: Path) -> None:
     import shutil
 
