@@ -167,6 +167,42 @@ def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_pat
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
 
 
+@pytest.mark.parametrize("where", ["loss", "gradients"])
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(
+    tmp_path: Path, where: str
+) -> None:
+    cfg = compose_train(tmp_path, "trainer.max_epochs=2", "test=false")
+    datamodule, model, trainer = build(cfg)
+    seen: dict[str, object] = {}
+
+    class Sabotage(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step != 2 or "before" in seen:
+                return
+            seen["before"] = {k: v.clone() for k, v in pl_module.named_parameters()}
+            if where == "loss":
+                original = pl_module.loss_terms
+
+                def poisoned(x, **kwargs):
+                    pl_module.loss_terms = original  # once
+                    terms = original(x, **kwargs)
+                    return {**terms, "loss": terms["loss"] * float("inf")}
+
+                pl_module.loss_terms = poisoned
+            else:
+                weight = pl_module.decoder.features[-2].weight
+                handle = weight.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if "before" in seen and "after" not in seen:
+                seen["after"] = {k: v.clone() for k, v in pl_module.named_parameters()}
+
+    trainer.callbacks.append(Sabotage())
+    trainer.fit(model, datamodule=datamodule)
+    assert model.skipped_steps == 1 and trainer.state.finished
+    assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])
+
+
 def test_same_seed_and_deterministic_trainer_give_the_same_losses(tmp_path: Path) -> None:
     curves = []
     for name in ("a", "b"):
@@ -211,8 +247,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         return terms
 
     monkeypatch.setattr(CVAE, "loss_terms", diverge_in_second_epoch)
-    with pytest.raises(FloatingPointError, match=rf"{stage}/loss is nan at epoch 1, step \d+"):
-        train(compose_train(tmp_path, "trainer.max_epochs=3"))
+    message = rf"{stage}/loss is nan at epoch 1, step \d+"
+    if stage == "train":  # skipped and counted until max_bad_steps in a row
+        message += ": 3 training steps in a row were skipped"
+    with pytest.raises(FloatingPointError, match=message):
+        train(compose_train(tmp_path, "trainer.max_epochs=3", "model.max_bad_steps=3"))
     good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from cvae.models.losses import (
 )
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 
+log = logging.getLogger(__name__)
+
 
 class CVAE(pl.LightningModule):
     """Convolutional VAE: loss = -log p(x | z) + beta * KL, per image, averaged over the batch.
@@ -26,7 +29,9 @@ class CVAE(pl.LightningModule):
     `recon_loss` names the decoder's likelihood (`likelihoods.py`); `beta_schedule` and
     `warmup_steps` warm the KL weight up (training only), and `free_bits` floors each latent
     dimension's KL in the training objective. Logged `kl` is always the true KL, and
-    `val/loss` and `test/loss` always use the final `beta`, so epochs stay comparable.
+    `val/loss` and `test/loss` always use the final `beta`, so epochs stay comparable. A
+    training step with a non-finite loss or gradients is skipped and counted
+    (`train/skipped_steps`); `max_bad_steps` in a row stop training.
 
     Every constructor argument but `optimizer` and `scheduler` is a plain value saved in the
     checkpoint, so `CVAE.load_from_checkpoint(path)` needs no config. `optimizer` is a
@@ -51,6 +56,7 @@ class CVAE(pl.LightningModule):
         beta_schedule: str = "constant",
         warmup_steps: int = 0,
         free_bits: float = 0.0,
+        max_bad_steps: int = 10,
         lr: float = 1e-3,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
@@ -58,7 +64,8 @@ class CVAE(pl.LightningModule):
         super().__init__()
         _validate(in_channels, image_size, latent_dim, hidden_channels, kernel_size, downsample,
                   recon_loss, beta, lr)  # fmt: skip
-        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks)
+        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
+                       max_bad_steps)  # fmt: skip
         hidden_channels = [int(c) for c in hidden_channels]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer or torch.optim.Adam
@@ -83,6 +90,8 @@ class CVAE(pl.LightningModule):
             residual_blocks,
         )
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
+        self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
+        self.bad_steps_in_a_row = 0
 
     # --- the model -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,10 +239,39 @@ class CVAE(pl.LightningModule):
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         loss = self._step(batch, "train")
-        self._stop_unless_finite(loss, "train")
+        if not torch.isfinite(loss):  # no backward, no optimizer step
+            self._skip_bad_step(f"train/loss is {loss.item()}")
+            return None
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A finite loss with non-finite gradients: drop the gradients, so the optimizer
+        leaves every parameter (and its moments) as it was."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:  # the loss was skipped already
+            return
+        if bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self.bad_steps_in_a_row = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_bad_step("the gradients are not finite")
+
+    def _skip_bad_step(self, what: str) -> None:
+        """Count a skipped step; stop after `max_bad_steps` in a row."""
+        self.bad_steps_in_a_row += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        log.warning("skipped training step %d: %s (%d in a row, %d in all)", self.global_step,
+                    what, self.bad_steps_in_a_row, self.skipped_steps)  # fmt: skip
+        if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
+            raise FloatingPointError(
+                f"{what} at epoch {self.current_epoch}, step {self.global_step}: "
+                f"{self.bad_steps_in_a_row} training steps in a row were skipped as non-finite, "
+                "training stopped, the last good checkpoint is kept (try a lower model.lr or "
+                "set trainer.gradient_clip_val)"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._stop_unless_finite(self._step(batch, "val"), "val")
@@ -258,6 +296,7 @@ def _validate_aids(
     warmup_steps: int,
     free_bits: float,
     residual_blocks: int,
+    max_bad_steps: int,
 ) -> None:
     for key, value in (("sigma", sigma), ("min_sigma", min_sigma)):
         if not isinstance(value, (int, float)) or value <= 0:
@@ -270,6 +309,8 @@ def _validate_aids(
         raise ValueError(f"model.residual_blocks must be an integer >= 0, got {residual_blocks!r}")
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not isinstance(max_bad_steps, int) or max_bad_steps < 1:
+        raise ValueError(f"model.max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
     if not isinstance(free_bits, (int, float)) or free_bits < 0:
         raise ValueError(f"model.free_bits must be a number >= 0, got {free_bits!r}")
 
