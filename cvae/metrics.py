@@ -3,6 +3,7 @@ and how much of the latent space it uses, over a whole split."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
@@ -13,6 +14,7 @@ from cvae.models import CVAE
 from cvae.models.losses import kl_divergence, kl_per_dimension
 from cvae.models.networks import unit_range
 
+log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
 
 
@@ -23,12 +25,12 @@ def is_binary(images: torch.Tensor) -> bool:
 
 
 def likelihood_input(
-    images: torch.Tensor, binary: bool, generator: torch.Generator | None = None
+    images: torch.Tensor, continuous: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """What the likelihood is evaluated on: binary images as they are; 8-bit images
-    dequantised, (x + u) / 256 with u ~ U(0, 1), so a density over [0, 1] bounds the
-    probability of the 8-bit values (Theis et al., 2016)."""
-    if binary or images.dtype != torch.uint8:
+    """What the likelihood is evaluated on: for a continuous density, 8-bit images
+    dequantised, (x + u) / 256 with u ~ U(0, 1), so that it bounds the probability of the
+    8-bit values (Theis et al., 2016); for a probability of binary images, the images."""
+    if not continuous or images.dtype != torch.uint8:
         return unit_range(images)
     noise = torch.rand(images.shape, generator=generator).to(images.device)
     return (images.float() + noise) / 256
@@ -88,6 +90,7 @@ def evaluate(
     posterior = PosteriorStatistics()
     totals = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "iw_nll": 0.0, "mse_per_pixel": 0.0}
     count, binary, dims = 0, True, 0
+    continuous = model.likelihood.continuous
     model.eval()
     for images, _ in batches:
         if max_images is not None:
@@ -98,7 +101,7 @@ def evaluate(
         binary = binary and is_binary(images)
         with torch.no_grad():
             clean = unit_range(images)
-            x = likelihood_input(images, binary, generator)
+            x = likelihood_input(images, continuous, generator)
             mu, log_var = model.encode(x)
             eps = torch.randn(mu.shape, generator=generator).to(mu)
             x_hat = model.decode(mu + torch.exp(0.5 * log_var) * eps)
@@ -121,12 +124,22 @@ def evaluate(
     if count == 0:
         raise ValueError("no images to evaluate")
     metrics = {name: value / count for name, value in totals.items()}
-    discrete_offset = 0.0 if binary else dims * math.log(256)  # density on [0,1] -> 8-bit mass
-    metrics["bits_per_dim"] = (metrics["iw_nll"] + discrete_offset) / (dims * math.log(2))
+    # A density on [0, 1] bounds the 8-bit data's probability once ln 256 per value is added;
+    # a Bernoulli is a probability only of binary data, and means nothing as NLL otherwise.
+    offset = dims * math.log(256) if continuous else 0.0
+    proper = continuous or binary
+    bits = (metrics["iw_nll"] + offset) / (dims * math.log(2))
+    if not proper:
+        log.warning(
+            "a Bernoulli likelihood on non-binary images is not a density: its NLL means "
+            "nothing and bits/dim are not reported (evaluate with data.binarize=true)"
+        )
     metrics.update(
+        bits_per_dim=bits if proper else None,
         images=count,
         iw_samples=iw_samples,
         binary_data=binary,
+        proper_density=proper,
         psnr=float(psnr.compute()),
         ssim=float(ssim.compute()),
         active_units=posterior.active_units(),

@@ -223,6 +223,11 @@ def evaluate(cfg: DictConfig) -> dict:
     split = cfg.eval.split
     if split not in ("train", "val", "test"):
         raise ValueError(f"eval.split={split!r} is not one of train, val, test")
+    if split == "train" and datamodule.hparams.binarize:
+        raise ValueError(
+            "eval.split=train with data.binarize=true: training images are binarised afresh "
+            "at every training step, so there is no fixed train set; evaluate val or test"
+        )
     datamodule.setup("test")
     loader = getattr(datamodule, f"{split}_dataloader")()
     metrics = evaluate_model(

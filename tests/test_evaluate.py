@@ -95,10 +95,10 @@ def test_active_units_count_latents_whose_mean_varies() -> None:
 
 def test_dequantisation_keeps_each_value_in_its_bin() -> None:
     images = torch.tensor([[[[0, 1, 254, 255]]]], dtype=torch.uint8)
-    x = likelihood_input(images, binary=False, generator=torch.Generator().manual_seed(0))
+    x = likelihood_input(images, continuous=True, generator=torch.Generator().manual_seed(0))
     assert torch.all(x * 256 >= images.float()) and torch.all(x * 256 < images.float() + 1)
     binary = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
-    assert likelihood_input(binary, binary=True).tolist() == [[[[0.0, 1.0]]]]
+    assert likelihood_input(binary, continuous=False).tolist() == [[[[0.0, 1.0]]]]
 
 
 def test_evaluate_reports_every_metric(trained_run: Path) -> None:
@@ -115,6 +115,18 @@ def test_evaluate_reports_every_metric(trained_run: Path) -> None:
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
     assert 0 <= metrics["active_units"] <= 8 and len(metrics["kl_per_dim"]) == 8
     assert 0 < metrics["mse_per_pixel"] < 1
+
+
+def test_bernoulli_nll_is_reported_only_on_binary_data() -> None:
+    model = CVAE(in_channels=1, image_size=16, latent_dim=4, hidden_channels=[4],
+                 recon_loss="bernoulli")  # fmt: skip
+    grey = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    binary = (grey > 127).to(torch.uint8) * 255
+    on_grey = evaluate(model, [(grey, torch.zeros(4))], iw_samples=2)
+    on_binary = evaluate(model, [(binary, torch.zeros(4))], iw_samples=2)
+    assert on_grey["proper_density"] is False and on_grey["bits_per_dim"] is None
+    assert on_binary["proper_density"] is True
+    assert on_binary["bits_per_dim"] == pytest.approx(on_binary["iw_nll"] / (256 * math.log(2)))
 
 
 def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path: Path) -> None:

@@ -62,6 +62,15 @@ def test_gaussian_optimal_uses_the_analytic_sigma_and_keeps_it_for_evaluation() 
     torch.testing.assert_close(likelihood(x_hat[:1], x[:1]), _reference(x_hat, x, sigma)[:1])
 
 
+def test_a_diverged_batch_does_not_poison_the_running_sigma() -> None:
+    likelihood = build_likelihood("gaussian_optimal")
+    x_hat, x = _pair()
+    likelihood(x_hat, x)
+    kept = likelihood.log_sigma.clone()
+    likelihood(torch.full_like(x_hat, float("nan")), x)  # a step that will be skipped
+    assert torch.equal(likelihood.log_sigma, kept)
+
+
 def test_gaussian_optimal_sigma_is_clamped_below() -> None:
     likelihood = GaussianOptimal(min_sigma=0.01)
     x = torch.rand(2, 1, 4, 4)

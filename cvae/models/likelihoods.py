@@ -100,10 +100,11 @@ class GaussianOptimal(Likelihood):
         if not self.training:
             return gaussian_log_density(x_hat, x, self.log_sigma)
         log_sigma = self.optimal_log_sigma(x_hat, x)
-        with torch.no_grad():
-            weight = 1.0 if self.updates == 0 else self.momentum
-            self.log_sigma.lerp_(log_sigma.detach(), weight)
-            self.updates += 1
+        if torch.isfinite(log_sigma):  # a diverged batch (then skipped) must not stick
+            with torch.no_grad():
+                weight = 1.0 if self.updates == 0 else self.momentum
+                self.log_sigma.lerp_(log_sigma.detach(), weight)
+                self.updates += 1
         return gaussian_log_density(x_hat, x, log_sigma)
 
 
