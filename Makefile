@@ -8,7 +8,7 @@ UV_HOME := $(CURDIR)/.tools/uv
 UV := $(or $(shell command -v uv 2>/dev/null),$(UV_HOME)/bin/uv)
 RUN := $(UV) run --frozen
 ARGS ?=
-SWEEP ?= model.beta=0.5,1,4 model.latent_dim=32,128
+SWEEP ?= hparams_search=beta_latent
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: help install fashion-mnist train test lint tensorboard sweep bench-data clean
