@@ -11,7 +11,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from cvae.models import CVAE
-from cvae.models.losses import kl_divergence, kl_per_dimension
+from cvae.models.losses import kl_per_dimension
 from cvae.models.networks import unit_range
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,10 @@ def evaluate(
         with torch.no_grad():
             clean = unit_range(images)
             x = likelihood_input(images, continuous, generator)
-            mu, log_var = model.encode(x)
-            eps = torch.randn(mu.shape, generator=generator).to(mu)
-            x_hat = model.decode(mu + torch.exp(0.5 * log_var) * eps)
-            recon = -model.likelihood(x_hat, x)
-            kl = kl_divergence(mu, log_var)
-            nll = -model.log_likelihood(x, iw_samples, generator=generator)
-            mean_decoded = model.decode(model.encode(clean)[0])
+            log_px, kl, mu, log_var = model.elbo_terms(x, generator)
+            recon = -log_px
+        nll = -model.log_likelihood(x, iw_samples, generator=generator)
+        mean_decoded = model.reconstruct(clean)
         posterior.update(mu, log_var)
         psnr.update(mean_decoded, clean)
         ssim.update(mean_decoded, clean)

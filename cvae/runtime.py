@@ -115,6 +115,13 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """`path`, or a one-line error naming the key when it is not a file."""
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"ckpt_path={path} is not a checkpoint file")
+    return Path(str(path))
+
+
 def newest_last_checkpoint(runs_dir: Path) -> str:
     """`ckpt_path=last`: the most recently written `last.ckpt` of this task's runs."""
     found = sorted(runs_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -128,8 +135,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     if cfg.get("ckpt_path") == "last":
         cfg.ckpt_path = newest_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
         log.info("resuming from %s", cfg.ckpt_path)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint file")
+    if cfg.get("ckpt_path"):
+        checkpoint_file(cfg.ckpt_path)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     trainer = instantiate(
@@ -188,9 +195,7 @@ def _device(name: str) -> torch.device:
 
 def load_model(cfg: DictConfig) -> CVAE:
     """The model of `cfg.ckpt_path` on `cfg.device`, in eval mode."""
-    path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} is not a checkpoint file")
+    path = checkpoint_file(cfg.ckpt_path)
     model = CVAE.load_from_checkpoint(path, map_location=_device(cfg.device), weights_only=True)
     return model.eval()
 

@@ -14,8 +14,6 @@ from cvae.runtime import run_or_report, train
 
 # Lightning 2.6 calls a torch API that torch deprecates, once per fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# A skipped non-finite step returns None on purpose; CVAE logs and counts it instead.
-warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -92,6 +92,7 @@ class CVAE(pl.LightningModule):
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
         self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
         self.bad_steps_in_a_row = 0
+        self._last_loss = torch.tensor(0.0)
 
     # --- the model -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,29 +160,31 @@ class CVAE(pl.LightningModule):
         `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
         that latents of a Gaussian prior concentrate at."""
         with self._inference():
-            mu, _ = self.encode(torch.stack([x1, x2]).to(self.device))
+            (a, b), _ = self.encode(torch.stack([x1, x2]).to(self.device))
             t = torch.linspace(0, 1, steps, device=self.device)[:, None]
+            z = (1 - t) * a + t * b
             if spherical:
-                a, b = mu[0], mu[1]
-                cos = torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1)
-                omega = torch.arccos(cos)
-                if omega.abs() < 1e-6:  # parallel: the great circle is the line
-                    z = (1 - t) * a + t * b
-                else:
+                omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1))
+                if omega.abs() > 1e-6:  # (parallel means: the great circle is the line)
                     z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
-            else:
-                z = (1 - t) * mu[0] + t * mu[1]
             return self.decode(z)
 
     def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The evidence lower bound of each image in nats (one posterior sample), with the
         decoder's proper density: shape (B,). Not scaled by beta."""
         with self._inference():
-            x = unit_range(x.to(self.device))
-            mu, log_var = self.encode(x)
-            eps = torch.randn(mu.shape, generator=generator).to(mu)
-            x_hat = self.decode(mu + torch.exp(0.5 * log_var) * eps)
-            return self.likelihood(x_hat, x) - kl_divergence(mu, log_var)
+            log_px, kl, _, _ = self.elbo_terms(x, generator)
+            return log_px - kl
+
+    def elbo_terms(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(log p(x | z), KL, mu, log_var)` of each image, one posterior sample: the parts
+        of `elbo`, for callers that report them separately."""
+        x = unit_range(x.to(self.device))
+        mu, log_var = self.encode(x)
+        x_hat = self.decode(reparameterize(mu, log_var, generator))
+        return self.likelihood(x_hat, x), kl_divergence(mu, log_var), mu, log_var
 
     def log_likelihood(
         self,
@@ -203,8 +206,7 @@ class CVAE(pl.LightningModule):
             total = torch.full((len(x),), -math.inf, device=self.device)
             for start in range(0, k, chunk):
                 n = min(chunk, k - start)
-                eps = torch.randn((n, *mu.shape), generator=generator).to(mu)
-                z = mu + torch.exp(0.5 * log_var) * eps  # (n, B, latent)
+                z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
                 x_hat = self.decode(z.flatten(0, 1))
                 targets = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
                 log_px = self.likelihood(x_hat, targets).view(n, -1)
@@ -229,7 +231,7 @@ class CVAE(pl.LightningModule):
         return terms["loss"]
 
     def _stop_unless_finite(self, loss: torch.Tensor, stage: str) -> None:
-        """Stop before a diverged model is stepped (train) or checkpointed (val)."""
+        """Stop before a diverged model is checkpointed (validation)."""
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{stage}/loss is {loss.item()} at epoch {self.current_epoch}, step "
@@ -239,24 +241,23 @@ class CVAE(pl.LightningModule):
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):  # no backward, no optimizer step
-            self._skip_bad_step(f"train/loss is {loss.item()}")
-            return None
+        self._last_loss = loss.detach()  # read only when a step goes bad: no sync per step
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A finite loss with non-finite gradients: drop the gradients, so the optimizer
-        leaves every parameter (and its moments) as it was."""
+        """Non-finite gradients (a non-finite loss gives them too): drop the gradients, so
+        the optimizer leaves every parameter (and its moments) as it was. One check, one
+        host sync per step."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:  # the loss was skipped already
-            return
-        if bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
             self.bad_steps_in_a_row = 0
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            self._skip_bad_step("the gradients are not finite")
+            return
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(self._last_loss)
+        what = "the gradients are not finite" if math.isfinite(loss) else f"train/loss is {loss}"
+        self._skip_bad_step(what)
 
     def _skip_bad_step(self, what: str) -> None:
         """Count a skipped step; stop after `max_bad_steps` in a row."""

@@ -19,9 +19,23 @@ def unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
-def reparameterize(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """z = mu + sigma * eps: a sample of N(mu, sigma^2) that gradients flow through."""
-    return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+def reparameterize(
+    mu: torch.Tensor,
+    log_var: torch.Tensor,
+    generator: torch.Generator | None = None,
+    samples: int | None = None,
+) -> torch.Tensor:
+    """z = mu + sigma * eps: a sample of N(mu, sigma^2) that gradients flow through.
+
+    `samples` draws that many per row, shape `(samples, *mu.shape)`; a (CPU) `generator`
+    makes the draws the same on any device.
+    """
+    shape = mu.shape if samples is None else (samples, *mu.shape)
+    if generator is None:
+        eps = torch.randn(shape, device=mu.device, dtype=mu.dtype)
+    else:
+        eps = torch.randn(shape, generator=generator).to(mu)
+    return mu + torch.exp(0.5 * log_var) * eps
 
 
 def _padding(kernel_size: int) -> tuple[int, int]:
