@@ -93,6 +93,8 @@ class LatentMonitor(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.statistics.count == 0:
             return
+        if trainer.world_size > 1:
+            self.statistics.sum_over_ranks(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         pl_module.log("val/active_units", float(self.statistics.active_units()))
         if not trainer.is_global_zero:
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -55,6 +55,14 @@ class PosteriorStatistics:
         self.sum += mu.sum(0)
         self.sum_squares += mu.pow(2).sum(0)
         self.kl_sum += kl.sum(0)
+
+    def sum_over_ranks(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Make these the statistics of every rank's data: `reduce` sums a tensor over the
+        ranks (data-parallel validation, where each rank sees a share)."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        packed = reduce(torch.cat([count, self.sum, self.sum_squares, self.kl_sum]))
+        self.count = int(packed[0])
+        self.sum, self.sum_squares, self.kl_sum = packed[1:].split(len(self.sum))
 
     def variance(self) -> torch.Tensor:
         mean = self.sum / self.count

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,7 +24,8 @@ import rich.tree
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from cvae.data import ImageDataModule
@@ -172,19 +175,51 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Returns the final metrics, `val/loss` among them (what a sweeper minimises).
     """
-    print_config_tree(cfg, cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        print_config_tree(cfg, cfg.paths.output_dir)
     started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)
-    if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    with _ranks_run_this_job():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)
+        if cfg.get("test"):
+            checkpoint = trainer.checkpoint_callback
+            best = checkpoint.best_model_path if checkpoint else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     log.info("output folder: %s", cfg.paths.output_dir)
     return metrics
+
+
+@contextmanager
+def _ranks_run_this_job() -> Iterator[None]:
+    """Lightning starts DDP ranks > 0 by re-running `sys.argv` in this run's folder. In a
+    sweep job that would be a sweep of their own (other configs, other folders): give them
+    this job's overrides, in single-run mode, and this job's folder. Afterwards close the
+    job's process group and undo what the launch set (environment, threads), so the next
+    job launches ranks of its own."""
+    if not _in_multirun():
+        yield
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    argv, environment, threads = sys.argv, dict(os.environ), torch.get_num_threads()
+    sys.argv = [argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environment)
+        torch.set_num_threads(threads)
 
 
 def _device(name: str) -> torch.device:

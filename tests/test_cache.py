@@ -15,7 +15,7 @@ import torch
 
 from cvae.data import ImageDataModule
 from cvae.data.cache import decode_source
-from cvae.data.datamodule import DeviceBatches
+from cvae.data.datamodule import DeviceBatches, EpochSampler
 from cvae.data.decode import Preprocess
 from cvae.data.presets import FileDataset
 from tests.conftest import write_mixed_images
@@ -166,17 +166,39 @@ def test_on_device_batches_match_the_loader_and_cover_each_epoch(tmp_path: Path)
         assert torch.equal(epoch.sort(0).values, expected.sort(0).values)
 
 
-def test_on_device_ranks_take_disjoint_shares_of_one_permutation() -> None:
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
-    labels, indices = torch.arange(10), torch.arange(10)
-    torch.manual_seed(0)
+def test_ranks_take_equal_disjoint_shares_of_one_permutation() -> None:
     shares = []
     for rank in (0, 1):
         torch.manual_seed(0)  # every rank is seeded alike
-        batches = DeviceBatches(images, labels, indices, 2, shuffle=True, rank=rank, world_size=2)
-        shares.append(torch.cat([b for _, b in batches]).tolist())
-    assert len(shares[0]) == len(shares[1]) == 5
-    assert sorted(shares[0] + shares[1]) == list(range(10))
+        shares.append(list(EpochSampler(11, shuffle=True, rank=rank, world_size=2)))
+    assert len(shares[0]) == len(shares[1]) == 5  # equal: the ranks step together
+    assert not set(shares[0]) & set(shares[1])
+    validation = [list(EpochSampler(11, shuffle=False, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(validation[0] + validation[1]) == list(range(11))  # nothing dropped
+
+
+def test_sampler_orders_depend_on_the_epoch_and_resume_mid_epoch() -> None:
+    torch.manual_seed(0)
+    sampler = EpochSampler(20, shuffle=True)
+    first, second = list(sampler), list(sampler)  # a plain loop: a new order per pass
+    assert first != second and sorted(first) == sorted(second) == list(range(20))
+    sampler.set_epoch(1)
+    assert list(sampler) == second  # the order is a function of (seed, epoch)
+    sampler.resume(epoch=1, done=8)
+    sampler.set_epoch(1)
+    assert list(sampler) == second[8:]  # once: the epoch after is whole again
+    assert len(list(sampler)) == 20
+
+
+def test_on_device_batches_follow_the_sampler() -> None:
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    torch.manual_seed(0)
+    sampler = EpochSampler(10, shuffle=True)
+    order = list(sampler)
+    sampler.set_epoch(0)
+    batches = DeviceBatches(images, torch.arange(10), torch.arange(10), 4, sampler)
+    assert len(batches) == 3
+    assert torch.cat([labels for _, labels in batches]).tolist() == order
 
 
 def test_on_device_needs_the_cache() -> None:

@@ -149,8 +149,8 @@ def test_loaded_checkpoint_samples_and_reconstructs(trained_run: Path) -> None:
 def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_path: Path) -> None:
     last = trained_run / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
-    assert saved["epoch"] == 1
-    steps_per_epoch = saved["global_step"] // 2
+    steps_per_epoch = saved["global_step"] // 2  # two whole epochs done
+    assert saved["ImageDataModule"]["train_order"]["positions_done"] == 0  # nothing to skip
     cfg = compose_train(tmp_path, f"ckpt_path={last}", "trainer.max_epochs=3", "test=false")
     datamodule, model, trainer = build(cfg)
     started = {}
@@ -164,7 +164,7 @@ def test_resume_continues_at_the_saved_epoch_and_step(trained_run: Path, tmp_pat
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     assert started == {"epoch": 2, "step": 2 * steps_per_epoch}
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
+    assert resumed["global_step"] == 3 * steps_per_epoch
 
 
 @pytest.mark.parametrize("where", ["loss", "gradients"])

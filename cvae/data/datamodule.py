@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cvae.data.cache import Decoded, decode_source
 from cvae.data.decode import Preprocess
@@ -65,44 +65,69 @@ def _already_batched(batch: Batch) -> Batch:
     return batch
 
 
-class DeviceBatches:
-    """Batches shuffled and sliced on the device holding the whole uint8 array.
+class EpochSampler(Sampler[int]):
+    """Positions of a split in an order fixed by `(seed, epoch)`: this rank's share of it,
+    from where an interrupted epoch stopped.
 
-    No worker processes and no host-to-device copy per batch. Under data-parallel training
-    each rank takes every `world_size`-th item of the same permutation.
+    Every rank draws the same seed (from torch's global generator, seeded alike everywhere)
+    and takes every `world_size`-th position; training shares are cut to equal length, so
+    ranks step together. Lightning calls `set_epoch` before each epoch; a plain loop gets
+    the next epoch's order after each full pass. `resume(epoch, done)` skips the first
+    `done` positions of that epoch once: a checkpoint saved mid-epoch goes on with the
+    batches it had not trained on.
+    """
+
+    def __init__(self, size: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.shuffle, self.rank, self.world_size = size, shuffle, rank, world_size
+        self.seed, self.epoch = int(torch.randint(2**62, (1,))), 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, done: int) -> None:
+        self._resume = (epoch, done)
+
+    def __len__(self) -> int:
+        if self.shuffle:  # equal shares: every rank takes the same number of steps
+            return self.size // self.world_size
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        share = order[self.rank :: self.world_size][: len(self)]
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        yield from share[start:].tolist()
+        self.epoch += 1
+
+
+class DeviceBatches:
+    """Batches sliced on the device that holds the whole uint8 array, in `sampler`'s order.
+
+    No worker processes and no host-to-device copy per batch.
     """
 
     def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        indices: torch.Tensor,
-        batch_size: int,
-        shuffle: bool,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+        batch_size: int, sampler: EpochSampler,
+    ) -> None:  # fmt: skip
         self.images, self.labels, self.indices = images, labels, indices
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.rank, self.world_size = rank, world_size
-        # Drawn from torch's global generator (seeded alike on every rank), as DataLoader does.
-        self.seed, self.epoch = int(torch.randint(2**62, (1,))), 0
-
-    def _per_rank(self) -> int:
-        return len(self.indices) // self.world_size if self.world_size > 1 else len(self.indices)
+        self.batch_size, self.sampler = batch_size, sampler
+        self.batch_sampler = None  # what Lightning looks for on a loader, as on a DataLoader
 
     def __len__(self) -> int:
-        return math.ceil(self._per_rank() / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        indices = self.indices
-        if self.shuffle:  # the same permutation on every rank: each takes its own share
-            generator = torch.Generator(device=indices.device)
-            generator.manual_seed(self.seed + self.epoch)
-            self.epoch += 1
-            order = torch.randperm(len(indices), device=indices.device, generator=generator)
-            indices = indices[order]
-        indices = indices[self.rank :: self.world_size][: self._per_rank()]
+        positions = torch.tensor(list(self.sampler), dtype=torch.long)
+        indices = self.indices[positions.to(self.indices.device)]
         for start in range(0, len(indices), self.batch_size):
             batch = indices[start : start + self.batch_size]
             yield self.images[batch], self.labels[batch]
@@ -235,7 +260,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._sources: tuple[ImageSource, ImageSource | None] | None = None
-        self._on_device: dict[str, DeviceBatches] = {}
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._samplers: dict[str, EpochSampler] = {}
+        self._train_order: dict | None = None  # from a checkpoint: where to resume the epoch
 
     def _load_sources(self) -> tuple[ImageSource, ImageSource | None]:
         if self._sources is None:
@@ -337,10 +364,8 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             device = trainer.strategy.root_device
-            rank, world_size = trainer.global_rank, trainer.world_size
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            rank, world_size = 0, 1
         uploaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, dataset in datasets.items():
             if id(dataset.images) not in uploaded:
@@ -348,24 +373,53 @@ class ImageDataModule(pl.LightningDataModule):
                     _upload(dataset.images, device),
                     torch.from_numpy(dataset.labels).to(device),
                 )
-            images, labels = uploaded[id(dataset.images)]
-            self._on_device[name] = DeviceBatches(
-                images,
-                labels,
-                torch.from_numpy(np.asarray(dataset.indices)).to(device),
-                self.hparams.batch_size,
-                shuffle=name == "train",
-                rank=rank,
-                world_size=world_size,
-            )
+            indices = torch.from_numpy(np.asarray(dataset.indices)).to(device)
+            self._on_device[name] = (*uploaded[id(dataset.images)], indices)
         log.info("data: %d images moved to %s", sum(len(i) for i, _ in uploaded.values()), device)
+
+    def _sampler(self, name: str, size: int) -> EpochSampler:
+        """One sampler per split for the whole run: its epoch and resume point live there."""
+        if name not in self._samplers:
+            trainer = self.trainer
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            sampler = EpochSampler(size, shuffle=name == "train", rank=rank, world_size=world_size)
+            self._samplers[name] = sampler
+            if name == "train" and self._train_order is not None:
+                self.load_state_dict({"train_order": self._train_order})
+        return self._samplers[name]
+
+    def state_dict(self) -> dict:
+        """Where training is in this epoch's order, saved in every checkpoint: a run resumed
+        from a checkpoint saved mid-epoch trains on the batches the epoch had left."""
+        sampler, trainer = self._samplers.get("train"), self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # the epoch is over: the next starts whole
+            batches = 0
+        return {"train_order": {"seed": sampler.seed, "epoch": trainer.current_epoch,
+                                "positions_done": batches * self.hparams.batch_size}}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_order = state_dict.get("train_order")
+        sampler = self._samplers.get("train")
+        if sampler is not None and self._train_order is not None:
+            sampler.seed = self._train_order["seed"]
+            sampler.resume(self._train_order["epoch"], self._train_order["positions_done"])
 
     def _loader(self, name: str, dataset: Dataset | None) -> DataLoader | DeviceBatches:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        sampler = self._sampler(name, len(dataset))
         if name in self._on_device:
-            return self._on_device[name]
-        options: dict = {"batch_size": self.hparams.batch_size, "shuffle": name == "train"}
+            return DeviceBatches(*self._on_device[name], self.hparams.batch_size, sampler)
+        options: dict = {
+            "batch_size": self.hparams.batch_size,
+            "sampler": sampler,
+            # Worker seeds from a generator of the loader's own: starting an epoch leaves
+            # torch's global one alone, so a resumed run draws what the first one drew.
+            "generator": torch.Generator().manual_seed(sampler.seed),
+        }
         if isinstance(dataset, CachedDataset):  # no decoding left: the main process suffices
             options["collate_fn"] = _already_batched
         elif self.num_workers > 0:

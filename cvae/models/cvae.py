@@ -6,10 +6,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
 
+from cvae.checkpointing import capture_rng_states, restore_rng_states
 from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import (
     BETA_SCHEDULES,
@@ -35,7 +37,7 @@ class CVAE(pl.LightningModule):
 
     Every constructor argument but `optimizer` and `scheduler` is a plain value saved in the
     checkpoint, so `CVAE.load_from_checkpoint(path)` needs no config. `optimizer` is a
-    factory taking `(params, lr=...)` (default `torch.optim.Adam`); `scheduler` an optional
+    factory taking `(params, lr=...)` (default: fused `torch.optim.Adam`); `scheduler` an optional
     factory taking the optimizer, stepped once per epoch.
     """
 
@@ -44,10 +46,10 @@ class CVAE(pl.LightningModule):
         in_channels: int = 3,
         image_size: int = 64,
         latent_dim: int = 512,
-        hidden_channels: Sequence[int] = (32, 64, 128, 256),
+        hidden_channels: Sequence[int] = (16, 32, 64, 128),
         kernel_size: int = 4,
         downsample: str = "stride",
-        batch_norm: bool = True,
+        batch_norm: bool = False,
         residual_blocks: int = 0,
         recon_loss: str = "mse",
         sigma: float = 2**-0.5,
@@ -57,6 +59,8 @@ class CVAE(pl.LightningModule):
         warmup_steps: int = 0,
         free_bits: float = 0.0,
         max_bad_steps: int = 10,
+        channels_last: bool = False,
+        compile: bool = False,
         lr: float = 1e-3,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
@@ -68,7 +72,7 @@ class CVAE(pl.LightningModule):
                        max_bad_steps)  # fmt: skip
         hidden_channels = [int(c) for c in hidden_channels]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, fused=True)
         self.scheduler_factory = scheduler
         self.encoder = Encoder(
             in_channels,
@@ -90,14 +94,20 @@ class CVAE(pl.LightningModule):
             residual_blocks,
         )
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
+        if channels_last:  # NHWC: the layout oneDNN and tensor cores convolve fastest
+            self.to(memory_format=torch.channels_last)
         self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
         self.bad_steps_in_a_row = 0
         self._last_loss = torch.tensor(0.0)
+        self._rng_states: dict | None = None  # from a checkpoint, set when training resumes
 
     # --- the model -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters `(mu, log_var)` of images `x` (uint8, or floats in [0, 1])."""
-        return self.encoder(unit_range(x))
+        x = unit_range(x)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`."""
@@ -215,20 +225,40 @@ class CVAE(pl.LightningModule):
             return total - math.log(k)
 
     # --- training --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """`compile`: torch.compile the encoder and decoder in place for training (the
+        parameter names, so checkpoints, stay those of the eager model)."""
+        if stage == "fit" and self.hparams.compile:
+            self.encoder.compile()
+            self.decoder.compile()
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, _ = batch
         training = stage == "train"
         if training:
             beta = self.current_beta()
             terms = self.loss_terms(images, beta=beta, free_bits=self.hparams.free_bits)
+            if not self._logged_step():
+                return terms["loss"]
             self.log("train/beta", beta, on_step=True, on_epoch=False)  # the one used
         else:
             terms = self.loss_terms(images)
-        # Training curves per step; validation and test as means over the whole split.
+        # Training curves per step; validation and test as means over the whole split (all
+        # ranks' shares of it under data-parallel training).
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, on_step=training, on_epoch=not training,
-                     prog_bar=name == "loss", batch_size=len(images))  # fmt: skip
+                     prog_bar=name == "loss", batch_size=len(images),
+                     sync_dist=not training)  # fmt: skip
         return terms["loss"]
+
+    def _logged_step(self) -> bool:
+        """Whether the logger records this training step (`trainer.log_every_n_steps`):
+        training values are logged only then, which spares Lightning's per-step logging work."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def _stop_unless_finite(self, loss: torch.Tensor, stage: str) -> None:
         """Stop before a diverged model is checkpointed (validation)."""
@@ -238,6 +268,20 @@ class CVAE(pl.LightningModule):
                 f"{self.global_step}: training stopped, the last good checkpoint is kept "
                 "(try a lower model.lr or set trainer.gradient_clip_val)"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """A resumed run draws the random numbers the interrupted one would have drawn next:
+        its generators are set to the checkpoint's as training starts again (after the
+        sanity check and the loaders' set-up, before any batch is binarised or encoded)."""
+        if self._rng_states is not None:
+            restore_rng_states(self._rng_states)
+            self._rng_states = None
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -249,9 +293,13 @@ class CVAE(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Non-finite gradients (a non-finite loss gives them too): drop the gradients, so
         the optimizer leaves every parameter (and its moments) as it was. One check, one
-        host sync per step."""
+        host sync per step. Under `16-mixed` the gradient scaler does this itself (an
+        overflow there is routine: it skips the step and lowers its scale)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        # The total norm is finite exactly when every gradient is (one fused pass).
+        if not grads or bool(torch.nn.utils.get_total_norm(grads).isfinite()):
             self.bad_steps_in_a_row = 0
             return
         optimizer.zero_grad(set_to_none=True)

@@ -30,9 +30,11 @@ def check_recon_loss(kind: str) -> str:
 def gaussian_log_density(
     x_hat: torch.Tensor, x: torch.Tensor, log_sigma: torch.Tensor
 ) -> torch.Tensor:
-    """log N(x; x_hat, sigma^2) summed over each image's values: shape (B,)."""
-    per_value = -0.5 * ((x - x_hat) * torch.exp(-log_sigma)).pow(2) - log_sigma - HALF_LOG_TWO_PI
-    return per_value.flatten(1).sum(dim=1)
+    """log N(x; x_hat, sigma^2) summed over each image's values: shape (B,). One `log_sigma`
+    for all values, so only the squared error is per value (two passes over the pixels)."""
+    squared_error = (x - x_hat).pow(2).flatten(1).sum(dim=1)
+    values = x[0].numel()
+    return -0.5 * torch.exp(-2 * log_sigma) * squared_error - values * (log_sigma + HALF_LOG_TWO_PI)
 
 
 class Likelihood(nn.Module):

@@ -1,0 +1,46 @@
+"""Callbacks that kill the training process the hard way, for the resume tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import torch
+from lightning.pytorch import Callback
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real kill -9
+
+
+class KillAt(Callback):
+    """SIGKILL as training step `step` (counted from 0) is about to start."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            _kill()
+
+
+class KillDuringSave(Callback):
+    """SIGKILL halfway through writing the checkpoint saved after step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step != self.step:  # checkpoint callbacks run after this one
+            return
+        save = torch.save
+
+        def write_half_then_die(obj, handle, *args, **kwargs):
+            buffer = io.BytesIO()
+            save(obj, buffer, *args, **kwargs)
+            handle.write(buffer.getvalue()[: buffer.tell() // 2])
+            handle.flush()
+            _kill()
+
+        torch.save = write_half_then_die
