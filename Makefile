@@ -11,7 +11,7 @@ ARGS ?=
 SWEEP ?= hparams_search=beta_latent
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help install fashion-mnist train test lint tensorboard sweep bench-data clean
+.PHONY: help install fashion-mnist train test lint tensorboard sweep bench-data bench-train bench-quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ sweep: install fashion-mnist  ## a Hydra multirun over SWEEP="..." (default: bet
 
 bench-data: install  ## images/s of ImageDataModule (cold and warm cache) vs torchvision ImageFolder; ARGS="--root DIR"
 	$(RUN) python benchmarks/data_throughput.py $(ARGS)
+
+bench-train: install  ## training images/s, FLOP utilisation, Lightning vs a bare loop; ARGS="--ablation"
+	$(RUN) python benchmarks/train_throughput.py $(ARGS)
+
+bench-quality: install fashion-mnist  ## time for cvae's default to reach a textbook VAE's 4-minute test loss
+	$(RUN) python benchmarks/time_to_quality.py $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -42,6 +42,7 @@ from cvae.data.presets import load_idx_source
 from cvae.models.losses import kl_divergence
 from cvae.runtime import build
 
+REPO = Path(__file__).resolve().parents[1]
 TARGET = 3.0  # cvae's time to the reference's loss, at most a third of the reference's
 IMAGE_SIZE, LATENT = 64, 512
 
@@ -172,7 +173,9 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=1000, help="size of the test subset")
     parser.add_argument("--probe-every", type=int, default=20, help="steps between probes")
     parser.add_argument("--workers", type=int, default=2, help="the reference's loader workers")
-    parser.add_argument("--data-root", default="data", help="where Fashion-MNIST's idx files are")
+    parser.add_argument(
+        "--data-root", default=str(REPO / "data"), help="where Fashion-MNIST's idx files are"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of cvae's training run")
     args = parser.parse_args()
