@@ -137,6 +137,23 @@ def test_logged_beta_is_the_one_used_and_val_loss_uses_the_final_beta(tmp_path) 
         assert val.value == pytest.approx(recon.value + 2.0 * kl.value, rel=1e-5)
 
 
+def test_free_bits_raise_the_logged_training_loss_not_the_logged_kl(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cvae.runtime import train
+    from tests.conftest import compose_train
+
+    train(compose_train(tmp_path, "model.free_bits=10.0", "test=false"))  # 8 latents: >= 80
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    loss, recon, kl = (accumulator.Scalars(f"train/{n}") for n in ("loss", "recon", "kl"))
+    assert len(loss) >= 3
+    for total, r, k in zip(loss, recon, kl, strict=True):
+        assert k.value < 80  # the true KL, logged as it is
+        assert total.value == pytest.approx(r.value + 80.0, rel=1e-5)  # every dim at the floor
+
+
 def test_bad_training_aid_settings_name_the_key() -> None:
     for kwargs, key in (({"beta_schedule": "cosine"}, "model.beta_schedule"),
                         ({"free_bits": -1.0}, "model.free_bits"),
