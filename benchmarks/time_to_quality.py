@@ -75,10 +75,12 @@ class TextbookVAE(nn.Module):
         return self.decoder(self.project(z))
 
 
-def loss_per_image(model, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+def loss_per_image(
+    model, images: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Squared error summed over pixels + KL, averaged over the batch (one sample)."""
     mu, log_var = model.encode(images)
-    eps = torch.randn_like(mu) if eps is None else eps
+    eps = torch.randn(mu.shape, generator=generator).to(mu)
     x_hat = model.decode(mu + torch.exp(0.5 * log_var) * eps)
     squared_error = (x_hat - images).pow(2).flatten(1).sum(1)
     return (squared_error + kl_divergence(mu, log_var)).mean()
@@ -93,8 +95,7 @@ def test_loss(model, images: torch.Tensor, batch_size: int = 250) -> float:
     total = 0.0
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        eps = torch.randn(len(batch), LATENT, generator=generator)
-        total += float(loss_per_image(model, batch, eps)) * len(batch)
+        total += float(loss_per_image(model, batch, generator)) * len(batch)
     model.train(was_training)
     return total / len(images)
 
