@@ -17,10 +17,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def machine() -> str:
     """One line naming what the figures were measured on."""
-    if torch.cuda.is_available() and torch.cuda.current_device() is not None:
-        gpu = f", {torch.cuda.get_device_name()}"
-    else:
-        gpu = ""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"

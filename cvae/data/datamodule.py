@@ -384,8 +384,8 @@ class ImageDataModule(pl.LightningDataModule):
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
             sampler = EpochSampler(size, shuffle=name == "train", rank=rank, world_size=world_size)
             self._samplers[name] = sampler
-            if name == "train" and self._train_order is not None:
-                self.load_state_dict({"train_order": self._train_order})
+            if name == "train":
+                self._resume_train_order()
         return self._samplers[name]
 
     def state_dict(self) -> dict:
@@ -402,6 +402,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_order = state_dict.get("train_order")
+        self._resume_train_order()
+
+    def _resume_train_order(self) -> None:
+        """Hand a checkpoint's place in the epoch to the training sampler, if both exist
+        (Lightning restores the data module before or after it asks for loaders)."""
         sampler = self._samplers.get("train")
         if sampler is not None and self._train_order is not None:
             sampler.seed = self._train_order["seed"]
