@@ -17,8 +17,9 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list:
 
 
 class ImageLogger(pl.Callback):
-    """Logs real training images once, then after each validation epoch a fixed batch of
-    validation images beside their reconstructions and samples decoded from fixed noise.
+    """Logs real training images once per run (a resumed run too), then after each
+    validation epoch a fixed batch of validation images beside their reconstructions and
+    samples decoded from fixed noise.
 
     Fixed inputs make the grids comparable from epoch to epoch.
     """
@@ -27,6 +28,7 @@ class ImageLogger(pl.Callback):
         super().__init__()
         self.num_images, self.nrow, self.seed = num_images, nrow, seed
         self.val_images: torch.Tensor | None = None
+        self.train_batch_logged = False
 
     def _log(
         self, trainer: pl.Trainer, tag: str, images: torch.Tensor, nrow: int | None = None
@@ -38,8 +40,9 @@ class ImageLogger(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int
     ) -> None:
-        if trainer.global_step == 0 and batch_idx == 0 and trainer.is_global_zero:
+        if not self.train_batch_logged and trainer.is_global_zero:  # a resumed run too
             self._log(trainer, "data/train_batch", batch[0][: self.num_images])
+            self.train_batch_logged = True
 
     def on_validation_batch_end(
         self,

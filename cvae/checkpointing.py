@@ -1,18 +1,33 @@
-"""What a checkpoint must get right: written whole or not at all (`AtomicCheckpointIO`), and
-the random generators' states, so a resumed run draws what the first one would have."""
+"""What a checkpoint must get right: written whole or not at all (`AtomicCheckpointIO`), the
+random generators' states, so a resumed run draws what the first one would have, written
+when the user interrupts (`SaveOnInterrupt`), and a one-line error for any file that is not
+a cvae checkpoint (`read_checkpoint`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from cvae.errors import CheckpointError, TrainingInterrupted, human_size
+
+# What every checkpoint written by `cvae.train` holds (Lightning's keys plus our model's).
+REQUIRED_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -29,11 +44,58 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as either
+            partial.unlink(missing_ok=True)
+            raise OSError(_save_failure(path, error)) from error
         os.replace(partial, path)
+
+
+def _save_failure(path: Path, error: BaseException) -> str:
+    """The one line for a checkpoint that could not be written; the previous one is intact."""
+    free = human_size(shutil.disk_usage(path.parent).free)
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+    reason = f"no space left on the device ({free} free)" if full else str(error)
+    return f"cannot write checkpoint {path}: {reason}; the previous checkpoint there is intact"
+
+
+def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
+    """The checkpoint at `path` (loaded on the CPU, `weights_only`), or a one-line
+    `CheckpointError` naming `key` and what is wrong with the file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{key}={path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{key}={path} is not a cvae checkpoint (it is a folder)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = _why(path, error)
+        raise CheckpointError(f"{key}={path} is not a cvae checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{key}={path} is not a cvae checkpoint (a torch file, but not one written by "
+            "cvae.train: no model and training state in it)"
+        )
+    return checkpoint
+
+
+def _why(path: Path, error: BaseException) -> str:
+    """Why torch could not load a file, in words, judged by how the file starts: torch
+    writes zip archives (older versions a pickle stream)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+        return "not a PyTorch file"
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects that cvae.train never writes, not loaded for safety"
+    return f"the file is damaged or truncated: {str(error).splitlines()[0]}"
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -55,3 +117,70 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill or on preemption)
+    during training: finish the current step, write `last.ckpt` (exactly resumable, like a
+    step checkpoint), then stop with `TrainingInterrupted`. A second Ctrl-C quits at once.
+
+    Under data-parallel training every rank learns of the signal at the same step (one
+    small all-reduce per step), so all of them save and stop together.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self.received = None
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        rank_zero_info(f"\n{what}: saving last.ckpt after this step (Ctrl-C again quits at once)")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        received = self.received is not None
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
+        signum = self.received or signal.SIGTERM  # a rank told by another rank
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+            path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
+        self._restore()
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"{what}: training stopped at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; saved {path}", 128 + signum, str(path)
+        )  # fmt: skip
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cvae.runtime import evaluate, run_or_report
+from cvae.errors import run_or_report
+from cvae.runtime import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

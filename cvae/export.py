@@ -14,8 +14,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from cvae.errors import run_or_report
 from cvae.models import CVAE
-from cvae.runtime import load_model, run_or_report
+from cvae.runtime import load_model
 
 log = logging.getLogger(__name__)
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}

@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 
 from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
+from cvae.errors import run_or_report
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.networks import unit_range
-from cvae.runtime import load_checkpoint, run_or_report
+from cvae.runtime import load_checkpoint
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ MODES = ("sample", "reconstruct", "interpolate", "traverse")
 def load_folder(folder: str | Path, preprocess: Preprocess) -> tuple[torch.Tensor, list[Path]]:
     """Every decodable image under `folder` as a uint8 batch, decoded as training data is."""
     images, names = [], []
-    for path in index_folder(folder).files:
+    for path in index_folder(folder, key="input").files:
         try:
             images.append(torch.from_numpy(preprocess.load(path)))
             names.append(path)

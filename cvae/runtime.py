@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import lightning.pytorch as pl
 import rich
@@ -22,74 +22,19 @@ import rich.syntax
 import rich.table
 import rich.tree
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import MissingMandatoryValue
 
+from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
-from cvae.data.decode import ImageDecodeError
+from cvae.errors import TrainingInterrupted, _in_multirun
 from cvae.models import CVAE
+from cvae.quiet import one_log_stream
 
 log = logging.getLogger(__name__)
-
-# Errors that mean "the input is wrong", reported as one line instead of a traceback.
-INPUT_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
-    ImageDecodeError,
-    FloatingPointError,
-    MissingMandatoryValue,
-)
+one_log_stream()
 CONFIG_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths")
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The input error behind `error`, if it is one: anything that failed while building an
-    object from the config (Hydra wraps it), or one of `INPUT_ERRORS`."""
-    if isinstance(error, InstantiationException):
-        while error.__cause__ is not None:
-            error = error.__cause__
-        return error
-    return error if isinstance(error, INPUT_ERRORS) else None
-
-
-def error_line(error: BaseException) -> str:
-    """The one line to show for an input error.
-
-    An error raised in a DataLoader worker reaches us as "Caught ... in DataLoader worker
-    process N" with the original traceback in the message: its last line is the real error.
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return lines[-1] if "Original Traceback" in str(error) else lines[0]
-
-
-T = TypeVar("T")
-
-
-def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """`run(cfg)`, turning an input error into `error: <one line>` and exit status 1."""
-    try:
-        return run(cfg)
-    except Exception as error:
-        cause = user_error(error)
-        if cause is None:
-            raise
-        print(f"error: {error_line(cause)}", file=sys.stderr)
-        if _in_multirun():  # let Hydra record this job as failed and go on with the others
-            raise
-        sys.exit(1)
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
@@ -118,29 +63,35 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """`path`, or a one-line error naming the key when it is not a file."""
-    if not Path(str(path)).is_file():
-        raise FileNotFoundError(f"ckpt_path={path} is not a checkpoint file")
-    return Path(str(path))
-
-
-def newest_last_checkpoint(runs_dir: Path) -> str:
-    """`ckpt_path=last`: the most recently written `last.ckpt` of this task's runs."""
-    found = sorted(runs_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+def newest_last_checkpoint(log_dir: str | Path, task: str = "*") -> str:
+    """`ckpt_path=last`: the most recently written `last.ckpt` of the single runs of `task`
+    (`*`: any training task; sweep jobs under `multiruns/` are never picked)."""
+    pattern = f"{task}/runs/*/checkpoints/last.ckpt"
+    found = sorted(Path(log_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"ckpt_path=last: no {runs_dir}/*/checkpoints/last.ckpt")
+        raise FileNotFoundError(f"ckpt_path=last: no {Path(log_dir) / pattern} yet (train first)")
     return str(found[-1])
 
 
+def resolve_checkpoint(cfg: DictConfig, task: str = "*") -> str | None:
+    """`cfg.ckpt_path` with `last` replaced by the file it means (and said), checked to be a
+    cvae checkpoint: a damaged or foreign file is a one-line error before anything starts."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return None
+    if path == "last":
+        path = cfg.ckpt_path = newest_last_checkpoint(cfg.paths.log_dir, task)
+        log.info("ckpt_path=last: %s", path)
+    read_checkpoint(path)
+    return str(path)
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """Data module, model and trainer, failing on bad input before any training."""
-    if cfg.get("ckpt_path") == "last":
-        cfg.ckpt_path = newest_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name / "runs")
-        log.info("resuming from %s", cfg.ckpt_path)
-    if cfg.get("ckpt_path"):
-        checkpoint_file(cfg.ckpt_path)
+    """Data module, model and trainer, failing on bad input before any training: the
+    checkpoint to resume from is read, the data found (and decoded into its cache)."""
+    resolve_checkpoint(cfg, cfg.task_name)
     datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
     model = instantiate(cfg.model)
     trainer = instantiate(
         cfg.trainer,
@@ -148,6 +99,29 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         logger=instantiate_group(cfg.get("logger")) or False,
     )
     return datamodule, model, trainer
+
+
+def resume_command(cfg: DictConfig, checkpoint: str | Path) -> str:
+    """The command line that continues this run from `checkpoint`: this run's overrides with
+    `ckpt_path` set to it (a `hydra.run.dir` the user chose is kept: the run goes on there;
+    otherwise it goes on in a new run folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = []
+    if HydraConfig.initialized():  # what the user typed: Hydra's own settings, then the task's
+        typed = HydraConfig.get().overrides
+        overrides = [o for o in typed.hydra if not o.startswith("hydra.mode=")]
+        overrides += [o for o in typed.task if not o.startswith("ckpt_path=")]
+    python = os.path.relpath(sys.executable)
+    words = [python if not python.startswith("..") else sys.executable, "-m", "cvae.train",
+             *overrides, f"ckpt_path={_shown(checkpoint)}"]  # fmt: skip
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as a user would type it: relative to the working folder when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def _write_result(
@@ -175,13 +149,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Returns the final metrics, `val/loss` among them (what a sweeper minimises).
     """
-    if rank_zero_only.rank == 0:
-        print_config_tree(cfg, cfg.paths.output_dir)
     started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    if rank_zero_only.rank == 0:
+        print_config_tree(cfg, cfg.paths.output_dir)
     with _ranks_run_this_job():
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"),
+                        weights_only=True)  # fmt: skip
+        except TrainingInterrupted as stop:
+            command = resume_command(cfg, stop.checkpoint)
+            message = f"{stop}; resume with: {command}"
+            raise TrainingInterrupted(message, stop.exit_status, stop.checkpoint) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
             _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)
@@ -229,8 +209,9 @@ def _device(name: str) -> torch.device:
 
 
 def load_model(cfg: DictConfig) -> CVAE:
-    """The model of `cfg.ckpt_path` on `cfg.device`, in eval mode."""
-    path = checkpoint_file(cfg.ckpt_path)
+    """The model of `cfg.ckpt_path` (`last`: the newest training run's) on `cfg.device`, in
+    eval mode."""
+    path = resolve_checkpoint(cfg)
     model = CVAE.load_from_checkpoint(path, map_location=_device(cfg.device), weights_only=True)
     return model.eval()
 
@@ -238,8 +219,8 @@ def load_model(cfg: DictConfig) -> CVAE:
 def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
     """The model of `cfg.ckpt_path` on `cfg.device`, and its data: `cfg.data` if given, else
     the data settings saved in the checkpoint. Fails early when they do not fit together."""
-    path = Path(str(cfg.ckpt_path))
     model = load_model(cfg)
+    path = Path(str(cfg.ckpt_path))
     if cfg.get("data"):
         datamodule = instantiate(cfg.data)
     else:

@@ -20,7 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cvae.runtime import error_line, user_error
+from cvae.errors import error_line, user_error
 
 COLUMNS = ("job", "status", "overrides", "best_val_loss", "val_loss", "val_recon", "val_kl",
            "active_units", "epochs", "steps", "wall_seconds", "checkpoint", "error")  # fmt: skip

@@ -5,19 +5,18 @@ Run with `--help` for the config groups, `--cfg job` for the composed config.
 
 from __future__ import annotations
 
-import warnings
-
 import hydra
 from omegaconf import DictConfig
 
-from cvae.runtime import run_or_report, train
-
-# Lightning 2.6 calls a torch API that torch deprecates, once per fit; nothing a user can act on.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+from cvae.errors import run_or_report
+from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_known_noise()
+    from cvae.runtime import train  # imports Lightning: after --help, after Hydra's checks
+
     return run_or_report(train, cfg).get("val/loss")
 
 

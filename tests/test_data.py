@@ -13,7 +13,7 @@ from PIL import Image
 
 from cvae.data import ImageDataModule, Preprocess, SyntheticShapes, index_folder, presets, read_idx
 from cvae.data.decode import ImageDecodeError
-from cvae.runtime import error_line, user_error
+from cvae.errors import error_line, user_error
 from cvae.viz import visualize_batch
 from tests.conftest import write_mixed_images
 

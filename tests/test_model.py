@@ -10,9 +10,9 @@ from hydra.utils import instantiate
 from torch.distributions import Normal
 
 from cvae import CVAE
+from cvae.errors import error_line, user_error
 from cvae.models import kl_divergence, reparameterize
 from cvae.models.networks import ResidualBlock
-from cvae.runtime import error_line, user_error
 from tests.conftest import compose_config, compose_train
 
 

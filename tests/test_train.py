@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.plugin_event_accumulator import (
 )
 
 from cvae import CVAE, ImageDataModule
+from cvae.errors import CheckpointError
 from cvae.runtime import build, train
 from tests.conftest import TINY, compose_train, write_broken_files
 
@@ -68,6 +69,10 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
         "val/recon",
         "val/kl",
         "val/active_units",
+        "val/mse",  # curves that move visibly beside the NLL
+        "val/bits_per_dim",
+        "train/loss_epoch",  # a training curve even for runs shorter than log_every_n_steps
+        "lr-Adam",
         "test/loss",
         "hp/val_loss",
         "hp/val_active_units",
@@ -125,7 +130,7 @@ def test_cli_bad_config_is_one_line_before_training(tmp_path: Path) -> None:
 
 def test_missing_resume_checkpoint_fails_before_training(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, f"ckpt_path={tmp_path / 'nope.ckpt'}")
-    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt is not a checkpoint"):
+    with pytest.raises(CheckpointError, match="ckpt_path=.*nope.ckpt does not exist"):
         train(cfg)
 
 

@@ -11,11 +11,13 @@ later run would read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from rich.progress import Progress
 
 from cvae.data.decode import ImageDecodeError, Preprocess
 from cvae.data.presets import ImageSource
+from cvae.errors import human_size
 
 log = logging.getLogger(__name__)
 
@@ -155,37 +158,78 @@ def decode_source(
     stem = cache_stem(source, preprocess) + ("" if with_images else "-scan")
     array_path, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     shape = (len(source), *preprocess.shape)
-    with _locked(cache_dir / f"{stem}.lock"):
+    lock = cache_dir / f"{stem}.lock"
+    with _locked(lock):
         entry = _read_entry(array_path, manifest_path, shape)
         if entry is not None:
             return entry
         for stale in (array_path, manifest_path, *cache_dir.glob(f"{stem}.*.partial")):
             stale.unlink(missing_ok=True)
-        started = time.perf_counter()
         partial = cache_dir / f"{stem}.{os.getpid()}.partial"
-        failures = _decode_all(source, preprocess, partial if with_images else None, workers)
-        if with_images:
-            os.replace(partial, array_path)
-        bad = {index for index, _ in failures}
-        manifest = {
-            "complete": True,
-            "with_images": with_images,
-            "shape": list(shape),
-            "source": source.name,
-            "preprocess": dataclasses.asdict(preprocess),
-            "valid": [i for i in range(len(source)) if i not in bad],
-            "skipped": [(source.item_name(i), reason) for i, reason in failures],
-        }
-        temporary = manifest_path.with_suffix(".json.partial")
-        temporary.write_text(json.dumps(manifest))
-        os.replace(temporary, manifest_path)
-        seconds = time.perf_counter() - started
-        log.info(
-            "decoded %d images from %s in %.1f s (%.0f images/s) into %s",
-            len(source), source.name, seconds, len(source) / max(seconds, 1e-9),
-            array_path if with_images else manifest_path,
-        )  # fmt: skip
+        try:
+            _build(source, preprocess, partial, array_path, manifest_path, workers, with_images)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            manifest_path.with_suffix(".json.partial").unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            if isinstance(error, ImageDecodeError):
+                raise
+            needed = int(np.prod(shape)) if with_images else 0
+            raise OSError(_build_failure(cache_dir, needed, error)) from error
         entry = _read_entry(array_path, manifest_path, shape)
     if entry is None:
         raise OSError(f"cache entry {manifest_path} was written but cannot be read back")
     return entry
+
+
+def _build_failure(cache_dir: Path, needed: int, error: OSError) -> str:
+    """One line for a cache that could not be written: where, and how much space it needs."""
+    free = shutil.disk_usage(cache_dir).free
+    if error.errno == errno.ENOSPC or needed > free:
+        what = f"no space left ({human_size(needed)} needed, {human_size(free)} free)"
+    else:
+        what = error.strerror or str(error)
+    return (
+        f"cannot build the decoded-image cache in data.cache_dir={cache_dir}: {what}; "
+        "free some space or set data.cache_dir to another folder"
+    )
+
+
+def _build(
+    source: ImageSource,
+    preprocess: Preprocess,
+    partial: Path,
+    array_path: Path,
+    manifest_path: Path,
+    workers: int,
+    with_images: bool,
+) -> None:
+    """Decode into `partial`, rename it into place, then write the manifest (last, so that
+    an entry with a manifest is complete)."""
+    if with_images:
+        needed = len(source) * int(np.prod(preprocess.shape))
+        if needed > shutil.disk_usage(partial.parent).free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent))
+    started = time.perf_counter()
+    failures = _decode_all(source, preprocess, partial if with_images else None, workers)
+    if with_images:
+        os.replace(partial, array_path)
+    bad = {index for index, _ in failures}
+    manifest = {
+        "complete": True,
+        "with_images": with_images,
+        "shape": [len(source), *preprocess.shape],
+        "source": source.name,
+        "preprocess": dataclasses.asdict(preprocess),
+        "valid": [i for i in range(len(source)) if i not in bad],
+        "skipped": [(source.item_name(i), reason) for i, reason in failures],
+    }
+    temporary = manifest_path.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, manifest_path)
+    seconds = time.perf_counter() - started
+    log.info(
+        "decoded %d images from %s in %.1f s (%.0f images/s) into %s",
+        len(source), source.name, seconds, len(source) / max(seconds, 1e-9),
+        array_path if with_images else manifest_path,
+    )  # fmt: skip

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,11 +168,40 @@ def default_num_workers() -> int:
     return min(8, usable_cores() // 2)
 
 
-def default_cache_dir(root: str | None) -> Path:
-    """`<root>/.cvae-cache`, or the user's cache folder for sources without a root."""
-    if root is not None:
-        return Path(root) / ".cvae-cache"
+def user_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/cvae` (default `~/.cache/cvae`)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cvae"
+
+
+def default_cache_dir(root: str | None) -> Path:
+    """`<root>/.cvae-cache` where the data root exists and can be written to; else the
+    user's cache folder (sources without a root, a preset whose root does not exist, data on
+    a read-only file system such as a cluster's shared datasets), said in one line."""
+    if root is None:
+        return user_cache_dir()
+    beside = Path(root) / ".cvae-cache"
+    if not Path(root).is_dir():
+        reason = "does not exist"
+    elif _writable(beside):
+        return beside
+    else:
+        reason = "is not writable"
+    log.info("data.root=%s %s: the decoded-image cache goes to %s", root, reason, user_cache_dir())
+    return user_cache_dir()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing). Tried, not inferred from
+    permission bits: root ignores those, but not a read-only mount."""
+    existed = folder.exists()
+    try:
+        folder.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        return False
 
 
 def _split_size(total: int, fraction: float) -> int:

@@ -35,14 +35,15 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def index_folder(root: str | os.PathLike) -> FolderIndex:
+def index_folder(root: str | os.PathLike, key: str = "data.root") -> FolderIndex:
     """Find every image under `root`, recursively, following symlinks without looping.
 
     Files directly in `root` get label -1; files anywhere below a first-level subfolder
     get that subfolder's index among the sorted subfolder names holding images. A dangling
     link named like an image is listed, so that decoding reports it instead of losing it.
+    `key` is what errors call the root: the setting the user typed.
     """
-    root = check_root(root)
+    root = check_root(root, key)
     seen_dirs: set[str] = set()
     seen_files: set[str] = set()
     found: list[tuple[Path, str | None]] = []
@@ -69,7 +70,7 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
             found.append((path, top))
     if not found:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise FileNotFoundError(f"data.root={root} holds no image files ({extensions})")
+        raise FileNotFoundError(f"{key}={root} holds no image files ({extensions})")
     classes = sorted({top for _, top in found if top is not None})
     class_index = {name: i for i, name in enumerate(classes)}
     files = [path for path, _ in found]

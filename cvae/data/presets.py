@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,9 @@ from PIL import Image, ImageDraw
 
 from cvae.data.decode import Preprocess, open_image
 from cvae.data.folder import index_folder
+from cvae.errors import error_line
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
 # Where Debian's dataset-fashion-mnist package puts the idx files.
@@ -195,7 +202,8 @@ def load_idx_source(
     """(train, test) of Fashion-MNIST or MNIST from idx files, downloading only as a last resort.
 
     Looks in `root`, in torchvision's layout under it (`root/FashionMNIST/raw`), then in the
-    system folder of the Debian package (Fashion-MNIST only).
+    system folder of the Debian package (Fashion-MNIST only), and logs where it read them.
+    A download creates `root`; a failed one removes what it created.
     """
     root = Path(root).expanduser()
     torchvision_class = _torchvision_class(source)
@@ -205,27 +213,51 @@ def load_idx_source(
         folders.append(FASHION_MNIST_SYSTEM_DIR)
     folder = _find_idx_dir(folders)
     if folder is None and download:
-        try:
-            torchvision_class(str(root), train=True, download=True)
-        except Exception as error:  # no network, a mirror down, a bad checksum
-            raise FileNotFoundError(
-                f"{source}: no idx files in {', '.join(map(str, folders))} "
-                f"and the download into data.root={root} failed: {error}"
-            ) from error
-        folder = _find_idx_dir([raw])
+        folder = _download_idx(source, root, raw, folders)
     if folder is None:
         raise FileNotFoundError(
             f"{source}: no idx files in {', '.join(map(str, folders))}; "
             "set data.root to a folder holding them or data.download=true"
         )
+    where = f"{source}: images from {folder}"
+    if folder == FASHION_MNIST_SYSTEM_DIR:
+        state = "does not exist" if not root.exists() else "holds no idx files"
+        where += f" (Debian's dataset-fashion-mnist package: data.root={root} {state})"
+    log.info(where)
     return _read_idx_split(folder, "train", source), _read_idx_split(folder, "test", source)
+
+
+def _download_idx(source: str, root: Path, raw: Path, folders: list[Path]) -> Path | None:
+    """Download with torchvision into `root`."""
+    try:
+        with _removed_on_failure(root):
+            _torchvision_class(source)(str(root), train=True, download=True)
+    except Exception as error:  # no network, a mirror down, a bad checksum
+        raise FileNotFoundError(
+            f"{source}: no idx files in {', '.join(map(str, folders))} "
+            f"and the download into data.root={root} failed: {error_line(error)}"
+        ) from error
+    return _find_idx_dir([raw])
+
+
+@contextmanager
+def _removed_on_failure(root: Path) -> Iterator[None]:
+    """A download that fails leaves no folder it created (a mistyped root stays uncreated)."""
+    missing = [folder for folder in (root, *root.parents) if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise
 
 
 def load_cifar10(root: str | os.PathLike, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
     from torchvision.datasets import CIFAR10
 
     try:
-        splits = [CIFAR10(str(root), train=t, download=download) for t in (True, False)]
+        with _removed_on_failure(Path(root).expanduser()):
+            splits = [CIFAR10(str(root), train=t, download=download) for t in (True, False)]
     except Exception as error:
         raise FileNotFoundError(
             f"cifar10: no dataset under data.root={root} "

@@ -99,6 +99,7 @@ class CVAE(pl.LightningModule):
         self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
         self.bad_steps_in_a_row = 0
         self._last_loss = torch.tensor(0.0)
+        self._epoch_loss, self._epoch_steps = torch.zeros(()), 0  # for train/loss_epoch
         self._rng_states: dict | None = None  # from a checkpoint, set when training resumes
 
     # --- the model -------------------------------------------------------------------------
@@ -238,18 +239,46 @@ class CVAE(pl.LightningModule):
         if training:
             beta = self.current_beta()
             terms = self.loss_terms(images, beta=beta, free_bits=self.hparams.free_bits)
+            self._epoch_loss += terms["loss"].detach()  # on the device: no sync per step
+            self._epoch_steps += 1
             if not self._logged_step():
                 return terms["loss"]
             self.log("train/beta", beta, on_step=True, on_epoch=False)  # the one used
         else:
             terms = self.loss_terms(images)
+            terms |= self._readable_terms(images, terms)
         # Training curves per step; validation and test as means over the whole split (all
         # ranks' shares of it under data-parallel training).
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, on_step=training, on_epoch=not training,
-                     prog_bar=name == "loss", batch_size=len(images),
+                     prog_bar=name in ("loss", "mse"), batch_size=len(images),
                      sync_dist=not training)  # fmt: skip
         return terms["loss"]
+
+    def _readable_terms(
+        self, images: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Curves that move visibly, beside the honest NLL (whose constant can dwarf its
+        changes): squared error per pixel of the decoded posterior means, and the negative
+        ELBO (beta = 1) in bits per dimension; for continuous likelihoods of the 8-bit data,
+        without dequantisation (`cvae.evaluate` gives the bound)."""
+        x = unit_range(images)
+        mse = (self.reconstruct(x) - x).pow(2).mean()
+        dims = x[0].numel()
+        bits = (terms["recon"] + terms["kl"]) / (dims * math.log(2))
+        if self.likelihood.continuous:
+            bits = bits + 8
+        return {"mse": mse, "bits_per_dim": bits}
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss, self._epoch_steps = torch.zeros((), device=self.device), 0
+
+    def on_train_epoch_end(self) -> None:
+        """`train/loss_epoch`: the mean training loss of the epoch, so a run shorter than
+        `trainer.log_every_n_steps` has a training curve too (after a mid-epoch resume: the
+        mean of the steps this process ran)."""
+        if self._epoch_steps:
+            self.log("train/loss_epoch", self._epoch_loss / self._epoch_steps, sync_dist=True)
 
     def _logged_step(self) -> bool:
         """Whether the logger records this training step (`trainer.log_every_n_steps`):
@@ -282,6 +311,7 @@ class CVAE(pl.LightningModule):
         if self._rng_states is not None:
             restore_rng_states(self._rng_states)
             self._rng_states = None
+        self.on_train_epoch_start()  # not called when a run resumes mid-epoch
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -390,9 +420,9 @@ def _validate(
     if downsample not in DOWNSAMPLING:
         raise ValueError(f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLING)}")
     check_recon_loss(recon_loss)
-    if not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"model.beta must be a number >= 0, got {beta!r}")
-    if not isinstance(lr, (int, float)) or lr <= 0:
+    if not isinstance(beta, (int, float)) or not beta >= 0 or math.isinf(beta):
+        raise ValueError(f"model.beta must be a finite number >= 0, got {beta!r}")
+    if not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"model.lr must be a number > 0, got {lr!r}")
     factor = 2 ** len(hidden_channels)
     if image_size < factor or image_size % factor:

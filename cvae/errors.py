@@ -1,0 +1,131 @@
+"""What a user sees when something goes wrong: one line they can act on, never a traceback
+for bad input, and nothing left on disk by a command that failed before it did anything.
+
+Light on purpose (no torch, no Lightning): every entry point imports it before `--help`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import MissingMandatoryValue
+
+T = TypeVar("T")
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that cvae cannot use: missing, damaged or foreign."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after saving `checkpoint`.
+
+    `exit_status` follows the shell's convention for a process ended by a signal (128 + N).
+    """
+
+    def __init__(self, message: str, exit_status: int, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.exit_status, self.checkpoint = exit_status, checkpoint
+
+
+# Errors that mean "the input (or the machine: disk, permissions) is wrong", reported as one
+# line instead of a traceback.
+INPUT_ERRORS = (ValueError, OSError, FloatingPointError, MissingMandatoryValue)
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The input error behind `error`, if it is one: anything that failed while building an
+    object from the config (Hydra wraps it), or one of `INPUT_ERRORS`."""
+    if isinstance(error, InstantiationException):
+        while error.__cause__ is not None:
+            error = error.__cause__
+        return error
+    return error if isinstance(error, INPUT_ERRORS) else None
+
+
+def error_line(error: BaseException) -> str:
+    """The one line to show for an input error.
+
+    An error raised in a DataLoader worker reaches us as "Caught ... in DataLoader worker
+    process N" with the original traceback in the message: its last line is the real error.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if "Original Traceback" in str(error) else lines[0]
+
+
+def human_size(count: float) -> str:
+    """Bytes as a person reads them: 512 B, 144 KiB, 17.0 MiB, 2.1 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit != "MiB" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def check_finite(cfg: DictConfig | ListConfig, prefix: str = "") -> None:
+    """Reject NaN and infinite numbers anywhere in a config, naming the key: `model.beta=nan`
+    would otherwise train until the first validation and die there."""
+    items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else enumerate(cfg)
+    for key, _ in items:
+        name = f"{prefix}{key}" if isinstance(cfg, DictConfig) else f"{prefix[:-1]}[{key}]"
+        try:
+            value = cfg[key]
+        except Exception:  # unresolved interpolations and ??? are reported where they are used
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_finite(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not a finite number")
+
+
+def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """`run(cfg)`, turning an input error into `error: <one line>` and exit status 1, an
+    interrupted training run into its one-line message, and Ctrl-C into one line."""
+    try:
+        check_finite(cfg)
+        return run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_status)
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        print(f"error: {error_line(cause)}", file=sys.stderr)
+        if _in_multirun():  # let Hydra record this job as failed and go on with the others
+            raise
+        _remove_empty_run_folder()
+        sys.exit(1)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _remove_empty_run_folder() -> None:
+    """A run that failed on bad input leaves no husk: remove Hydra's run folder if it holds
+    nothing but what Hydra itself put there (`.hydra/` and the job's log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
+    own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
+    if folder.is_dir() and all(entry.name in own for entry in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)

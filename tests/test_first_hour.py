@@ -1,0 +1,365 @@
+"""What a new user meets: interrupts that keep the work, damaged files and full disks that
+fail in one line and lose nothing, data roots that are never created, a fast quiet start."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvae import ImageDataModule
+from cvae.data import cache, datamodule, presets
+from cvae.errors import run_or_report
+from cvae.runtime import evaluate, train
+from tests.conftest import compose_tool, compose_train, write_mixed_images
+from tests.test_long_runs import LONG_RUN
+from tests.test_train import REPO, run_cli
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(
+        torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6)
+        for k, v in a["state_dict"].items()
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
+    folder = tmp_path_factory.mktemp("whole")
+    train(compose_train(folder, *LONG_RUN))
+    return _checkpoint(folder / "checkpoints" / "last.ckpt")
+
+
+def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactly(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    run = tmp_path / "run"
+    result = run_cli(
+        *LONG_RUN,
+        f"hydra.run.dir={run}",
+        "+callbacks.stop._target_=tests.killers.SignalAt",
+        "+callbacks.stop.step=11",
+        check=False,
+    )
+    assert result.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("Ctrl-C: training stopped at epoch 1, step 12; saved ")
+    saved = _checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 12  # the step that was running finished, then it saved
+    command = last_line.split("resume with: ", 1)[1]
+    assert "ckpt_path=" in command
+    resumed = subprocess.run(
+        command,
+        shell=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
+    assert "The dirpath has changed" not in resumed.stdout + resumed.stderr
+    final = _checkpoint(run / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 14
+    assert _same_weights(uninterrupted, final)
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    run = tmp_path / "run"
+    result = run_cli(
+        *LONG_RUN,
+        f"hydra.run.dir={run}",
+        "+callbacks.stop._target_=tests.killers.SignalAt",
+        "+callbacks.stop.step=4",
+        f"+callbacks.stop.signum={int(signal.SIGTERM)}",
+        check=False,
+    )
+    assert result.returncode == 128 + signal.SIGTERM
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("SIGTERM: training stopped at epoch 0, step 5")
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
+    assert _same_weights(
+        uninterrupted, _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    )
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------
+def _damaged_files(folder: Path, good: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        kind: folder / f"{kind}.ckpt" for kind in ("truncated", "empty", "png", "text", "foreign")
+    }
+    data = good.read_bytes()
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["empty"].write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(files["png"], "PNG")
+    files["text"].write_text("not a checkpoint\n")
+    torch.save({"weights": torch.zeros(3)}, files["foreign"])
+    return files
+
+
+REASONS = {
+    "truncated": "damaged or truncated",
+    "empty": "the file is empty",
+    "png": "not a PyTorch file",
+    "text": "not a PyTorch file",
+    "foreign": "not one written by cvae.train",
+}
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "export"])
+def test_every_kind_of_bad_checkpoint_is_one_line_in_every_command(
+    command: str, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from cvae.export import run as export
+    from cvae.generate import generate
+
+    files = _damaged_files(tmp_path / "bad", trained_run / "checkpoints" / "last.ckpt")
+    runs = {"train": train, "eval": evaluate, "generate": generate, "export": export}
+    for kind, path in files.items():
+        if command == "train":
+            cfg = compose_train(tmp_path / kind, f"ckpt_path={path}")
+        else:
+            cfg = compose_tool(command, tmp_path / kind, f"ckpt_path={path}", "device=cpu")
+        with pytest.raises(SystemExit) as stopped:
+            run_or_report(runs[command], cfg)
+        assert stopped.value.code == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: ckpt_path={path} is not a cvae checkpoint ("), lines[0]
+        assert REASONS[kind] in lines[0]
+
+
+def test_cli_bad_checkpoint_leaves_no_traceback_and_no_run_folder(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    bad = _damaged_files(tmp_path / "bad", trained_run / "checkpoints" / "last.ckpt")["png"]
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        [sys.executable, "-m", "cvae.evaluate", f"ckpt_path={bad}", f"paths.log_dir={logs}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: ckpt_path={bad} is not a cvae checkpoint (not a PyTorch file)"
+    ]
+    assert not list(logs.glob("eval/*")), "a failed command left a run folder"
+
+
+def test_non_finite_config_values_are_rejected_with_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        run_or_report(train, compose_train(tmp_path, "model.beta=nan"))
+    assert capsys.readouterr().err.strip() == "error: model.beta=nan is not a finite number"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --- data roots ------------------------------------------------------------------------------
+@contextmanager
+def read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """`folder` on a read-only file system: a read-only bind mount where this process may
+    mount (root in a container), else file creation there failing as it would (EROFS)."""
+    mount = folder.parent / f"{folder.name}-ro"
+    mount.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(folder), str(mount)], capture_output=True
+        ).returncode
+        == 0
+    ):
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+        return
+    real = datamodule.tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        if dir is not None and Path(dir).is_relative_to(mount):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    mount.rmdir()
+    mount.symlink_to(folder)
+    monkeypatch.setattr(datamodule.tempfile, "TemporaryFile", refuse)
+    yield mount
+
+
+def test_read_only_data_root_caches_in_the_user_folder(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    user_cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    images = tmp_path / "images"
+    write_mixed_images(images, 12)
+    before = sorted(p.name for p in images.iterdir())
+    with read_only(images, monkeypatch) as root, caplog.at_level(logging.INFO):
+        dm = ImageDataModule(root=str(root), image_size=16, batch_size=4)
+        dm.setup()
+        assert dm.cache_dir == user_cache_dir / "cvae"
+        assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 16, 16)
+    assert f"data.root={root} is not writable: the decoded-image cache goes to" in caplog.text
+    assert sorted(p.name for p in images.iterdir()) == before  # nothing written there
+
+
+def _fake_fashion_mnist(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 10)):
+        pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in pixels.shape)
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(header + pixels.tobytes())
+        )
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        header = bytes([0, 0, 8, 1]) + count.to_bytes(4, "big")
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(header + labels.tobytes())
+        )
+    return folder
+
+
+def test_a_preset_root_that_does_not_exist_is_never_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    system = _fake_fashion_mnist(tmp_path / "system")
+    monkeypatch.setattr(presets, "FASHION_MNIST_SYSTEM_DIR", system)
+    typo = tmp_path / "nonexistent" / "fm"
+    with caplog.at_level(logging.INFO):
+        dm = ImageDataModule(source="fashion_mnist", root=str(typo), channels=1, image_size=16)
+        dm.setup()
+    assert len(dm.train_set) == 36
+    assert not (tmp_path / "nonexistent").exists()
+    assert f"fashion_mnist: images from {system}" in caplog.text  # where they came from
+    assert f"data.root={typo} does not exist" in caplog.text
+
+    def offline(root: str, **kwargs):  # what torchvision does offline: make the folder, fail
+        Path(root, "FashionMNIST", "raw").mkdir(parents=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(presets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(presets, "_torchvision_class", lambda source: offline)
+    with pytest.raises(
+        FileNotFoundError, match="the download into data.root=.* failed: Error downloading"
+    ):
+        ImageDataModule(source="fashion_mnist", root=str(typo), channels=1, download=True).setup()
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_generate_names_the_input_key(trained_run: Path, tmp_path: Path) -> None:
+    from cvae.generate import generate
+
+    cfg = compose_tool(
+        "generate",
+        tmp_path,
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "mode=reconstruct",
+        f"input={tmp_path / 'nope'}",
+        "device=cpu",
+    )
+    with pytest.raises(FileNotFoundError, match=f"^input={tmp_path / 'nope'} does not exist$"):
+        generate(cfg)
+
+
+# --- full disks ------------------------------------------------------------------------------
+def test_a_full_disk_during_the_cache_build_leaves_nothing_and_keeps_the_old_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, caches = tmp_path / "images", tmp_path / "cache"
+    write_mixed_images(images, 8)
+    ImageDataModule(root=str(images), image_size=16, cache_dir=str(caches)).setup()
+    old = sorted(caches.iterdir())
+    write_mixed_images(images / "more", 4)  # a changed folder: a new entry to build
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache.os, "pwrite", full)
+    with pytest.raises(
+        OSError,
+        match=rf"cannot build the decoded-image cache in data.cache_dir={caches}: "
+        r"no space left \(\d+ KiB needed, [\d.]+ \w+ free\)",
+    ):
+        ImageDataModule(root=str(images), image_size=16, cache_dir=str(caches)).setup()
+    assert sorted(caches.iterdir()) == old  # no .partial, no .lock; the old entry whole
+    monkeypatch.undo()
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(OSError, match=r"no space left \(144 KiB needed, 1000 B free\)"):
+        ImageDataModule(root=str(images), image_size=64, cache_dir=str(caches)).setup()
+    assert sorted(caches.iterdir()) == old
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvae import checkpointing
+
+    saves, real = [], torch.save
+
+    def fill_up(obj, handle, *args, **kwargs):
+        saves.append(handle)
+        if len(saves) > 2:  # the first two step checkpoints fit; then the disk is full
+            handle.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", fill_up)
+    with pytest.raises(
+        OSError, match=r"cannot write checkpoint .*last.ckpt: no space left on the device"
+    ):
+        train(compose_train(tmp_path, *LONG_RUN))
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no .partial
+    assert _checkpoint(folder / "last.ckpt")["global_step"] == 4
+
+
+# --- start-up --------------------------------------------------------------------------------
+def test_import_cvae_and_help_do_not_import_lightning() -> None:
+    code = (
+        "import sys, cvae, cvae.summarize, cvae.train, cvae.evaluate, cvae.generate, "
+        "cvae.export; print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_resume_command_quotes_what_the_shell_would_split(tmp_path: Path) -> None:
+    from cvae.runtime import resume_command
+
+    cfg = compose_train(tmp_path)
+    command = resume_command(cfg, tmp_path / "a b" / "last.ckpt")
+    assert shlex.split(command)[-1] == f"ckpt_path={tmp_path / 'a b' / 'last.ckpt'}"
