@@ -9,12 +9,14 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(UV_HOME)/bin/uv)
 RUN := $(UV) run --frozen
 ARGS ?=
 SWEEP ?= hparams_search=beta_latent
+PORT ?= 6006
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help install fashion-mnist train test lint tensorboard sweep bench-data bench-train bench-quality clean
+.PHONY: help install fashion-mnist train evaluate generate export summarize test lint notebook tensorboard \
+	sweep bench-data bench-train bench-quality bench-startup clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(UV_HOME)/bin/uv:
 	@python3 -m pip --version >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
@@ -22,7 +24,8 @@ $(UV_HOME)/bin/uv:
 	python3 -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) uv
 
 install: $(if $(shell command -v uv 2>/dev/null),,$(UV_HOME)/bin/uv)  ## uv (if missing) and the locked environment in .venv
-	$(UV) sync --frozen
+	@$(UV) sync --frozen
+	@echo "environment ready: run commands as .venv/bin/python -m cvae.train ... (or source .venv/bin/activate)"
 
 fashion-mnist:  ## the Debian package dataset-fashion-mnist (the default data), where apt is available
 	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \
@@ -34,6 +37,18 @@ fashion-mnist:  ## the Debian package dataset-fashion-mnist (the default data), 
 train: install fashion-mnist  ## train (default: Fashion-MNIST 64x64); extra Hydra overrides in ARGS="..."
 	$(RUN) python -m cvae.train $(ARGS)
 
+evaluate: install  ## metrics of a checkpoint; ARGS="ckpt_path=last ..." (last: the newest run)
+	$(RUN) python -m cvae.evaluate $(ARGS)
+
+generate: install  ## samples, reconstructions, interpolations, traversals; ARGS="ckpt_path=last mode=sample"
+	$(RUN) python -m cvae.generate $(ARGS)
+
+export: install  ## TorchScript or ONNX encoder and decoder; ARGS="ckpt_path=last format=onnx"
+	$(RUN) python -m cvae.export $(ARGS)
+
+summarize: install  ## the table of a sweep; ARGS="outputs/train/multiruns/<time>"
+	$(RUN) python -m cvae.summarize $(ARGS)
+
 test: install  ## the test suite (CPU, a few minutes)
 	$(RUN) pytest $(ARGS)
 
@@ -41,8 +56,11 @@ lint: install  ## ruff check and format check
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 
-tensorboard: install  ## serve every run under outputs/ at http://localhost:6006
-	$(RUN) tensorboard --logdir outputs
+notebook: install  ## JupyterLab on notebooks/ (jupyterlab fetched into uv's cache on first use)
+	$(UV) run --frozen --with jupyterlab jupyter lab notebooks/
+
+tensorboard: install  ## serve every run under outputs/ at http://localhost:6006 (PORT=6007: another port)
+	$(RUN) tensorboard --logdir outputs --port $(PORT)
 
 sweep: install fashion-mnist  ## a Hydra multirun over SWEEP="..." (default: beta x latent_dim)
 	$(RUN) python -m cvae.train -m $(SWEEP) $(ARGS)
@@ -55,6 +73,9 @@ bench-train: install  ## training images/s, FLOP utilisation, Lightning vs a bar
 
 bench-quality: install fashion-mnist  ## time for cvae's default to reach a textbook VAE's 4-minute test loss
 	$(RUN) python benchmarks/time_to_quality.py $(ARGS)
+
+bench-startup: install  ## start-up time of the commands (summarize, --help) against bare Python
+	$(RUN) python benchmarks/startup.py $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
