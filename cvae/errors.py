@@ -95,6 +95,7 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         return run(cfg)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
+        _remove_empty_run_folder()
         sys.exit(130)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
@@ -118,8 +119,9 @@ def _in_multirun() -> bool:
 
 
 def _remove_empty_run_folder() -> None:
-    """A run that failed on bad input leaves no husk: remove Hydra's run folder if it holds
-    nothing but what Hydra itself put there (`.hydra/` and the job's log)."""
+    """A run that failed on bad input (or was interrupted before it wrote anything) leaves no
+    husk: remove Hydra's run folder if it holds nothing but what Hydra itself put there
+    (`.hydra/` and the job's log)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
