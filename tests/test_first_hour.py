@@ -49,37 +49,32 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
+def _stopped_run(run: Path, signum: int, step: int) -> tuple[str, dict]:
+    """The LONG_RUN on the command line, sent `signum` as step `step` starts: the last
+    line it printed, and the checkpoint it left."""
+    stop = ["+callbacks.stop._target_=tests.killers.SignalAt", f"+callbacks.stop.step={step}",
+            f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
+    result = run_cli(*LONG_RUN, f"hydra.run.dir={run}", *stop, check=False)
+    assert result.returncode == 128 + signum
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1], _checkpoint(run / "checkpoints" / "last.ckpt")
+
+
 def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactly(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
     run = tmp_path / "run"
-    result = run_cli(
-        *LONG_RUN,
-        f"hydra.run.dir={run}",
-        "+callbacks.stop._target_=tests.killers.SignalAt",
-        "+callbacks.stop.step=11",
-        check=False,
-    )
-    assert result.returncode == 128 + signal.SIGINT
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]
+    last_line, saved = _stopped_run(run, signal.SIGINT, 11)
     assert last_line.startswith("Ctrl-C: training stopped at epoch 1, step 12; saved ")
-    saved = _checkpoint(run / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 12  # the step that was running finished, then it saved
     command = last_line.split("resume with: ", 1)[1]
-    assert "ckpt_path=" in command
-    resumed = subprocess.run(
-        command,
-        shell=True,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=300,
-    )
+    assert f"hydra.run.dir={run}" in command  # the folder the user chose: it goes on there
+    resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)  # warnings shown, as a user sees them  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
-    assert "The dirpath has changed" not in resumed.stdout + resumed.stderr
+    said = resumed.stdout + resumed.stderr
+    assert "your dataloader is not resumable" not in said  # false here: it resumes exactly
+    assert "The dirpath has changed" not in said
     final = _checkpoint(run / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 14
     assert _same_weights(uninterrupted, final)
@@ -88,26 +83,22 @@ def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactl
 def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
-    run = tmp_path / "run"
-    result = run_cli(
-        *LONG_RUN,
-        f"hydra.run.dir={run}",
-        "+callbacks.stop._target_=tests.killers.SignalAt",
-        "+callbacks.stop.step=4",
-        f"+callbacks.stop.signum={int(signal.SIGTERM)}",
-        check=False,
-    )
-    assert result.returncode == 128 + signal.SIGTERM
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith("SIGTERM: training stopped at epoch 0, step 5")
-    )
-    last = run / "checkpoints" / "last.ckpt"
+    last_line, saved = _stopped_run(tmp_path / "run", signal.SIGTERM, 4)
+    assert last_line.startswith("SIGTERM: training stopped at epoch 0, step 5; saved ")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
-    assert _same_weights(
-        uninterrupted, _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    )
+    resumed = _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert _same_weights(uninterrupted, resumed)
+
+
+def test_a_resumed_run_logs_what_the_first_one_did(trained_run: Path, tmp_path: Path) -> None:
+    from tests.test_train import event_tags
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    train(compose_train(tmp_path, f"ckpt_path={last}", "trainer.max_epochs=3", "test=false"))
+    tags = event_tags(tmp_path)
+    assert "data/train_batch" in tags["images"]
+    assert {"lr-Adam", "train/loss_epoch", "val/mse"} <= set(tags["scalars"])
 
 
 # --- damaged checkpoints ---------------------------------------------------------------------
