@@ -317,3 +317,26 @@ def test_traverse_sweeps_the_most_informative_dims(trained_run: Path, tmp_path: 
 def test_unknown_mode_is_an_error(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mode='dream' is not one of"):
         _generate(trained_run, tmp_path, "mode=dream")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"kernel_size": 4}, {"kernel_size": 3}, {"kernel_size": 5}, {"kernel_size": 2},
+     {"kernel_size": 4, "batch_norm": True, "residual_blocks": 1}],
+)  # fmt: skip
+def test_fast_decoder_computes_the_decoder_s_logits(options: dict) -> None:
+    from cvae.models.inference import FastDecoder
+
+    torch.manual_seed(0)
+    model = CVAE(in_channels=3, image_size=16, latent_dim=5, hidden_channels=[4, 8], **options)
+    for module in model.modules():  # BatchNorm statistics other than the initial ones
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    model.eval()
+    fast = FastDecoder(model.decoder)
+    assert fast.subpixel is not None  # every stride-2 last layer of ours has the fast form
+    z = torch.randn(7, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(z), model.decoder.logits(z), atol=1e-5, rtol=1e-5)
+    assert model.decoder.features[0].weight.is_contiguous()  # the model itself untouched

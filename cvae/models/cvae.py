@@ -207,6 +207,7 @@ class CVAE(pl.LightningModule):
         k: int = 1000,
         generator: torch.Generator | None = None,
         max_decodes: int = 4096,
+        decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) in nats with `k` posterior samples (IWAE):
         log mean_k p(x | z_k) p(z_k) / q(z_k | x). A lower bound that tightens as `k` grows;
@@ -216,6 +217,7 @@ class CVAE(pl.LightningModule):
         about `max_decodes` latents), so any `k` fits in memory; the running log-sum-exp stays
         on the device (no host round trip until the caller reads the result), under
         `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
+        `decoder` computes `decode_logits` another way (`cvae.models.inference.FastDecoder`).
         """
         if k < 1:
             raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
@@ -225,12 +227,13 @@ class CVAE(pl.LightningModule):
             with torch.inference_mode():
                 x = unit_range(x.to(self.device))
                 mu, log_var = self.encode(x)
+                decode_logits = decoder or self.decode_logits
                 per_call = max(1, max_decodes // len(x))
                 total = torch.full((len(x),), -math.inf, device=self.device)
                 for start in range(0, k, per_call):
                     n = min(per_call, k - start)
                     z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
-                    logits = self.decode_logits(z.flatten(0, 1)).unflatten(0, (n, len(x)))
+                    logits = decode_logits(z.flatten(0, 1)).unflatten(0, (n, len(x)))
                     log_w = (
                         self.likelihood(logits, x)  # x broadcast over the n samples
                         + normal_log_density(z)
