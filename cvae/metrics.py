@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
 PER_IMAGE = ("iw_nll", "neg_elbo", "recon", "kl", "mse_per_pixel", "psnr", "ssim")
 CHUNK_IMAGES = 64  # images per resumable chunk (and per call of the encoder)
-MAX_DECODES = 1024  # latents per decoder call: measured fastest on CPU (smaller tensors, fewer page faults)
+MAX_DECODES = 1024  # latents per decoder call: fastest measured on CPU (fewer page faults)
 
 
 def is_binary(images: torch.Tensor) -> bool:

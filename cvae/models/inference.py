@@ -1,8 +1,8 @@
 """`FastDecoder`: the decoder's logits, the same function, computed faster for evaluation.
 
 An importance-weighted bound decodes thousands of latents per image; on CPU the decoder's
-time goes mostly to layouts and to the last transposed convolution, whose one to three
-output channels oneDNN handles poorly. Measured by benchmarks/eval_throughput.py.
+time goes mostly to memory layouts and to the last transposed convolution, whose one to
+three output channels oneDNN handles poorly. Measured by benchmarks/eval_throughput.py.
 """
 
 from __future__ import annotations
@@ -10,49 +10,67 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cvae.models.networks import Decoder
 
 
-def subpixel_weights(
-    conv: nn.ConvTranspose2d,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]] | None:
-    """A stride-2 transposed convolution that doubles its input as a convolution to 4x the
-    channels followed by `pixel_shuffle(2)`: `(weight, bias, padding)` of that convolution
-    (padding as `F.pad` takes it), or None when the layer is not of that kind.
+class DoublingTaps(nn.Module):
+    """A stride-2 transposed convolution that doubles its input, as one matrix product and
+    a few shifted additions: every kernel tap's plane `W[:, c, ty, tx]^T h` at once (one
+    GEMM, no zero taps), then output pixel `(2i + a, 2j + b)` sums the planes of the taps
+    `t = a + p - 2e` at input pixel `(i + e, j + f)`. Exact (the same sums, reordered)."""
 
-    Output row `2i + a` sums input rows `i + e` through kernel row `t = a + p - 2e`; the
-    convolution's kernel covers every `e` used by either phase `a`, zero where unused."""
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    square = conv.kernel_size[1] == k and conv.stride[1] == s and conv.padding[1] == p
-    if not square or s != 2 or conv.groups != 1 or conv.dilation != (1, 1):
-        return None
-    if conv.output_padding[0] != conv.output_padding[1] or 2 - k + 2 * p != conv.output_padding[0]:
-        return None  # the output is not exactly twice the input
-    offsets = [e for e in range(-k, k + 1) if any(0 <= a + p - 2 * e < k for a in (0, 1))]
-    first, size = offsets[0], len(offsets)
-    c_in, c_out = conv.in_channels, conv.out_channels
-    weight = conv.weight.new_zeros(c_out, 2, 2, c_in, size, size)
-    for a in range(2):
-        for b in range(2):
-            for i, e in enumerate(offsets):
-                for j, f in enumerate(offsets):
-                    ty, tx = a + p - 2 * e, b + p - 2 * f
-                    if 0 <= ty < k and 0 <= tx < k:
-                        weight[:, a, b, :, i, j] = conv.weight[:, :, ty, tx].T
-    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(c_out)
-    last = first + size - 1
-    return weight.reshape(4 * c_out, c_in, size, size), bias.repeat_interleave(4), (
-        -first, last, -first, last)  # fmt: skip
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        k, p = conv.kernel_size[0], conv.padding[0]
+        self.k, self.out_channels = k, conv.out_channels
+        weight = conv.weight.detach()  # (C_in, C_out, k, k)
+        self.register_buffer("tap_weight", weight.flatten(1).T.contiguous())  # (C_out k k, C_in)
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        self.register_buffer("bias", bias.clone())
+        self.terms = {  # phase (a, b): the (tap row, tap column, e, f) that reach it
+            (a, b): [(a + p - 2 * e, b + p - 2 * f, e, f)
+                     for e in range(-k, k + 1) if 0 <= a + p - 2 * e < k
+                     for f in range(-k, k + 1) if 0 <= b + p - 2 * f < k]
+            for a in range(2) for b in range(2)
+        }  # fmt: skip
+
+    @staticmethod
+    def applies_to(module: nn.Module) -> bool:
+        """Whether `module` is a transposed convolution this class computes: square,
+        stride 2, ungrouped, undilated, output exactly twice the input."""
+        if not isinstance(module, nn.ConvTranspose2d):
+            return False
+        k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
+        square = module.kernel_size[1] == k and module.stride[1] == s
+        square = square and module.padding[1] == p and len(set(module.output_padding)) == 1
+        return (square and s == 2 and module.groups == 1 and module.dilation == (1, 1)
+                and module.output_padding[0] == 2 - k + 2 * p)  # fmt: skip
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = h.shape
+        rows = h.permute(0, 2, 3, 1).reshape(-1, channels)  # free for channels-last input
+        planes = torch.mm(self.tap_weight, rows.T).view(self.out_channels, self.k, self.k,
+                                                        batch, height, width)  # fmt: skip
+        out = h.new_zeros(self.out_channels, 2, 2, batch, height, width)
+        for (a, b), terms in self.terms.items():
+            phase = out[:, a, b]
+            for ty, tx, e, f in terms:  # phase[i, j] += plane[i + e, j + f], inside the image
+                i0, i1 = max(0, -e), height - max(0, e)
+                j0, j1 = max(0, -f), width - max(0, f)
+                phase[:, :, i0:i1, j0:j1] += planes[:, ty, tx, :, i0 + e : i1 + e, j0 + f : j1 + f]
+        out += self.bias.view(-1, 1, 1, 1, 1, 1)
+        # (C, a, b, B, i, j) -> (B, C, 2i + a, 2j + b)
+        out = out.permute(3, 0, 4, 1, 5, 2)
+        return out.reshape(batch, self.out_channels, 2 * height, 2 * width)
 
 
 class FastDecoder(nn.Module):
     """`decoder.logits`, computed by a copy of `decoder` (the original is left as it is):
     the first Linear writes its output channels-last directly (its rows reordered), the
     convolutions run on channels-last weights, and the last transposed convolution runs as
-    a convolution plus pixel shuffle. Equal to `decoder.logits` up to float rounding."""
+    `DoublingTaps`. Equal to `decoder.logits` up to float rounding."""
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
@@ -66,25 +84,11 @@ class FastDecoder(nn.Module):
             linear.bias.copy_(linear.bias[order])
         self.project, self.start_shape = decoder.project, decoder.start_shape
         layers = list(decoder.features)[:-1]  # the network without its Sigmoid
-        self.subpixel = subpixel_weights(layers[-1])
-        if self.subpixel is not None:
-            layers = layers[:-1]
-            weight, bias, padding = self.subpixel
-            weight = weight.contiguous(memory_format=torch.channels_last)
-            self.register_buffer("last_weight", weight)
-            self.register_buffer("last_bias", bias)
-            self.padding = padding
+        self.last = DoublingTaps(layers.pop()) if DoublingTaps.applies_to(layers[-1]) else None
         self.body = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         channels, height, width = self.start_shape
         h = self.project(z).view(-1, height, width, channels).permute(0, 3, 1, 2)
         h = self.body(h)  # channels-last throughout
-        if self.subpixel is None:
-            return h
-        left, right = self.padding[:2]
-        if left == right:  # the usual case: no padded copy of the activations
-            h = F.conv2d(h, self.last_weight, self.last_bias, padding=left)
-        else:
-            h = F.conv2d(F.pad(h, self.padding), self.last_weight, self.last_bias)
-        return F.pixel_shuffle(h, 2)
+        return h if self.last is None else self.last(h)
