@@ -33,7 +33,7 @@ from common import compose_train, machine, matmul_rate, synchronize
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from cvae.metrics import MAX_DECODES, evaluate
+from cvae.metrics import evaluate
 from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.likelihoods import gaussian_log_density
@@ -134,7 +134,8 @@ def main() -> None:
 
     def iwae() -> None:
         generator, fast = torch.Generator().manual_seed(0), FastDecoder(model.decoder)
-        model.log_likelihood(x, args.k, generator, max_decodes=MAX_DECODES, decoder=fast)
+        model.log_likelihood(x, args.k, generator, max_decodes=fast.decodes_per_call(),
+                             decoder=fast)  # fmt: skip
 
     def evaluator() -> None:
         evaluate(model, batches, iw_samples=args.k)

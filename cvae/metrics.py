@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
 PER_IMAGE = ("iw_nll", "neg_elbo", "recon", "kl", "mse_per_pixel", "psnr", "ssim")
 CHUNK_IMAGES = 64  # images per resumable chunk (and per call of the encoder)
-MAX_DECODES = 1024  # latents per decoder call: fastest measured on CPU (fewer page faults)
 
 
 def is_binary(images: torch.Tensor) -> bool:
@@ -117,7 +116,7 @@ def evaluate_chunk(
     images: torch.Tensor,
     iw_samples: int,
     generator: torch.Generator,
-    max_decodes: int = MAX_DECODES,
+    max_decodes: int = 1024,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Per-image results of one chunk of images (uint8 or [0, 1]), the chunk's posterior
@@ -286,7 +285,7 @@ def evaluate(
     *,
     folder: str | Path | None = None,
     chunk_images: int = CHUNK_IMAGES,
-    max_decodes: int = MAX_DECODES,
+    max_decodes: int | None = None,
     progress: bool = False,
 ) -> dict:
     """Per-image means over `batches` (uint8 or [0, 1] images), in nats unless named.
@@ -301,12 +300,15 @@ def evaluate(
     `(seed, i)`. With `folder`, each finished chunk is saved there and chunks already there
     are not evaluated again: an interrupted evaluation continues where it stopped, with the
     numbers an uninterrupted one gives (same `chunk_images` and `max_decodes`), and
-    `per_image.csv` is written at the end. `progress` shows images done and time left.
+    `per_image.csv` is written at the end. `max_decodes` latents are decoded per call
+    (None: `FastDecoder.decodes_per_call`). `progress` shows images done and time left.
     """
     if iw_samples < 1:
         raise ValueError(f"eval.iw_samples must be >= 1, got {iw_samples}")
     if chunk_images < 1:
         raise ValueError(f"eval.chunk_images must be >= 1, got {chunk_images}")
+    if max_decodes is not None and max_decodes < 1:
+        raise ValueError(f"eval.max_decodes must be null or >= 1, got {max_decodes}")
     store = ChunkStore(folder)
     finished = store.done()
     model.eval()
@@ -318,6 +320,7 @@ def evaluate(
     report = ProgressReport(total, f"IW NLL, K={iw_samples}", already, enabled=progress)
     count = 0
     decoder = FastDecoder(model.decoder)
+    max_decodes = max_decodes if max_decodes is not None else decoder.decodes_per_call()
     try:
         for index, images in enumerate(image_chunks(batches, chunk_images, max_images)):
             count += len(images)

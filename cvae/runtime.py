@@ -257,20 +257,21 @@ def evaluate(cfg: DictConfig) -> dict:
     """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json in
     the evaluation's own folder (see `evaluation_folder`), which also keeps every finished
     chunk of images: the same command continues an interrupted evaluation."""
-    from cvae.metrics import MAX_DECODES
     from cvae.metrics import evaluate as evaluate_model
 
     ev = cfg.eval
     model, datamodule, split = _evaluation_data(cfg)
     extractor = None
     if ev.get("fid"):  # weights first: a missing file stops the command before any work
+        if int(ev.fid_samples) < 2:
+            raise ValueError(f"eval.fid_samples must be >= 2, got {ev.fid_samples}")
         from cvae.fid import inception
 
         extractor = inception(ev.get("fid_weights"))
     loader = _evaluation_loader(datamodule, split)
     options = {"iw_samples": int(ev.iw_samples), "seed": int(ev.seed),
                "max_images": ev.max_images, "chunk_images": int(ev.get("chunk_images", 64)),
-               "max_decodes": int(ev.get("max_decodes", MAX_DECODES))}  # fmt: skip
+               "max_decodes": ev.get("max_decodes")}  # fmt: skip
     folder = evaluation_folder(cfg, model, datamodule, split, options)
     log.info("evaluating %s, %s split, K=%d: results in %s", cfg.ckpt_path, split,
              options["iw_samples"], folder)  # fmt: skip
