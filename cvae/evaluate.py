@@ -1,7 +1,9 @@
 """Evaluate a checkpoint: `python -m cvae.evaluate ckpt_path=PATH [data=...] [eval.iw_samples=K]`.
 
 Prints per-image negative ELBO, importance-weighted NLL, bits/dim, PSNR, SSIM, active units
-and more, and writes them to outputs/eval/<timestamp>/metrics.json.
+and more (FID and KID with `eval.fid=true`), and writes them to
+outputs/eval/<checkpoint>-<split>-k<K>-<hash>/metrics.json. That folder keeps every finished
+chunk of images: the same command run again after an interruption continues from there.
 """
 
 from __future__ import annotations

@@ -3,19 +3,31 @@ and how much of the latent space it uses, over a whole split."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
-from collections.abc import Callable, Iterable
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 from cvae.models import CVAE
+from cvae.models.inference import FastDecoder
 from cvae.models.losses import kl_per_dimension
 from cvae.models.networks import unit_range
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
+PER_IMAGE = ("iw_nll", "neg_elbo", "recon", "kl", "mse_per_pixel", "psnr", "ssim")
+CHUNK_IMAGES = 64  # images per resumable chunk (and per call of the encoder)
 
 
 def is_binary(images: torch.Tensor) -> bool:
@@ -64,6 +76,22 @@ class PosteriorStatistics:
         self.count = int(packed[0])
         self.sum, self.sum_squares, self.kl_sum = packed[1:].split(len(self.sum))
 
+    def state(self) -> dict:
+        """Plain tensors to save with a chunk of results (see `merge`)."""
+        return {"count": self.count, "sum": self.sum, "sum_squares": self.sum_squares,
+                "kl_sum": self.kl_sum}  # fmt: skip
+
+    def merge(self, state: dict) -> None:
+        """Add the statistics of another share of the data (a `state()`)."""
+        if self.sum is None:
+            self.sum, self.sum_squares, self.kl_sum = (
+                torch.zeros_like(state["sum"]) for _ in range(3)
+            )
+        self.count += state["count"]
+        self.sum += state["sum"]
+        self.sum_squares += state["sum_squares"]
+        self.kl_sum += state["kl_sum"]
+
     def variance(self) -> torch.Tensor:
         mean = self.sum / self.count
         return (self.sum_squares / self.count - mean.pow(2)).clamp_min(0)
@@ -75,12 +103,190 @@ class PosteriorStatistics:
         return self.kl_sum / self.count
 
 
+def chunk_generator(seed: int, index: int) -> torch.Generator:
+    """The random numbers of chunk `index`: a function of `(seed, index)` only, so a chunk
+    draws the same dequantisation noise and posterior samples whether or not the chunks
+    before it ran in this process (an evaluation resumed after an interruption)."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def evaluate_chunk(
+    model: CVAE,
+    images: torch.Tensor,
+    iw_samples: int,
+    generator: torch.Generator,
+    max_decodes: int = 1024,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
+    """Per-image results of one chunk of images (uint8 or [0, 1]), the chunk's posterior
+    statistics and whether its images are binary: what a chunk file holds. Nothing is read
+    back to the host until the chunk is done. `decoder`: see `CVAE.log_likelihood`."""
+    images = images.to(model.device)
+    with torch.inference_mode():
+        clean = unit_range(images)
+        x = likelihood_input(images, model.likelihood.continuous, generator)
+        log_px, kl, mu, log_var = model.elbo_terms(x, generator)
+        nll = -model.log_likelihood(x, iw_samples, generator=generator, max_decodes=max_decodes,
+                                    decoder=decoder)  # fmt: skip
+        mean_decoded = model.reconstruct(clean)
+        statistics = PosteriorStatistics()
+        statistics.update(mu, log_var)
+        values = {
+            "iw_nll": nll,
+            "neg_elbo": kl - log_px,
+            "recon": -log_px,
+            "kl": kl,
+            "mse_per_pixel": (mean_decoded - clean).pow(2).flatten(1).mean(1),
+            "psnr": peak_signal_noise_ratio(mean_decoded, clean, data_range=1.0,
+                                            reduction="none", dim=(1, 2, 3)),
+            "ssim": structural_similarity_index_measure(mean_decoded, clean, data_range=1.0,
+                                                        reduction="none"),
+        }  # fmt: skip
+    return {
+        "images": len(images),
+        "values": {name: value.double().cpu() for name, value in values.items()},
+        "posterior": {
+            k: v.cpu() if torch.is_tensor(v) else v for k, v in statistics.state().items()
+        },  # fmt: skip
+        "binary": is_binary(images),
+        "dims": images[0].numel(),
+    }
+
+
+def image_chunks(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int, max_images: int | None
+) -> Iterator[torch.Tensor]:
+    """The images of `batches` regrouped into chunks of `size` (the last may be smaller),
+    whatever the loader's batch size: chunk boundaries, so resuming, depend on `size` only."""
+    pending: list[torch.Tensor] = []
+    held = seen = 0
+    for images, *_ in batches:
+        if max_images is not None:
+            images = images[: max_images - seen]
+        seen += len(images)
+        while len(images):
+            take = images[: size - held]
+            pending.append(take)
+            held += len(take)
+            images = images[len(take) :]
+            if held == size:
+                yield torch.cat(pending)
+                pending, held = [], 0
+        if max_images is not None and seen >= max_images:
+            break
+    if pending:
+        yield torch.cat(pending)
+
+
+def count_images(batches: Iterable, max_images: int | None = None) -> int | None:
+    """How many images `batches` holds (a DataLoader, our device batches or a list), if known."""
+    total = None
+    for source in (getattr(batches, "dataset", None), getattr(batches, "sampler", None)):
+        if source is not None and hasattr(source, "__len__"):
+            total = len(source)
+            break
+    if total is None and isinstance(batches, (list, tuple)):
+        total = sum(len(batch[0]) for batch in batches)
+    if total is not None and max_images is not None:
+        total = min(total, max_images)
+    return total
+
+
+class ProgressReport:
+    """Images done, with an ETA: a rich progress bar on a terminal (stderr), else a log line
+    at most every `every` seconds (batch jobs, pipes). `done` images count as finished
+    before this process started (a resumed evaluation): they do not enter the rate."""
+
+    def __init__(self, total: int | None, label: str, done: int = 0, enabled: bool = True,
+                 every: float = 30.0) -> None:  # fmt: skip
+        self.total, self.label, self.done, self.enabled = total, label, done, enabled
+        self.started, self.start_done, self.every = time.monotonic(), done, every
+        self.last_line = self.started
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich import progress as bars
+            from rich.console import Console
+
+            self.bar = bars.Progress(
+                bars.TextColumn(f"{label}: images"), bars.MofNCompleteColumn(),
+                bars.BarColumn(), bars.TimeElapsedColumn(), bars.TextColumn("ETA"),
+                bars.TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, completed=done)
+
+    def advance(self, images: int) -> None:
+        self.done += images
+        if self.bar is not None:
+            self.bar.update(self.task, advance=images)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.last_line >= self.every or self.done == self.total):
+            self.last_line = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        """`<label>: 1,200 of 10,000 images, 2.3 min, about 17.0 min left`."""
+        elapsed = now - self.started
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        of = f" of {self.total:,}" if self.total else ""
+        text = f"{self.label}: {self.done:,}{of} images, {elapsed / 60:.1f} min"
+        if self.total and rate > 0:
+            text += f", about {(self.total - self.done) / rate / 60:.1f} min left"
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class ChunkStore:
+    """Finished chunks of an evaluation as files `chunks/00000.pt`, ... under `folder`,
+    each written whole (to a `.partial` file, then renamed), so an interrupted evaluation
+    keeps every finished chunk and the same command continues after it."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder) / "chunks" if folder is not None else None
+        self.memory: dict[int, dict] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for partial in self.folder.glob("*.partial"):  # cut off mid-write
+                partial.unlink()
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"{index:05d}.pt"
+
+    def done(self) -> set[int]:
+        if self.folder is None:
+            return set(self.memory)
+        return {int(p.stem) for p in self.folder.glob("*.pt") if p.stem.isdigit()}
+
+    def save(self, index: int, chunk: dict) -> None:
+        if self.folder is None:
+            self.memory[index] = chunk
+            return
+        partial = self.path(index).with_suffix(".partial")
+        torch.save(chunk, partial)
+        os.replace(partial, self.path(index))
+
+    def load(self, index: int) -> dict:
+        if self.folder is None:
+            return self.memory[index]
+        return torch.load(self.path(index), weights_only=True)
+
+
 def evaluate(
     model: CVAE,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     iw_samples: int = 1000,
     seed: int = 0,
     max_images: int | None = None,
+    *,
+    folder: str | Path | None = None,
+    chunk_images: int = CHUNK_IMAGES,
+    max_decodes: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Per-image means over `batches` (uint8 or [0, 1] images), in nats unless named.
 
@@ -89,46 +295,74 @@ def evaluate(
     or on dequantised 8-bit images; `bits_per_dim` converts `iw_nll` to bits per pixel value
     of the discrete data. `mse_per_pixel`, `psnr` (dB) and `ssim` compare the images with
     the decoding of their posterior means.
+
+    Images are evaluated in chunks of `chunk_images`, chunk `i` with random numbers from
+    `(seed, i)`. With `folder`, each finished chunk is saved there and chunks already there
+    are not evaluated again: an interrupted evaluation continues where it stopped, with the
+    numbers an uninterrupted one gives (same `chunk_images` and `max_decodes`), and
+    `per_image.csv` is written at the end. `max_decodes` latents are decoded per call
+    (None: `FastDecoder.decodes_per_call`). `progress` shows images done and time left.
     """
-    generator = torch.Generator().manual_seed(seed)
-    device = model.device
-    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-    psnr, ssim = psnr.to(device), ssim.to(device)
-    posterior = PosteriorStatistics()
-    totals = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "iw_nll": 0.0, "mse_per_pixel": 0.0}
-    count, binary, dims = 0, True, 0
-    continuous = model.likelihood.continuous
+    if iw_samples < 1:
+        raise ValueError(f"eval.iw_samples must be >= 1, got {iw_samples}")
+    if chunk_images < 1:
+        raise ValueError(f"eval.chunk_images must be >= 1, got {chunk_images}")
+    if max_decodes is not None and max_decodes < 1:
+        raise ValueError(f"eval.max_decodes must be null or >= 1, got {max_decodes}")
+    store = ChunkStore(folder)
+    finished = store.done()
     model.eval()
-    for images, _ in batches:
-        if max_images is not None:
-            images = images[: max_images - count]
-        if len(images) == 0:
-            break
-        images = images.to(device)
-        binary = binary and is_binary(images)
-        with torch.no_grad():
-            clean = unit_range(images)
-            x = likelihood_input(images, continuous, generator)
-            log_px, kl, mu, log_var = model.elbo_terms(x, generator)
-            recon = -log_px
-        nll = -model.log_likelihood(x, iw_samples, generator=generator)
-        mean_decoded = model.reconstruct(clean)
-        posterior.update(mu, log_var)
-        psnr.update(mean_decoded, clean)
-        ssim.update(mean_decoded, clean)
-        totals["neg_elbo"] += float((recon + kl).sum())
-        totals["recon"] += float(recon.sum())
-        totals["kl"] += float(kl.sum())
-        totals["iw_nll"] += float(nll.sum())
-        totals["mse_per_pixel"] += float((mean_decoded - clean).pow(2).flatten(1).mean(1).sum())
-        count += len(images)
-        dims = images[0].numel()
-        if max_images is not None and count >= max_images:
-            break
+    total = count_images(batches, max_images)
+    already = 0
+    if total is not None:
+        already = sum(min(chunk_images, total - i * chunk_images) for i in finished
+                      if i * chunk_images < total)  # fmt: skip
+    report = ProgressReport(total, f"IW NLL, K={iw_samples}", already, enabled=progress)
+    count = 0
+    decoder = FastDecoder(model.decoder)
+    max_decodes = max_decodes if max_decodes is not None else decoder.decodes_per_call()
+    try:
+        for index, images in enumerate(image_chunks(batches, chunk_images, max_images)):
+            count += len(images)
+            if index in finished:
+                if store.load(index)["images"] != len(images):
+                    raise ValueError(
+                        f"{store.path(index)} holds another chunk of images than this "
+                        "evaluation's: delete its folder to start afresh"
+                    )
+                continue
+            generator = chunk_generator(seed, index)
+            store.save(index, evaluate_chunk(model, images, iw_samples, generator, max_decodes,
+                                             decoder))  # fmt: skip
+            report.advance(len(images))
+    except KeyboardInterrupt:
+        if folder is not None:
+            log.warning("interrupted: %d finished chunks kept in %s; the same command "
+                        "continues from there", len(store.done()), folder)  # fmt: skip
+        raise
+    finally:
+        report.close()
     if count == 0:
         raise ValueError("no images to evaluate")
-    metrics = {name: value / count for name, value in totals.items()}
+    chunks = [store.load(i) for i in range(math.ceil(count / chunk_images))]
+    metrics = summarize(chunks, model, iw_samples)
+    if folder is not None:
+        write_per_image(chunks, Path(folder) / "per_image.csv")
+    return metrics
+
+
+def summarize(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
+    """The metrics of an evaluation from its chunks, in order: the same whether they were
+    computed in one run or across interrupted ones."""
+    values = {name: torch.cat([c["values"][name] for c in chunks]) for name in PER_IMAGE}
+    count, dims = len(values["iw_nll"]), chunks[0]["dims"]
+    binary = all(c["binary"] for c in chunks)
+    posterior = PosteriorStatistics()
+    for chunk in chunks:
+        posterior.merge(chunk["posterior"])
+    metrics = {name: float(values[name].mean()) for name in PER_IMAGE if name not in
+               ("psnr", "ssim")}  # fmt: skip
+    continuous = model.likelihood.continuous
     # A density on [0, 1] bounds the 8-bit data's probability once ln 256 per value is added;
     # a Bernoulli is a probability only of binary data, and means nothing as NLL otherwise.
     offset = dims * math.log(256) if continuous else 0.0
@@ -145,10 +379,25 @@ def evaluate(
         iw_samples=iw_samples,
         binary_data=binary,
         proper_density=proper,
-        psnr=float(psnr.compute()),
-        ssim=float(ssim.compute()),
+        psnr=float(values["psnr"].mean()),
+        ssim=float(values["ssim"].mean()),
         active_units=posterior.active_units(),
         latent_dim=int(model.hparams.latent_dim),
         kl_per_dim=[round(v, 6) for v in posterior.kl_per_dim().tolist()],
     )
     return metrics
+
+
+def write_per_image(chunks: list[dict], path: Path) -> None:
+    """`per_image.csv`: one row per image, in evaluation order (`index` into the split)."""
+    partial = path.with_suffix(".partial")
+    with open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", *PER_IMAGE])
+        index = 0
+        for chunk in chunks:
+            columns = [chunk["values"][name].tolist() for name in PER_IMAGE]
+            for row in zip(*columns, strict=True):
+                writer.writerow([index, *(f"{v:.6f}" for v in row)])
+                index += 1
+    os.replace(partial, path)

@@ -235,34 +235,119 @@ def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json."""
+    """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json in
+    the evaluation's own folder (see `evaluation_folder`), which also keeps every finished
+    chunk of images: the same command continues an interrupted evaluation."""
     from cvae.metrics import evaluate as evaluate_model
 
-    model, datamodule = load_checkpoint(cfg)
+    ev = cfg.eval
+    model, datamodule, split = _evaluation_data(cfg)
+    extractor = None
+    if ev.get("fid"):  # weights first: a missing file stops the command before any work
+        if int(ev.fid_samples) < 2:
+            raise ValueError(f"eval.fid_samples must be >= 2, got {ev.fid_samples}")
+        from cvae.fid import inception
+
+        extractor = inception(ev.get("fid_weights"))
+    loader = _evaluation_loader(datamodule, split)
+    options = {"iw_samples": int(ev.iw_samples), "seed": int(ev.seed),
+               "max_images": ev.max_images, "chunk_images": int(ev.get("chunk_images", 64)),
+               "max_decodes": ev.get("max_decodes")}  # fmt: skip
+    folder = evaluation_folder(cfg, model, datamodule, split, options)
+    log.info("evaluating %s, %s split, K=%d: results in %s", cfg.ckpt_path, split,
+             options["iw_samples"], folder)  # fmt: skip
+    metrics = evaluate_model(model, loader, **options, folder=folder,
+                             progress=bool(ev.get("progress", True)))  # fmt: skip
+    if extractor is not None:
+        from cvae.fid import sample_quality
+
+        metrics.update(sample_quality(
+            model, loader, samples=int(ev.fid_samples), seed=int(ev.seed), extractor=extractor,
+            batch_size=int(ev.get("fid_batch_size", 64)), progress=bool(ev.get("progress", True)),
+        ))  # fmt: skip
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}
+    settings = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
+    (folder / "metrics.json").write_text(json.dumps({**metrics, **settings}, indent=2))
+    print_metrics(metrics)
+    log.info("metrics written to %s", folder / "metrics.json")
+    return metrics
+
+
+# Data settings that change how images are read, not which images or pixels: left out of
+# an evaluation's identity.
+LOADER_ONLY = ("batch_size", "num_workers", "pin_memory", "persistent_workers",
+               "prefetch_factor", "cache", "cache_dir", "cache_workers", "on_device",
+               "download", "strict")  # fmt: skip
+
+
+def evaluation_folder(
+    cfg: DictConfig, model: CVAE, datamodule: ImageDataModule, split: str, options: dict
+) -> Path:
+    """`<paths.output_dir>/<checkpoint stem>-<split>-k<K>-<hash>/`: one folder per checkpoint
+    file (by content), split, evaluation options, device type and data settings, so the same
+    command finds the chunks an interrupted run left, and any other evaluation starts a
+    folder of its own. Holds `settings.json` (what the hash covers) and `config.yaml`."""
+    import hashlib
+
+    path = Path(str(cfg.ckpt_path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    digest = digest.hexdigest()
+    data = {k: v for k, v in dict(datamodule.hparams).items() if k not in LOADER_ONLY}
+    identity = {"checkpoint_sha256": digest, "split": split, **options,
+                "device": model.device.type, "data": data}  # fmt: skip
+    text = json.dumps(identity, indent=2, sort_keys=True, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:10]
+    folder = Path(cfg.paths.output_dir) / f"{path.stem}-{split}-k{options['iw_samples']}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "settings.json").write_text(text + "\n")
+    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    return folder
+
+
+def _evaluation_data(cfg: DictConfig) -> tuple[CVAE, ImageDataModule, str]:
+    """The model, its data and the split to evaluate. A `data=folder` folder is read at the
+    checkpoint's channels and size (any image converts) and evaluated whole unless
+    `eval.split` names a split; other data is evaluated on its test split by default."""
+    split = cfg.eval.get("split")
+    if split is not None and split not in ("train", "val", "test"):
+        raise ValueError(f"eval.split={split!r} is not one of train, val, test (or null)")
+    if cfg.get("data") and cfg.data.get("source") == "folder":
+        model = load_model(cfg)
+        hp = model.hparams
+        datamodule = instantiate(cfg.data, channels=hp.in_channels, image_size=hp.image_size)
+        log.info("data.root=%s: images read as %d channel(s), %dx%d, as the checkpoint's model",
+                 cfg.data.root, hp.in_channels, hp.image_size, hp.image_size)  # fmt: skip
+        split = split or "all"
+    else:
+        model, datamodule = load_checkpoint(cfg)
+        split = split or "test"
     if cfg.eval.batch_size:
         datamodule.hparams.batch_size = int(cfg.eval.batch_size)
-    split = cfg.eval.split
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"eval.split={split!r} is not one of train, val, test")
     if split == "train" and datamodule.hparams.binarize:
         raise ValueError(
             "eval.split=train with data.binarize=true: training images are binarised afresh "
             "at every training step, so there is no fixed train set; evaluate val or test"
         )
+    return model, datamodule, split
+
+
+def _evaluation_loader(datamodule: ImageDataModule, split: str):
+    """Batches of the split, in a fixed order; `all`: every usable image of the source."""
+    if split != "all":
+        datamodule.setup("test")
+        return getattr(datamodule, f"{split}_dataloader")()
+    from cvae.data.datamodule import _binarized
+
+    datamodule.hparams.val_fraction = datamodule.hparams.test_fraction = 0.0
     datamodule.setup("test")
-    loader = getattr(datamodule, f"{split}_dataloader")()
-    metrics = evaluate_model(
-        model, loader, iw_samples=int(cfg.eval.iw_samples), seed=int(cfg.eval.seed),
-        max_images=cfg.eval.max_images,
-    )  # fmt: skip
-    metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}
-    settings = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps({**metrics, **settings}, indent=2))
-    print_metrics(metrics)
-    log.info("metrics written to %s", output_dir / "metrics.json")
-    return metrics
+    every = datamodule.train_set  # with no val or test share: all of them
+    if datamodule.hparams.binarize:  # fixed bits, as a val or test split gets them
+        every = _binarized(every, seed=datamodule.hparams.split_seed)
+    datamodule.test_set = every
+    return datamodule.test_dataloader()  # the test loader's sequential order
 
 
 def print_metrics(metrics: dict) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from cvae import CVAE, ImageDataModule
 from cvae.generate import generate
 from cvae.metrics import PosteriorStatistics, evaluate, likelihood_input
+from cvae.models.likelihoods import gaussian_log_density
 from cvae.runtime import evaluate as evaluate_command
 from tests.conftest import compose_tool, write_mixed_images
 
@@ -48,7 +49,11 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
         return mean, posterior_var.log().expand(len(images), -1)
 
     model.encode = encode
-    model.decode = lambda z: (z @ w.T + b).view(-1, 1, 4, 4)
+    # Means outside [0, 1]: the decoder outputs them directly, scored by an identity-link
+    # Gaussian (the model's own link, sigmoid(logits), is not under test here).
+    model.decode_logits = lambda z: (z @ w.T + b).view(-1, 1, 4, 4)
+    log_sigma = torch.tensor(0.5 * math.log(noise))
+    model.likelihood.log_prob = lambda mean, images: gaussian_log_density(mean, images, log_sigma)
     marginal = torch.distributions.MultivariateNormal(b, w @ w.T + noise * torch.eye(pixels))
     return x, marginal.log_prob(x.flatten(1))
 
@@ -139,10 +144,93 @@ def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path:
         text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (folder,) = [p.parent for p in tmp_path.glob("*/metrics.json")]
+    assert folder.name.startswith("last-val-k4-")
+    metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["images"] == 6 and metrics["iw_samples"] == 4 and metrics["split"] == "val"
     assert "iw_nll" in result.stdout and "bits_per_dim" in result.stdout
-    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (folder / "config.yaml").is_file() and (folder / "settings.json").is_file()
+    rows = (folder / "per_image.csv").read_text().splitlines()
+    assert rows[0].startswith("index,iw_nll") and len(rows) == 1 + 6
+    assert "IW NLL, K=4: 6 of 6 images" in result.stdout  # not a terminal: a log line
+
+
+def _run_evaluation(trained_run: Path, out: Path, *overrides: str) -> dict:
+    cfg = compose_tool("eval", out, f"ckpt_path={_checkpoint(trained_run)}", "eval.seed=3",
+                       "eval.chunk_images=2", "eval.progress=false", *overrides)  # fmt: skip
+    return evaluate_command(cfg)
+
+
+def _chunk_values(folder: Path) -> list[dict]:
+    return [torch.load(path, weights_only=True)["values"]
+            for path in sorted((folder / "chunks").glob("*.pt"))]  # fmt: skip
+
+
+def test_interrupted_evaluation_resumes_with_the_same_numbers(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cvae.metrics
+
+    whole = _run_evaluation(trained_run, tmp_path / "whole", "eval.iw_samples=5")
+    evaluate_chunk, calls = cvae.metrics.evaluate_chunk, []
+
+    def interrupted_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third chunk
+        return evaluate_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run_evaluation(trained_run, tmp_path / "resumed", "eval.iw_samples=5")
+    (folder,) = (tmp_path / "resumed").iterdir()
+    assert len(_chunk_values(folder)) == 2 and not (folder / "metrics.json").exists()
+    calls.clear()
+    resumed = _run_evaluation(trained_run, tmp_path / "resumed", "eval.iw_samples=5")
+    assert len(calls) == 1  # 6 validation images in chunks of 2: only the last one was left
+    (whole_folder,) = (tmp_path / "whole").iterdir()
+    assert folder.name == whole_folder.name  # the same evaluation, the same folder name
+    for got, expected in zip(_chunk_values(folder), _chunk_values(whole_folder), strict=True):
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)  # identical, per image
+    assert resumed == whole
+
+
+def test_each_evaluation_gets_a_folder_of_its_own(trained_run: Path, tmp_path: Path) -> None:
+    first = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
+    again = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
+    assert again == first and len(list(tmp_path.iterdir())) == 1  # found, not redone
+    _run_evaluation(trained_run, tmp_path, "eval.iw_samples=3", "eval.split=val")
+    _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val", "eval.seed=4")
+    assert len(list(tmp_path.iterdir())) == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n.rsplit("-", 1)[0] for n in names] == ["last-val-k2", "last-val-k2", "last-val-k3"]
+
+
+def test_evaluating_a_folder_uses_every_image_at_the_model_s_size(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """The model takes 3 channels at 16x16; the folder preset is asked for 1 at 32x32: its
+    images are read as the model needs them, all 7 of them unless a split is named."""
+    images = tmp_path / "images"
+    write_mixed_images(images, 7)
+    (images / "broken.png").write_bytes(b"")  # skipped, not counted
+    common = ("data=folder", f"data.root={images}", "data.channels=1", "data.image_size=32",
+              f"data.cache_dir={tmp_path / 'cache'}", "eval.iw_samples=2")  # fmt: skip
+    every = _run_evaluation(trained_run, tmp_path / "all", *common)
+    assert every["images"] == 7 and every["split"] == "all"
+    test_split = _run_evaluation(trained_run, tmp_path / "test", *common, "eval.split=test")
+    assert test_split["images"] == 1  # 10% of the 7
+
+
+def test_progress_is_a_log_line_when_not_on_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    from cvae.metrics import ProgressReport
+
+    with caplog.at_level("INFO", logger="cvae.metrics"):
+        report = ProgressReport(100, "IW NLL, K=5", done=20, every=0.0)
+        report.advance(30)
+        report.close()
+    assert "IW NLL, K=5: 50 of 100 images" in caplog.text and "min left" in caplog.text
 
 
 def test_evaluate_on_data_that_does_not_fit_names_the_key(trained_run: Path, tmp_path) -> None:
@@ -229,3 +317,26 @@ def test_traverse_sweeps_the_most_informative_dims(trained_run: Path, tmp_path: 
 def test_unknown_mode_is_an_error(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mode='dream' is not one of"):
         _generate(trained_run, tmp_path, "mode=dream")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"kernel_size": 4}, {"kernel_size": 3}, {"kernel_size": 5}, {"kernel_size": 2},
+     {"kernel_size": 4, "batch_norm": True, "residual_blocks": 1}],
+)  # fmt: skip
+def test_fast_decoder_computes_the_decoder_s_logits(options: dict) -> None:
+    from cvae.models.inference import FastDecoder
+
+    torch.manual_seed(0)
+    model = CVAE(in_channels=3, image_size=16, latent_dim=5, hidden_channels=[4, 8], **options)
+    for module in model.modules():  # BatchNorm statistics other than the initial ones
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    model.eval()
+    fast = FastDecoder(model.decoder)
+    assert fast.last is not None  # every last layer of ours has the fast form
+    z = torch.randn(7, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(z), model.decoder.logits(z), atol=1e-5, rtol=1e-5)
+    assert all(p.is_contiguous() for p in model.decoder.parameters())  # the model untouched

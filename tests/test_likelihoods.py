@@ -14,67 +14,109 @@ from cvae.models.losses import beta_at, free_bits_kl, kl_per_dimension
 
 
 def _pair(binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder logits and images: likelihoods score logits, Gaussians as means sigmoid(logits)."""
     generator = torch.Generator().manual_seed(0)
     x_hat = torch.rand(4, 3, 5, 5, generator=generator).clamp(0.01, 0.99)
     x = torch.rand(4, 3, 5, 5, generator=generator)
-    return x_hat, (x > 0.5).float() if binary else x
+    return torch.logit(x_hat), (x > 0.5).float() if binary else x
 
 
-def _reference(x_hat: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    return Normal(x_hat, sigma).log_prob(x).flatten(1).sum(1)
+def _reference(logits: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    return Normal(torch.sigmoid(logits), sigma).log_prob(x).flatten(1).sum(1)
 
 
 def test_bernoulli_matches_torch_distributions() -> None:
-    x_hat, x = _pair(binary=True)
-    expected = Bernoulli(probs=x_hat).log_prob(x).flatten(1).sum(1)
+    logits, x = _pair(binary=True)
+    expected = Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1)
     for name in ("bernoulli", "bce"):
-        torch.testing.assert_close(build_likelihood(name)(x_hat, x), expected)
+        torch.testing.assert_close(build_likelihood(name)(logits, x), expected)
+
+
+@pytest.mark.parametrize("logit", [40.0, -40.0])
+def test_bernoulli_is_exact_for_confident_logits(logit: float) -> None:
+    """A Sigmoid rounds 40 to exactly 1 in float32: on probabilities, the right pixels cost
+    nothing and the wrong ones 100 nats (the clamp). On logits both are exact."""
+    logits = torch.full((2, 1, 4, 4), logit)
+    x = torch.zeros(2, 1, 4, 4)
+    x[1] = 1.0  # image 0 all black, image 1 all white
+    expected = Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(1).sum(1)
+    got = build_likelihood("bernoulli")(logits, x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-12)
+    wrong = 0 if logit > 0 else 1  # the image that the logits contradict: 40 nats a pixel
+    assert float(got[wrong]) == pytest.approx(-40.0 * 16, rel=1e-6)
+    assert -1e-15 <= float(got[1 - wrong]) <= 0  # right, but not certain: e^-40 a pixel
+
+
+def test_a_decoder_that_outputs_50_scores_50_nats_a_pixel_on_a_black_image() -> None:
+    """The issue's example: the last layer outputs +50 everywhere, the image is black."""
+    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
+                 recon_loss="bernoulli")  # fmt: skip
+    last = model.decoder.features[-2]  # the ConvTranspose2d before the Sigmoid
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(50.0)
+    black = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    log_px, _, _, _ = model.elbo_terms(black)
+    torch.testing.assert_close(log_px, torch.full((2,), -50.0 * 64))
+    assert torch.equal(model.decode(torch.zeros(1, 3)), torch.ones(1, 1, 8, 8))  # means in [0, 1]
+    nll = -model.log_likelihood(black, k=3)
+    torch.testing.assert_close(nll, torch.full((2,), 50.0 * 64), rtol=1e-4, atol=0.0)
+
+
+def test_likelihoods_broadcast_images_over_samples() -> None:
+    logits, x = _pair(binary=True)
+    samples = torch.stack([logits, logits.flip(0)])  # (2, B, C, H, W)
+    for name in ("bernoulli", "gaussian_fixed"):
+        likelihood = build_likelihood(name)
+        got = likelihood(samples, x)
+        assert got.shape == (2, 4)
+        torch.testing.assert_close(got[1], likelihood(logits.flip(0), x))
 
 
 @pytest.mark.parametrize("name", ["gaussian_fixed", "mse", "gaussian_learned"])
 def test_gaussians_match_torch_distributions(name: str) -> None:
-    x_hat, x = _pair()
+    logits, x = _pair()
     likelihood = build_likelihood(name, sigma=0.3)
-    torch.testing.assert_close(likelihood(x_hat, x), _reference(x_hat, x, 0.3))
+    torch.testing.assert_close(likelihood(logits, x), _reference(logits, x, 0.3))
 
 
 def test_mse_is_the_seed_squared_error_plus_a_constant() -> None:
-    x_hat, x = _pair()
-    squared_error = (x - x_hat).pow(2).flatten(1).sum(1)
+    logits, x = _pair()
+    squared_error = (x - torch.sigmoid(logits)).pow(2).flatten(1).sum(1)
     constant = 0.5 * x[0].numel() * math.log(math.pi)
-    torch.testing.assert_close(-build_likelihood("mse")(x_hat, x), squared_error + constant)
+    torch.testing.assert_close(-build_likelihood("mse")(logits, x), squared_error + constant)
 
 
 def test_gaussian_learned_sigma_is_trained() -> None:
     likelihood = build_likelihood("gaussian_learned", sigma=1.0)
-    x_hat, x = _pair()
-    (-likelihood(x_hat, x).sum()).backward()
+    logits, x = _pair()
+    (-likelihood(logits, x).sum()).backward()
     assert likelihood.log_sigma.grad is not None and likelihood.log_sigma.grad > 0  # shrink it
 
 
 def test_gaussian_optimal_uses_the_analytic_sigma_and_keeps_it_for_evaluation() -> None:
-    x_hat, x = _pair()
+    logits, x = _pair()
     likelihood = build_likelihood("gaussian_optimal")
-    sigma = (x - x_hat).pow(2).mean().sqrt()
-    torch.testing.assert_close(likelihood(x_hat, x), _reference(x_hat, x, sigma))
+    sigma = (x - torch.sigmoid(logits)).pow(2).mean().sqrt()
+    torch.testing.assert_close(likelihood(logits, x), _reference(logits, x, sigma))
     assert math.isclose(float(likelihood.log_sigma.exp()), float(sigma), rel_tol=1e-5)
     likelihood.eval()  # evaluation: the running sigma, whatever the batch
-    torch.testing.assert_close(likelihood(x_hat[:1], x[:1]), _reference(x_hat, x, sigma)[:1])
+    torch.testing.assert_close(likelihood(logits[:1], x[:1]), _reference(logits, x, sigma)[:1])
 
 
 def test_a_diverged_batch_does_not_poison_the_running_sigma() -> None:
     likelihood = build_likelihood("gaussian_optimal")
-    x_hat, x = _pair()
-    likelihood(x_hat, x)
+    logits, x = _pair()
+    likelihood(logits, x)
     kept = likelihood.log_sigma.clone()
-    likelihood(torch.full_like(x_hat, float("nan")), x)  # a step that will be skipped
+    likelihood(torch.full_like(logits, float("nan")), x)  # a step that will be skipped
     assert torch.equal(likelihood.log_sigma, kept)
 
 
 def test_gaussian_optimal_sigma_is_clamped_below() -> None:
     likelihood = GaussianOptimal(min_sigma=0.01)
-    x = torch.rand(2, 1, 4, 4)
-    torch.testing.assert_close(likelihood(x, x), _reference(x, x, 0.01))
+    x = torch.rand(2, 1, 4, 4).clamp(0.01, 0.99)
+    torch.testing.assert_close(likelihood(torch.logit(x), x), _reference(torch.logit(x), x, 0.01))
 
 
 def test_switching_likelihood_changes_nothing_else() -> None:

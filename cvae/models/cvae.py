@@ -114,6 +114,10 @@ class CVAE(pl.LightningModule):
         """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`."""
         return self.decoder(z)
 
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output before its Sigmoid: what `self.likelihood` scores."""
+        return self.decoder.logits(z)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, log_var = self.encode(x)
         return self.decode(reparameterize(mu, log_var)), mu, log_var
@@ -125,8 +129,9 @@ class CVAE(pl.LightningModule):
         `kl` the true KL; the loss weighs the KL (floored by `free_bits`) with `beta`
         (default: the configured one)."""
         x = unit_range(x)
-        x_hat, mu, log_var = self(x)
-        recon = -self.likelihood(x_hat, x).mean()
+        mu, log_var = self.encode(x)
+        logits = self.decode_logits(reparameterize(mu, log_var))
+        recon = -self.likelihood(logits, x).mean()
         mu, log_var = mu.float(), log_var.float()
         kl = kl_divergence(mu, log_var).mean()
         objective_kl = free_bits_kl(mu, log_var, free_bits) if free_bits > 0 else kl
@@ -194,8 +199,8 @@ class CVAE(pl.LightningModule):
         of `elbo`, for callers that report them separately."""
         x = unit_range(x.to(self.device))
         mu, log_var = self.encode(x)
-        x_hat = self.decode(reparameterize(mu, log_var, generator))
-        return self.likelihood(x_hat, x), kl_divergence(mu, log_var), mu, log_var
+        logits = self.decode_logits(reparameterize(mu, log_var, generator))
+        return self.likelihood(logits, x), kl_divergence(mu, log_var), mu, log_var
 
     def log_likelihood(
         self,
@@ -203,27 +208,42 @@ class CVAE(pl.LightningModule):
         k: int = 1000,
         generator: torch.Generator | None = None,
         max_decodes: int = 4096,
+        decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) in nats with `k` posterior samples (IWAE):
         log mean_k p(x | z_k) p(z_k) / q(z_k | x). A lower bound that tightens as `k` grows;
-        `k = 1` is the ELBO. Samples are drawn `max_decodes // len(x)` at a time, so any
-        `k` fits in memory. Shape (B,)."""
+        `k = 1` is the ELBO. Shape (B,).
+
+        Samples are decoded `max_decodes // len(x)` per image at a time (one decoder call of
+        about `max_decodes` latents), so any `k` fits in memory; the running log-sum-exp stays
+        on the device (no host round trip until the caller reads the result), under
+        `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
+        `decoder` computes `decode_logits` another way (`cvae.models.inference.FastDecoder`).
+        """
         if k < 1:
             raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
-        with self._inference():
-            x = unit_range(x.to(self.device))
-            mu, log_var = self.encode(x)
-            chunk = max(1, max_decodes // len(x))
-            total = torch.full((len(x),), -math.inf, device=self.device)
-            for start in range(0, k, chunk):
-                n = min(chunk, k - start)
-                z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
-                x_hat = self.decode(z.flatten(0, 1))
-                targets = x.unsqueeze(0).expand(n, *x.shape).flatten(0, 1)
-                log_px = self.likelihood(x_hat, targets).view(n, -1)
-                log_w = log_px + normal_log_density(z) - normal_log_density(z, mu, log_var)
-                total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
-            return total - math.log(k)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                x = unit_range(x.to(self.device))
+                mu, log_var = self.encode(x)
+                decode_logits = decoder or self.decode_logits
+                per_call = max(1, max_decodes // len(x))
+                total = torch.full((len(x),), -math.inf, device=self.device)
+                for start in range(0, k, per_call):
+                    n = min(per_call, k - start)
+                    z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
+                    logits = decode_logits(z.flatten(0, 1)).unflatten(0, (n, len(x)))
+                    log_w = (
+                        self.likelihood(logits, x)  # x broadcast over the n samples
+                        + normal_log_density(z)
+                        - normal_log_density(z, mu, log_var)
+                    )
+                    total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+                return total - math.log(k)
+        finally:
+            self.train(was_training)
 
     # --- training --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

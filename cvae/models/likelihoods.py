@@ -18,6 +18,7 @@ LIKELIHOODS = ("bernoulli", "gaussian_fixed", "gaussian_learned", "gaussian_opti
 ALIASES = {"bce": "bernoulli", "mse": "gaussian_fixed"}  # the seed's names
 RECON_LOSSES = (*LIKELIHOODS, *ALIASES)
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+IMAGE_DIMS = (-3, -2, -1)  # channels, height, width: what one image's likelihood sums
 
 
 def check_recon_loss(kind: str) -> str:
@@ -30,64 +31,83 @@ def check_recon_loss(kind: str) -> str:
 def gaussian_log_density(
     x_hat: torch.Tensor, x: torch.Tensor, log_sigma: torch.Tensor
 ) -> torch.Tensor:
-    """log N(x; x_hat, sigma^2) summed over each image's values: shape (B,). One `log_sigma`
-    for all values, so only the squared error is per value (two passes over the pixels)."""
-    squared_error = (x - x_hat).pow(2).flatten(1).sum(dim=1)
-    values = x[0].numel()
+    """log N(x; x_hat, sigma^2) summed over each image's values `(C, H, W)`: shape
+    `x_hat.shape[:-3]`. One `log_sigma` for all values, so only the squared error is per
+    value (two passes over the pixels); `x` broadcasts against `x_hat` (importance samples)."""
+    squared_error = (x - x_hat).pow(2).sum(dim=IMAGE_DIMS)
+    values = x.shape[-3:].numel()
     return -0.5 * torch.exp(-2 * log_sigma) * squared_error - values * (log_sigma + HALF_LOG_TWO_PI)
 
 
 class Likelihood(nn.Module):
-    """log p(x | z) per image, in nats, computed in float32 whatever the autocast precision
-    (it sums thousands of small terms)."""
+    """log p(x | z) per image, in nats, from the decoder's logits (its output before the
+    Sigmoid), computed in float32 whatever the autocast precision (it sums thousands of
+    small terms). `x` may lack leading dimensions of `logits` (several samples per image):
+    it is broadcast, never copied."""
 
     continuous = True  # a density over real pixel values (else a mass over binary ones)
 
-    def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return self.log_prob(x_hat.float(), x.float())
+            return self.log_prob(logits.float(), x.float())
 
-    def log_prob(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class Bernoulli(Likelihood):
-    """Pixels ~ Bernoulli(x_hat): a probability of binary images (the seed's `bce`)."""
+    """Pixels ~ Bernoulli(sigmoid(logits)): a probability of binary images (the seed's `bce`).
+
+    Computed from the logits, exact for confident outputs: binary cross entropy on Sigmoid
+    outputs clamps at 100 nats per pixel and loses precision as the Sigmoid saturates."""
 
     continuous = False
 
-    def log_prob(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return -F.binary_cross_entropy(x_hat, x, reduction="none").flatten(1).sum(dim=1)
+    def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x.expand_as(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        return -bce.sum(dim=IMAGE_DIMS)
 
 
-class GaussianFixed(Likelihood):
-    """Pixels ~ N(x_hat, sigma^2) with `sigma` from config. With sigma^2 = 1/2 the negative
-    log-likelihood is the seed's summed squared error plus a constant (`mse`)."""
+class Gaussian(Likelihood):
+    """Pixels ~ N(sigmoid(logits), sigma^2): the means are the decoder's pixel intensities."""
+
+    def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x_hat = torch.sigmoid(logits)
+        return gaussian_log_density(x_hat, x, self.current_log_sigma(x_hat, x))
+
+    def current_log_sigma(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GaussianFixed(Gaussian):
+    """Sigma from config. With sigma^2 = 1/2 the negative log-likelihood is the seed's summed
+    squared error plus a constant (`mse`)."""
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
         self.sigma = sigma
 
-    def log_prob(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_density(x_hat, x, torch.tensor(math.log(self.sigma)))
+    def current_log_sigma(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(math.log(self.sigma))
 
 
-class GaussianLearned(Likelihood):
-    """Pixels ~ N(x_hat, sigma^2) with one log-sigma learned with the networks."""
+class GaussianLearned(Gaussian):
+    """One log-sigma learned with the networks."""
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma)))
 
-    def log_prob(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return gaussian_log_density(x_hat, x, self.log_sigma)
+    def current_log_sigma(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.log_sigma
 
 
-class GaussianOptimal(Likelihood):
-    """Pixels ~ N(x_hat, sigma^2) with sigma set, in training, to its maximum-likelihood
-    value for the batch, the root mean squared error (clamped below at `min_sigma`), as in
-    Rybkin et al.'s sigma-VAE. Evaluation uses a running average of those values, so each
-    image's likelihood does not depend on the rest of its batch."""
+class GaussianOptimal(Gaussian):
+    """Sigma set, in training, to its maximum-likelihood value for the batch, the root mean
+    squared error (clamped below at `min_sigma`), as in Rybkin et al.'s sigma-VAE.
+    Evaluation uses a running average of those values, so each image's likelihood does not
+    depend on the rest of its batch."""
 
     def __init__(self, min_sigma: float, momentum: float = 0.05) -> None:
         super().__init__()
@@ -98,16 +118,16 @@ class GaussianOptimal(Likelihood):
     def optimal_log_sigma(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (0.5 * (x - x_hat).pow(2).mean().log()).clamp_min(self.min_log_sigma)
 
-    def log_prob(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def current_log_sigma(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return gaussian_log_density(x_hat, x, self.log_sigma)
+            return self.log_sigma
         log_sigma = self.optimal_log_sigma(x_hat, x)
         if torch.isfinite(log_sigma):  # a diverged batch (then skipped) must not stick
             with torch.no_grad():
                 weight = 1.0 if self.updates == 0 else self.momentum
                 self.log_sigma.lerp_(log_sigma.detach(), weight)
                 self.updates += 1
-        return gaussian_log_density(x_hat, x, log_sigma)
+        return log_sigma
 
 
 def build_likelihood(kind: str, sigma: float = 2**-0.5, min_sigma: float = 0.0025) -> Likelihood:

@@ -116,7 +116,9 @@ class Decoder(nn.Module):
     """Linear to the encoder's last feature map, then ConvTranspose2d blocks doubling it back.
 
     Mirrors the encoder: one transposed convolution per encoder block, the last one to the
-    image's channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1].
+    image's channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1]. The
+    Sigmoid stays the last (parameter-free) layer of `features`, so checkpoints from before
+    `logits` existed load unchanged.
     """
 
     def __init__(
@@ -153,6 +155,12 @@ class Decoder(nn.Module):
         layers.append(nn.Sigmoid())
         self.features = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The network before its final Sigmoid: what likelihoods are computed from, exact
+        where a saturated Sigmoid would round to 0 or 1. Shape `(B, C, H, W)`."""
         h = self.project(z).view(-1, *self.start_shape)
-        return self.features(h)
+        return self.features[:-1](h)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel means in [0, 1] (what `decode`, sampling and export show)."""
+        return torch.sigmoid(self.logits(z))
