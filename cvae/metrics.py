@@ -88,7 +88,8 @@ def evaluate(
     negative log-likelihoods with the decoder's proper density, on binary images as they are
     or on dequantised 8-bit images; `bits_per_dim` converts `iw_nll` to bits per pixel value
     of the discrete data. `mse_per_pixel`, `psnr` (dB) and `ssim` compare the images with
-    the decoding of their posterior means.
+    the decoding of their posterior means. A conditional model is evaluated with each image's
+    label: its likelihoods are of x given its class, log p(x | y) (`conditional` says so).
     """
     generator = torch.Generator().manual_seed(seed)
     device = model.device
@@ -100,9 +101,11 @@ def evaluate(
     count, binary, dims = 0, True, 0
     continuous = model.likelihood.continuous
     model.eval()
-    for images, _ in batches:
+    for images, labels in batches:
+        labels = labels if model.conditional else None
         if max_images is not None:
             images = images[: max_images - count]
+            labels = labels[: len(images)] if labels is not None else None
         if len(images) == 0:
             break
         images = images.to(device)
@@ -110,10 +113,10 @@ def evaluate(
         with torch.no_grad():
             clean = unit_range(images)
             x = likelihood_input(images, continuous, generator)
-            log_px, kl, mu, log_var = model.elbo_terms(x, generator)
+            log_px, kl, mu, log_var = model.elbo_terms(x, labels, generator=generator)
             recon = -log_px
-        nll = -model.log_likelihood(x, iw_samples, generator=generator)
-        mean_decoded = model.reconstruct(clean)
+        nll = -model.log_likelihood(x, labels, k=iw_samples, generator=generator)
+        mean_decoded = model.reconstruct(clean, labels)
         posterior.update(mu, log_var)
         psnr.update(mean_decoded, clean)
         ssim.update(mean_decoded, clean)
@@ -145,6 +148,7 @@ def evaluate(
         iw_samples=iw_samples,
         binary_data=binary,
         proper_density=proper,
+        conditional=model.conditional,  # likelihoods of x given its class: log p(x | y)
         psnr=float(psnr.compute()),
         ssim=float(ssim.compute()),
         active_units=posterior.active_units(),

@@ -141,7 +141,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     if cfg.get("ckpt_path"):
         checkpoint_file(cfg.ckpt_path)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    # A conditional model's classes come from the data (and are saved in its checkpoint).
+    classes = {"class_names": datamodule.labelled_classes()} if cfg.model.get("conditional") else {}
+    model = instantiate(cfg.model, **classes)
     trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
@@ -285,7 +287,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def print_metrics(metrics: dict) -> None:
-    table = rich.table.Table("metric", "value", title=f"{metrics['split']} split")
+    caption = (
+        "conditional model: neg_elbo, iw_nll and bits_per_dim are of x given its class, "
+        "-log p(x | y)"
+        if metrics.get("conditional")
+        else None
+    )
+    table = rich.table.Table("metric", "value", title=f"{metrics['split']} split", caption=caption)
     for key, value in metrics.items():
         if key == "kl_per_dim":
             top = sorted(value, reverse=True)[:5]

@@ -57,7 +57,7 @@ def test_iwae_is_exact_with_the_true_posterior() -> None:
     model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
     x, truth = _linear_gaussian(model, exact_posterior=True)
     for k in (1, 7):
-        torch.testing.assert_close(model.log_likelihood(x, k), truth, atol=1e-3, rtol=0)
+        torch.testing.assert_close(model.log_likelihood(x, k=k), truth, atol=1e-3, rtol=0)
 
 
 def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
@@ -65,7 +65,7 @@ def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
     x, truth = _linear_gaussian(model, exact_posterior=False, n=200)
     generator = torch.Generator().manual_seed(0)
     gaps = [  # mean over 200 points of log p(x) minus its estimate
-        float((truth - model.log_likelihood(x, k, generator=generator, max_decodes=10**5)).mean())
+        float((truth - model.log_likelihood(x, k=k, generator=generator, max_decodes=10**5)).mean())
         for k in (1, 10, 100, 2000)
     ]
     assert gaps[0] > gaps[1] > gaps[2] > -0.05  # a lower bound, closing in
@@ -78,7 +78,7 @@ def test_trained_model_bound_tightens_and_k_one_is_the_elbo(trained_run: Path) -
         model.encoder.log_var.bias += 2
     x = torch.rand(16, 3, 16, 16)
     generator = torch.Generator().manual_seed(0)
-    nll = [float(-model.log_likelihood(x, k, generator=generator).mean()) for k in (1, 64)]
+    nll = [float(-model.log_likelihood(x, k=k, generator=generator).mean()) for k in (1, 64)]
     elbo = float(model.elbo(x, generator=generator).mean())
     assert nll[1] < nll[0]
     assert abs(-elbo - nll[0]) < 0.05 * abs(nll[0])  # both one-sample estimates
