@@ -40,7 +40,7 @@ class LabelConditioning(nn.Module):
 
     def encoder_input(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`(B, C + 1, H, W)`: the images with their class's plane as one more channel."""
-        plane = self.plane(labels).view(len(labels), 1, self.image_size, self.image_size)
+        plane = self.plane(labels).view(-1, 1, self.image_size, self.image_size)
         return torch.cat([x, plane.to(x.dtype)], dim=1)
 
     def decoder_input(self, z: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
