@@ -23,6 +23,7 @@ from cvae.export import export
 from cvae.generate import generate
 from cvae.runtime import build, evaluate, run_or_report, train
 from tests.conftest import compose_tool, compose_train, write_mixed_images
+from tests.test_notebook import figures, run_notebook, text
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -285,3 +286,9 @@ def test_export_with_labels_matches_the_eager_model(checkpoint: Path, tmp_path: 
         for name, expected in (("mu", mu), ("images", decoded)):
             actual = torch.from_numpy(np.load(tmp_path / f"{fmt}_{name}.npy"))
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_notebook_shows_samples_per_class_and_a_class_swap(checkpoint: Path) -> None:
+    outputs = run_notebook(checkpoint)
+    assert len(figures(outputs)) == 9 + 2  # plus a row per class and the class swap
+    assert "classes: ['circle', 'square', 'triangle']" in text(outputs)

@@ -41,14 +41,14 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
     # W has orthogonal columns, so the exact posterior has a diagonal covariance.
     posterior_var = 1 / (1 + (w * w).sum(0) / noise)
 
-    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(images: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         if not exact_posterior:  # the prior: a poor proposal, fixed by many samples
             return torch.zeros(len(images), latent), torch.zeros(len(images), latent)
         mean = posterior_var * ((images.flatten(1) - b) @ w) / noise
         return mean, posterior_var.log().expand(len(images), -1)
 
     model.encode = encode
-    model.decode = lambda z: (z @ w.T + b).view(-1, 1, 4, 4)
+    model.decode = lambda z, labels=None: (z @ w.T + b).view(-1, 1, 4, 4)
     marginal = torch.distributions.MultivariateNormal(b, w @ w.T + noise * torch.eye(pixels))
     return x, marginal.log_prob(x.flatten(1))
 
