@@ -111,7 +111,7 @@ class Classifier(nn.Module):
 def batches(datamodule: ImageDataModule, steps: int):
     """`steps` training batches, the same ones in the same order for every caller."""
     torch.manual_seed(0)
-    datamodule._samplers.clear()
+    datamodule._samplers.clear()  # a fresh sampler: the same seed, so the same order
     done = 0
     while True:
         for images, labels in datamodule.train_dataloader():

@@ -407,12 +407,14 @@ class CVAE(pl.LightningModule):
         training = stage == "train"
         if training:
             beta = self.current_beta()
-            terms = self.loss_terms(images, labels, beta=beta, free_bits=self.hparams.free_bits)
+            terms = self.loss_terms(
+                images, labels=labels, beta=beta, free_bits=self.hparams.free_bits
+            )
             if not self._logged_step():
                 return terms["loss"]
             self.log("train/beta", beta, on_step=True, on_epoch=False)  # the one used
         else:
-            terms = self.loss_terms(images, labels)
+            terms = self.loss_terms(images, labels=labels)
         # Training curves per step; validation and test as means over the whole split (all
         # ranks' shares of it under data-parallel training).
         for name, value in terms.items():
