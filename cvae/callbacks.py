@@ -9,6 +9,7 @@ from cvae.metrics import PosteriorStatistics
 from cvae.viz import interleave_rows, visualize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+MAX_CLASS_ROWS = 10  # a conditional model's val/samples: a row for each of its first classes
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -19,7 +20,8 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list:
 class ImageLogger(pl.Callback):
     """Logs real training images once per run (a resumed run too), then after each
     validation epoch a fixed batch of validation images beside their reconstructions and
-    samples decoded from fixed noise.
+    samples decoded from fixed noise (a conditional model: a row per class, up to
+    `MAX_CLASS_ROWS`, the same noise in every row).
 
     Fixed inputs make the grids comparable from epoch to epoch.
     """
@@ -29,6 +31,7 @@ class ImageLogger(pl.Callback):
         self.num_images, self.nrow, self.seed = num_images, nrow, seed
         self.val_images: torch.Tensor | None = None
         self.train_batch_logged = False
+        self.val_labels: torch.Tensor | None = None
 
     def _log(
         self, trainer: pl.Trainer, tag: str, images: torch.Tensor, nrow: int | None = None
@@ -55,16 +58,22 @@ class ImageLogger(pl.Callback):
     ) -> None:
         if self.val_images is None and batch_idx == 0:
             self.val_images = batch[0][: self.num_images].detach().clone()
+            self.val_labels = batch[1][: self.num_images].detach().clone()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.val_images is None:
             return
-        inputs = self.val_images
-        reconstructions = pl_module.reconstruct(inputs)
+        inputs, conditional = self.val_images, pl_module.conditional
+        reconstructions = pl_module.reconstruct(inputs, self.val_labels if conditional else None)
         pairs = interleave_rows(inputs, reconstructions, self.nrow)
         self._log(trainer, "val/reconstructions", pairs, min(self.nrow, len(inputs)))
         fixed_noise = torch.Generator().manual_seed(self.seed)
-        self._log(trainer, "val/samples", pl_module.sample(self.num_images, generator=fixed_noise))
+        if conditional:
+            classes = range(min(MAX_CLASS_ROWS, len(pl_module.class_names)))
+            samples = pl_module.sample_classes(self.nrow, classes, generator=fixed_noise)
+        else:
+            samples = pl_module.sample(self.num_images, generator=fixed_noise)
+        self._log(trainer, "val/samples", samples)
 
 
 class LatentMonitor(pl.Callback):
@@ -91,7 +100,8 @@ class LatentMonitor(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         with torch.no_grad():
-            self.statistics.update(*pl_module.encode(batch[0]))
+            labels = batch[1] if pl_module.conditional else None
+            self.statistics.update(*pl_module.encode(batch[0], labels))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.statistics.count == 0:

@@ -2,7 +2,9 @@
 
 Writes `encoder.<ext>` (images in [0, 1], `(B, C, H, W)` float32 -> `mu`, `log_var`) and
 `decoder.<ext>` (latents `(B, latent_dim)` -> images in [0, 1]), loadable without cvae:
-`torch.jit.load("encoder.pt")` or an ONNX runtime. The batch size is free.
+`torch.jit.load("encoder.pt")` or an ONNX runtime. The batch size is free. A conditional
+model's networks take the class too: `encoder(images, labels)`, `decoder(z, labels)`, labels
+int64 class indices `(B,)` (the names are `class_names` in the checkpoint's hyperparameters).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf import DictConfig
 
 from cvae.errors import run_or_report
 from cvae.models import CVAE
+from cvae.models.conditioning import LabelledDecoder, LabelledEncoder
 from cvae.runtime import load_model
 
 log = logging.getLogger(__name__)
@@ -30,23 +33,31 @@ def export(model: CVAE, folder: str | Path, format: str = "torchscript") -> dict
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     hp = model.hparams
-    examples = {
-        "encoder": (model.encoder, torch.rand(2, hp.in_channels, hp.image_size, hp.image_size)),
-        "decoder": (model.decoder, torch.randn(2, hp.latent_dim)),
-    }
+    images = torch.rand(2, hp.in_channels, hp.image_size, hp.image_size)
+    examples = {"encoder": (model.encoder, (images,)),
+                "decoder": (model.decoder, (torch.randn(2, hp.latent_dim),))}  # fmt: skip
     names = {"encoder": (["images"], ["mu", "log_var"]), "decoder": (["z"], ["images"])}
+    if model.conditional:  # the label is a second input of each network
+        labels = torch.tensor([0, len(model.class_names) - 1])
+        examples = {
+            "encoder": (LabelledEncoder(model.encoder, model.conditioning), (images, labels)),
+            "decoder": (LabelledDecoder(model.decoder, model.conditioning),
+                        (examples["decoder"][1][0], labels)),
+        }  # fmt: skip
+        names = {part: ([*inputs, "labels"], outputs) for part, (inputs, outputs) in names.items()}
     paths = {}
     for part, (module, example) in examples.items():
         path = folder / f"{part}{FORMATS[format]}"
-        example = example.to(model.device)
+        example = tuple(tensor.to(model.device) for tensor in example)
         if format == "torchscript":
             with torch.no_grad():
                 torch.jit.trace(module, example).save(str(path))
         else:
             inputs, outputs = names[part]
+            batch = torch.export.Dim("batch")
             torch.onnx.export(
-                module, (example,), str(path), input_names=inputs, output_names=outputs,
-                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                module, example, str(path), input_names=inputs, output_names=outputs,
+                dynamic_shapes=tuple({0: batch} for _ in example), dynamo=True,
                 external_data=False,  # one self-contained file per network
             )  # fmt: skip
         paths[part] = path

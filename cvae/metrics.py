@@ -114,22 +114,24 @@ def chunk_generator(seed: int, index: int) -> torch.Generator:
 def evaluate_chunk(
     model: CVAE,
     images: torch.Tensor,
+    labels: torch.Tensor | None,
     iw_samples: int,
     generator: torch.Generator,
     max_decodes: int = 1024,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Per-image results of one chunk of images (uint8 or [0, 1]), the chunk's posterior
-    statistics and whether its images are binary: what a chunk file holds. Nothing is read
-    back to the host until the chunk is done. `decoder`: see `CVAE.log_likelihood`."""
+    """Per-image results of one chunk of images (uint8 or [0, 1]) with their `labels` (a
+    conditional model's classes, else None), the chunk's posterior statistics and whether
+    its images are binary: what a chunk file holds. Nothing is read back to the host until
+    the chunk is done. `decoder`: see `CVAE.log_likelihood`."""
     images = images.to(model.device)
     with torch.inference_mode():
         clean = unit_range(images)
         x = likelihood_input(images, model.likelihood.continuous, generator)
-        log_px, kl, mu, log_var = model.elbo_terms(x, generator)
-        nll = -model.log_likelihood(x, iw_samples, generator=generator, max_decodes=max_decodes,
-                                    decoder=decoder)  # fmt: skip
-        mean_decoded = model.reconstruct(clean)
+        log_px, kl, mu, log_var = model.elbo_terms(x, labels, generator=generator)
+        nll = -model.log_likelihood(x, labels, k=iw_samples, generator=generator,
+                                    max_decodes=max_decodes, decoder=decoder)  # fmt: skip
+        mean_decoded = model.reconstruct(clean, labels)
         statistics = PosteriorStatistics()
         statistics.update(mu, log_var)
         values = {
@@ -156,27 +158,28 @@ def evaluate_chunk(
 
 def image_chunks(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int, max_images: int | None
-) -> Iterator[torch.Tensor]:
-    """The images of `batches` regrouped into chunks of `size` (the last may be smaller),
-    whatever the loader's batch size: chunk boundaries, so resuming, depend on `size` only."""
-    pending: list[torch.Tensor] = []
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The `(images, labels)` of `batches` regrouped into chunks of `size` (the last may be
+    smaller), whatever the loader's batch size: chunk boundaries, so resuming, depend on
+    `size` only."""
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     held = seen = 0
-    for images, *_ in batches:
+    for images, labels in batches:
         if max_images is not None:
-            images = images[: max_images - seen]
+            images, labels = images[: max_images - seen], labels[: max_images - seen]
         seen += len(images)
         while len(images):
-            take = images[: size - held]
-            pending.append(take)
-            held += len(take)
-            images = images[len(take) :]
+            take = size - held
+            pending.append((images[:take], labels[:take]))
+            held += len(images[:take])
+            images, labels = images[take:], labels[take:]
             if held == size:
-                yield torch.cat(pending)
+                yield torch.cat([i for i, _ in pending]), torch.cat([lb for _, lb in pending])
                 pending, held = [], 0
         if max_images is not None and seen >= max_images:
             break
     if pending:
-        yield torch.cat(pending)
+        yield torch.cat([i for i, _ in pending]), torch.cat([lb for _, lb in pending])
 
 
 def count_images(batches: Iterable, max_images: int | None = None) -> int | None:
@@ -302,6 +305,8 @@ def evaluate(
     numbers an uninterrupted one gives (same `chunk_images` and `max_decodes`), and
     `per_image.csv` is written at the end. `max_decodes` latents are decoded per call
     (None: `FastDecoder.decodes_per_call`). `progress` shows images done and time left.
+    A conditional model is evaluated with each image's label: its likelihoods are of x given
+    its class, log p(x | y) (`conditional` says so).
     """
     if iw_samples < 1:
         raise ValueError(f"eval.iw_samples must be >= 1, got {iw_samples}")
@@ -322,7 +327,8 @@ def evaluate(
     decoder = FastDecoder(model.decoder)
     max_decodes = max_decodes if max_decodes is not None else decoder.decodes_per_call()
     try:
-        for index, images in enumerate(image_chunks(batches, chunk_images, max_images)):
+        grouped = image_chunks(batches, chunk_images, max_images)
+        for index, (images, labels) in enumerate(grouped):
             count += len(images)
             if index in finished:
                 if store.load(index)["images"] != len(images):
@@ -332,8 +338,9 @@ def evaluate(
                     )
                 continue
             generator = chunk_generator(seed, index)
-            store.save(index, evaluate_chunk(model, images, iw_samples, generator, max_decodes,
-                                             decoder))  # fmt: skip
+            labels = labels.to(model.device) if model.conditional else None
+            store.save(index, evaluate_chunk(model, images, labels, iw_samples, generator,
+                                             max_decodes, decoder))  # fmt: skip
             report.advance(len(images))
     except KeyboardInterrupt:
         if folder is not None:
@@ -379,6 +386,7 @@ def summarize(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
         iw_samples=iw_samples,
         binary_data=binary,
         proper_density=proper,
+        conditional=model.conditional,  # likelihoods of x given its class: log p(x | y)
         psnr=float(values["psnr"].mean()),
         ssim=float(values["ssim"].mean()),
         active_units=posterior.active_units(),

@@ -92,7 +92,9 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     resolve_checkpoint(cfg, cfg.task_name)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
-    model = instantiate(cfg.model)
+    # A conditional model's classes come from the data (and are saved in its checkpoint).
+    classes = {"class_names": datamodule.labelled_classes()} if cfg.model.get("conditional") else {}
+    model = instantiate(cfg.model, **classes)
     trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
@@ -351,7 +353,13 @@ def _evaluation_loader(datamodule: ImageDataModule, split: str):
 
 
 def print_metrics(metrics: dict) -> None:
-    table = rich.table.Table("metric", "value", title=f"{metrics['split']} split")
+    caption = (
+        "conditional model: neg_elbo, iw_nll and bits_per_dim are of x given its class, "
+        "-log p(x | y)"
+        if metrics.get("conditional")
+        else None
+    )
+    table = rich.table.Table("metric", "value", title=f"{metrics['split']} split", caption=caption)
     for key, value in metrics.items():
         if key == "kl_per_dim":
             top = sorted(value, reverse=True)[:5]

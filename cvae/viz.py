@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
 from cvae.models.networks import unit_range
@@ -25,6 +25,35 @@ def visualize_batch(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
     return grid
+
+
+def visualize_rows(
+    images: torch.Tensor,
+    names: Sequence[str],
+    path: str | os.PathLike | None = None,
+    min_row_height: int = 64,
+) -> Image.Image:
+    """A grid with one row per name, the name written to the left of its row: `images` hold
+    `len(names)` rows of equally many images. Small images are enlarged (nearest neighbour,
+    a whole factor) to rows of at least `min_row_height` pixels, so the names stay legible."""
+    if len(images) % len(names):
+        raise ValueError(f"{len(images)} images do not make {len(names)} equal rows")
+    grid = _to_pil(visualize_batch(images, nrow=len(images) // len(names)))
+    factor = max(1, min_row_height // images.shape[-2])
+    grid = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
+    row_height = grid.height / len(names)
+    font = ImageFont.load_default(size=max(10, min(18, int(row_height * 0.3))))
+    margin = 8 + max(int(font.getlength(name)) for name in names)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid.convert("RGB"), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, name in enumerate(names):
+        middle = (row + 0.5) * row_height
+        draw.text((margin - 4, middle), name, fill="black", font=font, anchor="rm")
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path)
+    return canvas
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

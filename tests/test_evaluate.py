@@ -42,7 +42,7 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
     # W has orthogonal columns, so the exact posterior has a diagonal covariance.
     posterior_var = 1 / (1 + (w * w).sum(0) / noise)
 
-    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(images: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         if not exact_posterior:  # the prior: a poor proposal, fixed by many samples
             return torch.zeros(len(images), latent), torch.zeros(len(images), latent)
         mean = posterior_var * ((images.flatten(1) - b) @ w) / noise
@@ -51,7 +51,7 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
     model.encode = encode
     # Means outside [0, 1]: the decoder outputs them directly, scored by an identity-link
     # Gaussian (the model's own link, sigmoid(logits), is not under test here).
-    model.decode_logits = lambda z: (z @ w.T + b).view(-1, 1, 4, 4)
+    model.decode_logits = lambda z, labels=None: (z @ w.T + b).view(-1, 1, 4, 4)
     log_sigma = torch.tensor(0.5 * math.log(noise))
     model.likelihood.log_prob = lambda mean, images: gaussian_log_density(mean, images, log_sigma)
     marginal = torch.distributions.MultivariateNormal(b, w @ w.T + noise * torch.eye(pixels))
@@ -62,7 +62,7 @@ def test_iwae_is_exact_with_the_true_posterior() -> None:
     model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
     x, truth = _linear_gaussian(model, exact_posterior=True)
     for k in (1, 7):
-        torch.testing.assert_close(model.log_likelihood(x, k), truth, atol=1e-3, rtol=0)
+        torch.testing.assert_close(model.log_likelihood(x, k=k), truth, atol=1e-3, rtol=0)
 
 
 def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
@@ -70,7 +70,7 @@ def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
     x, truth = _linear_gaussian(model, exact_posterior=False, n=200)
     generator = torch.Generator().manual_seed(0)
     gaps = [  # mean over 200 points of log p(x) minus its estimate
-        float((truth - model.log_likelihood(x, k, generator=generator, max_decodes=10**5)).mean())
+        float((truth - model.log_likelihood(x, k=k, generator=generator, max_decodes=10**5)).mean())
         for k in (1, 10, 100, 2000)
     ]
     assert gaps[0] > gaps[1] > gaps[2] > -0.05  # a lower bound, closing in
@@ -83,7 +83,7 @@ def test_trained_model_bound_tightens_and_k_one_is_the_elbo(trained_run: Path) -
         model.encoder.log_var.bias += 2
     x = torch.rand(16, 3, 16, 16)
     generator = torch.Generator().manual_seed(0)
-    nll = [float(-model.log_likelihood(x, k, generator=generator).mean()) for k in (1, 64)]
+    nll = [float(-model.log_likelihood(x, k=k, generator=generator).mean()) for k in (1, 64)]
     elbo = float(model.elbo(x, generator=generator).mean())
     assert nll[1] < nll[0]
     assert abs(-elbo - nll[0]) < 0.05 * abs(nll[0])  # both one-sample estimates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -12,25 +13,55 @@ from cvae import ImageDataModule
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_checkpoint.ipynb"
 
 
-def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:
+def run_notebook(checkpoint: Path | None, folder: Path = NOTEBOOK.parent, cells: int | None = None):
+    """Execute the notebook (its first `cells` cells) with `CKPT_PATH` set; its outputs."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
     assert first_code.source.startswith("# Path to a checkpoint")
-    checkpoint = trained_run / "checkpoints" / "last.ckpt"
-    first_code.source = f"CKPT_PATH = {str(checkpoint)!r}"
+    first_code.source = f"CKPT_PATH = {str(checkpoint) if checkpoint else None!r}"
+    notebook.cells = notebook.cells[:cells]
     NotebookClient(
         notebook, timeout=300, kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        resources={"metadata": {"path": str(folder)}},
     ).execute()  # fmt: skip
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
-    figures = [out for out in outputs if "image/png" in out.get("data", {})]
+    return outputs
+
+
+def figures(outputs: list) -> list:
+    return [out for out in outputs if "image/png" in out.get("data", {})]
+
+
+def text(outputs: list) -> str:
+    return "".join(out.get("text", "") for out in outputs)
+
+
+def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    outputs = run_notebook(checkpoint)
     # a batch, reconstructions, samples at two temperatures, two interpolations, a traversal,
-    # the posterior means in 2-D and the training curves
-    assert len(figures) == 9
+    # the posterior means in 2-D and the training curves (no classes: unconditional)
+    assert len(figures(outputs)) == 9
     datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
     datamodule.setup("test")
     batch = min(datamodule.hparams.batch_size, len(datamodule.test_set))
-    text = "".join(out.get("text", "") for out in outputs)
-    assert f"batch: ({batch}, 3, 16, 16)" in text
-    assert "highest-KL dimensions:" in text and "active units:" in text
+    assert f"batch: ({batch}, 3, 16, 16)" in text(outputs)
+    assert "highest-KL dimensions:" in text(outputs) and "active units:" in text(outputs)
+    assert "unconditional checkpoint (model.conditional=false)" in text(outputs)
+
+
+def test_without_a_path_the_newest_single_run_is_picked(tmp_path: Path) -> None:
+    """`CKPT_PATH = None`: the newest outputs/*/runs/*/checkpoints/last.ckpt, never a sweep
+    job's (outputs/*/multiruns/...), however recent."""
+    paths = {}
+    for age, name in enumerate(["train/runs/old", "eval/runs/new", "train/multiruns/s/0"]):
+        path = tmp_path / "outputs" / name / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.touch()
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+        paths[name] = path
+    (tmp_path / "notebooks").mkdir()
+    outputs = run_notebook(None, tmp_path / "notebooks", cells=3)  # up to picking the path
+    assert f"checkpoint: {paths['eval/runs/new'].resolve()}" in text(outputs)
+    assert "picked the newest run's checkpoint" in text(outputs)

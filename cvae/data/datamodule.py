@@ -308,6 +308,25 @@ class ImageDataModule(pl.LightningDataModule):
             )
         return self._sources
 
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the labels 0, 1, ...: the class subfolders of a folder (sorted), the
+        classes of a preset set; empty for a flat folder, whose images have no class."""
+        return list(self._load_sources()[0].classes)
+
+    def labelled_classes(self, key: str = "model.conditional") -> list[str]:
+        """`class_names`, when every image has a class; else a one-line error naming `key`
+        (what needs the labels) and the folder layout that gives them."""
+        pool = self._load_sources()[0]
+        unlabelled = int((pool.labels < 0).sum())
+        if unlabelled or not pool.classes:
+            raise ValueError(
+                f"{key}=true needs a class for every image, but {unlabelled} of {len(pool)} "
+                f"images of {pool.name} are not in a class subfolder: put each class's images "
+                "in a subfolder of data.root named after the class (data.root/<class>/<image>)"
+            )
+        return list(pool.classes)
+
     def _decode(self, source: ImageSource) -> Decoded:
         if self.hparams.cache or source.may_fail:  # a scan finds broken files up front
             return decode_source(

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +27,34 @@ log = logging.getLogger(__name__)
 SOURCES = ("folder", "fashion_mnist", "mnist", "cifar10", "synthetic")
 # Where Debian's dataset-fashion-mnist package puts the idx files.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Names of the label values 0, 1, ... of the preset sets (what a conditional model is asked for).
+CLASS_NAMES = {
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],  # fmt: skip
+    "mnist": [str(digit) for digit in range(10)],
+    "cifar10": [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ],  # fmt: skip
+}
 
 
 class ImageSource:
@@ -37,6 +65,7 @@ class ImageSource:
     """
 
     labels: np.ndarray
+    classes: Sequence[str] = ()  # names of the labels 0, 1, ...; empty: no classes (label -1)
     name: str  # for messages: where the images come from
     kind: str  # for file names: what sort of source this is
     may_fail = False  # whether an item can turn out undecodable (files can)
@@ -63,8 +92,11 @@ class FileDataset(ImageSource):
     may_fail = True
     kind = "folder"
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int]) -> None:
+    def __init__(
+        self, root: Path, files: list[Path], labels: list[int], classes: list[str] | None = None
+    ) -> None:
         self.root, self.files, self.labels = root, files, np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes or [])
         self.name = f"data.root={root}"
 
     def image(self, index: int) -> Image.Image:
@@ -91,10 +123,17 @@ class FileDataset(ImageSource):
 class ArrayDataset(ImageSource):
     """Images held in a uint8 array of shape (N, H, W) or (N, H, W, C)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "array") -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        name: str = "array",
+        classes: list[str] | None = None,
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.classes = list(classes or [])
         self.name = self.kind = name
 
     def image(self, index: int) -> Image.Image:
@@ -119,6 +158,7 @@ class SyntheticShapes(ImageSource):
         if num_images < 1:
             raise ValueError(f"data.synthetic_images must be >= 1, got {num_images}")
         self.image_size, self.seed = image_size, seed
+        self.classes = list(self.SHAPES)
         self.labels = np.array(
             [self._rng(i).randrange(len(self.SHAPES)) for i in range(num_images)]
         )
@@ -187,7 +227,7 @@ def _read_idx_split(folder: Path, split: str, source: str) -> ArrayDataset:
     for name in IDX_FILES[split]:
         path = folder / name
         arrays.append(read_idx(path if path.is_file() else f"{path}.gz"))
-    return ArrayDataset(*arrays, name=f"{source}-{split}")
+    return ArrayDataset(*arrays, name=f"{source}-{split}", classes=CLASS_NAMES[source])
 
 
 def _torchvision_class(source: str) -> type:
@@ -264,7 +304,7 @@ def load_cifar10(root: str | os.PathLike, download: bool) -> tuple[ArrayDataset,
             f"({'download failed' if download else 'data.download=false'}): {error}"
         ) from error
     return tuple(
-        ArrayDataset(s.data, np.asarray(s.targets), name=f"cifar10-{n}")
+        ArrayDataset(s.data, np.asarray(s.targets), name=f"cifar10-{n}", classes=s.classes)
         for s, n in zip(splits, ("train", "test"), strict=True)
     )
 
@@ -280,7 +320,7 @@ def load_source(
     """The (train pool, official test set or None) of a source."""
     if source == "folder":
         index = index_folder(root)
-        return FileDataset(index.root, index.files, index.labels), None
+        return FileDataset(index.root, index.files, index.labels, index.classes), None
     if source in ("fashion_mnist", "mnist"):
         return load_idx_source(source, root or ".", download)
     if source == "cifar10":

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from cvae.checkpointing import capture_rng_states, restore_rng_states
+from cvae.models.conditioning import LabelConditioning, check_class_names
 from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import (
     BETA_SCHEDULES,
@@ -23,6 +24,9 @@ from cvae.models.losses import (
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 
 log = logging.getLogger(__name__)
+# What the user-facing methods take as labels: one class (index or name) for every image, or
+# one per image.
+Labels = int | str | Sequence[int | str] | torch.Tensor | None
 
 
 class CVAE(pl.LightningModule):
@@ -34,6 +38,10 @@ class CVAE(pl.LightningModule):
     `val/loss` and `test/loss` always use the final `beta`, so epochs stay comparable. A
     training step with a non-finite loss or gradients is skipped and counted
     (`train/skipped_steps`); `max_bad_steps` in a row stop training.
+
+    `conditional` conditions encoder and decoder on the class label (`conditioning.py`):
+    every method that takes images or latents then takes `labels` too (class indices or
+    names of `class_names`, which the data provides and the checkpoint keeps).
 
     Every constructor argument but `optimizer` and `scheduler` is a plain value saved in the
     checkpoint, so `CVAE.load_from_checkpoint(path)` needs no config. `optimizer` is a
@@ -62,6 +70,8 @@ class CVAE(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         lr: float = 1e-3,
+        conditional: bool = False,
+        class_names: Sequence[str] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
     ) -> None:
@@ -71,11 +81,19 @@ class CVAE(pl.LightningModule):
         _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
                        max_bad_steps)  # fmt: skip
         hidden_channels = [int(c) for c in hidden_channels]
+        if conditional:  # plain strings in the checkpoint
+            class_names = check_class_names(class_names)
+        elif class_names is not None:
+            class_names = [str(name) for name in class_names]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, fused=True)
         self.scheduler_factory = scheduler
+        # The label enters as one more input plane of the encoder and a code beside z.
+        self.conditioning = LabelConditioning(len(class_names), image_size) if conditional else None
+        label_plane = 1 if conditional else 0
+        label_code = self.conditioning.code.embedding_dim if conditional else 0
         self.encoder = Encoder(
-            in_channels,
+            in_channels + label_plane,
             hidden_channels,
             image_size,
             latent_dim,
@@ -88,7 +106,7 @@ class CVAE(pl.LightningModule):
             in_channels,
             hidden_channels,
             image_size,
-            latent_dim,
+            latent_dim + label_code,
             kernel_size,
             batch_norm,
             residual_blocks,
@@ -103,34 +121,116 @@ class CVAE(pl.LightningModule):
         self._rng_states: dict | None = None  # from a checkpoint, set when training resumes
 
     # --- the model -------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters `(mu, log_var)` of images `x` (uint8, or floats in [0, 1])."""
+    @property
+    def conditional(self) -> bool:
+        """Whether encoder and decoder read the class label (old checkpoints: false)."""
+        return bool(self.hparams.get("conditional", False))
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the classes a conditional model draws (label `i` is `class_names[i]`)."""
+        return list(self.hparams.get("class_names") or [])
+
+    def class_indices(
+        self, labels: Labels, count: int | None = None, key: str = "labels"
+    ) -> torch.Tensor | None:
+        """`labels` as a `(count,)` tensor of class indices on the model's device: one label
+        (index or name, any case) for all `count` images, or one per image. None for an
+        unconditional model; a one-line error naming `key` when they do not fit."""
+        if not self.conditional:
+            if labels is not None:
+                raise ValueError(f"{key} given, but this model is not conditional "
+                                 "(trained with model.conditional=false)")  # fmt: skip
+            return None
+        names = self.class_names
+        if labels is None:
+            raise ValueError(f"{key} is required: this model is conditional on the class "
+                             f"(model.conditional=true), one of {', '.join(names)}")  # fmt: skip
+        if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
+            indices = labels.long().reshape(-1)
+            if indices.device.type == "cpu":  # checked where it costs no device sync
+                self._check_range(indices, key)
+            indices = indices.to(self.device)
+        else:
+            single = isinstance(labels, (int, str)) or (
+                isinstance(labels, torch.Tensor) and labels.ndim == 0
+            )
+            items = [labels] if single else list(labels)
+            indices = torch.tensor([self._class_index(item, key) for item in items],
+                                   dtype=torch.long, device=self.device)  # fmt: skip
+        if count is not None and len(indices) == 1:
+            indices = indices.expand(count)
+        if count is not None and len(indices) != count:
+            raise ValueError(f"{key} has {len(indices)} labels for {count} images")
+        return indices
+
+    def _class_index(self, label: int | str, key: str) -> int:
+        names = self.class_names
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            lowered = [name.lower() for name in names]
+            if label.lower() not in lowered:
+                raise ValueError(f"{key}={label!r} is not a class of this model: "
+                                 f"{', '.join(names)}")  # fmt: skip
+            return lowered.index(label.lower())
+        index = int(label)
+        self._check_range(torch.tensor([index]), key)
+        return index
+
+    def _check_range(self, indices: torch.Tensor, key: str) -> None:
+        names = self.class_names
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(names)):
+            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+            raise ValueError(f"{key}={bad} is not a class index of this model: 0 to "
+                             f"{len(names) - 1} ({', '.join(names)})")  # fmt: skip
+
+    def encode(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters `(mu, log_var)` of images `x` (uint8, or floats in [0, 1]),
+        of class `labels` (a conditional model's class indices, `(B,)`)."""
         x = unit_range(x)
+        labels = self.class_indices(labels, len(x))
+        if labels is not None:
+            x = self.conditioning.encoder_input(x, labels)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`."""
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`, of class
+        `labels` (a conditional model's class indices, `(B,)`)."""
+        return torch.sigmoid(self.decode_logits(z, labels))
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's output before its Sigmoid: what `self.likelihood` scores."""
-        return self.decoder.logits(z)
+    def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output before its Sigmoid, what `self.likelihood` scores, of latents
+        `z` and (a conditional model) class `labels`."""
+        return self.decoder.logits(self._decoder_input(z, self.class_indices(labels, len(z))))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, log_var = self.encode(x)
-        return self.decode(reparameterize(mu, log_var)), mu, log_var
+    def _decoder_input(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """`z`, or for a conditional model `z` beside the class code of `labels`."""
+        if labels is None:
+            return z
+        return self.conditioning.decoder_input(z, self.conditioning.code(labels))
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, log_var = self.encode(x, labels)
+        return self.decode(reparameterize(mu, log_var), labels), mu, log_var
 
     def loss_terms(
-        self, x: torch.Tensor, beta: float | None = None, free_bits: float = 0.0
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        beta: float | None = None,
+        free_bits: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Batch means of the loss and its parts, each per image: `recon` = -log p(x | z),
         `kl` the true KL; the loss weighs the KL (floored by `free_bits`) with `beta`
-        (default: the configured one)."""
+        (default: the configured one). `labels`: the classes of a conditional model."""
         x = unit_range(x)
-        mu, log_var = self.encode(x)
-        logits = self.decode_logits(reparameterize(mu, log_var))
+        mu, log_var = self.encode(x, labels)
+        logits = self.decode_logits(reparameterize(mu, log_var), labels)
         recon = -self.likelihood(logits, x).mean()
         mu, log_var = mu.float(), log_var.float()
         kl = kl_divergence(mu, log_var).mean()
@@ -156,55 +256,125 @@ class CVAE(pl.LightningModule):
             self.train(was_training)
 
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        labels: Labels = None,
     ) -> torch.Tensor:
-        """`n` new images decoded from the prior N(0, temperature^2 I)."""
+        """`n` new images decoded from the prior N(0, temperature^2 I); a conditional model
+        draws the class `labels` (one for all, or one per image; indices or names)."""
+        labels = self.class_indices(labels, n)
         z = torch.randn(n, self.hparams.latent_dim, generator=generator)
         with self._inference():
-            return self.decode(temperature * z.to(self.device))
+            return self.decode(temperature * z.to(self.device), labels)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Images decoded from their posterior means: the model's best guess of `x`."""
+    def sample_classes(
+        self,
+        per_class: int,
+        classes: Sequence[int | str] | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A conditional model's samples, `per_class` of each of `classes` (default: all), row
+        after row: the same `per_class` latents for every class, so a column keeps its style."""
+        wanted = range(len(self.class_names)) if classes is None else classes
+        labels = self.class_indices(list(wanted), key="classes")
+        if labels is None:
+            raise ValueError("sample_classes needs a conditional model "
+                             "(trained with model.conditional=true)")  # fmt: skip
+        z = torch.randn(per_class, self.hparams.latent_dim, generator=generator)
+        z = temperature * z.to(self.device).repeat(len(labels), 1)
         with self._inference():
-            mu, _ = self.encode(x.to(self.device))
-            return self.decode(mu)
+            return self.decode(z, labels.repeat_interleave(per_class))
+
+    def reconstruct(self, x: torch.Tensor, labels: Labels = None) -> torch.Tensor:
+        """Images decoded from their posterior means: the model's best guess of `x`. A
+        conditional model decodes with the classes the images were encoded with."""
+        labels = self.class_indices(labels, len(x))
+        with self._inference():
+            mu, _ = self.encode(x.to(self.device), labels)
+            return self.decode(mu, labels)
 
     def interpolate(
-        self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, spherical: bool = False
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        steps: int = 8,
+        spherical: bool = False,
+        labels: Labels = None,
     ) -> torch.Tensor:
         """`steps` images decoded along the path between the posterior means of two images
         `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
-        that latents of a Gaussian prior concentrate at."""
+        that latents of a Gaussian prior concentrate at. A conditional model takes the two
+        images' `labels`; the class code walks from one to the other along with `z`."""
+        labels = self.class_indices(labels, 2)
         with self._inference():
-            (a, b), _ = self.encode(torch.stack([x1, x2]).to(self.device))
+            (a, b), _ = self.encode(torch.stack([x1, x2]).to(self.device), labels)
             t = torch.linspace(0, 1, steps, device=self.device)[:, None]
             z = (1 - t) * a + t * b
             if spherical:
                 omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1))
                 if omega.abs() > 1e-6:  # (parallel means: the great circle is the line)
                     z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
-            return self.decode(z)
+            if labels is None:
+                return self.decode(z)
+            return self._decode_between(z, labels[0], labels[1], t)
 
-    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The evidence lower bound of each image in nats (one posterior sample), with the
-        decoder's proper density: shape (B,). Not scaled by beta."""
+    def interpolate_classes(
+        self, first: int | str, second: int | str, z: torch.Tensor, steps: int = 8
+    ) -> torch.Tensor:
+        """A conditional model's walk from class `first` to class `second` at fixed latents
+        `z` `(n, latent_dim)`: the style kept, the class changed. `n * steps` images, the
+        `steps` of each latent in a row."""
+        labels = self.class_indices([first, second], 2, key="labels")
+        if labels is None:
+            raise ValueError("interpolate_classes needs a conditional model "
+                             "(trained with model.conditional=true)")  # fmt: skip
         with self._inference():
-            log_px, kl, _, _ = self.elbo_terms(x, generator)
+            t = torch.linspace(0, 1, steps, device=self.device).repeat(len(z))[:, None]
+            z = z.to(self.device).repeat_interleave(steps, dim=0)
+            return self._decode_between(z, labels[0], labels[1], t)
+
+    def _decode_between(
+        self, z: torch.Tensor, first: torch.Tensor, second: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode `z` with class codes blended from `first`'s (t = 0) to `second`'s (t = 1)."""
+        codes = self.conditioning.code(torch.stack([first, second]))
+        code = (1 - t) * codes[0] + t * codes[1]
+        return torch.sigmoid(self.decoder.logits(self.conditioning.decoder_input(z, code)))
+
+    def elbo(
+        self,
+        x: torch.Tensor,
+        labels: Labels = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The evidence lower bound of each image in nats (one posterior sample), with the
+        decoder's proper density: shape (B,). Not scaled by beta. A conditional model's
+        bound is on log p(x | y), `y` the `labels`."""
+        with self._inference():
+            log_px, kl, _, _ = self.elbo_terms(x, labels, generator)
             return log_px - kl
 
     def elbo_terms(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        labels: Labels = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(log p(x | z), KL, mu, log_var)` of each image, one posterior sample: the parts
         of `elbo`, for callers that report them separately."""
+        labels = self.class_indices(labels, len(x))
         x = unit_range(x.to(self.device))
-        mu, log_var = self.encode(x)
-        logits = self.decode_logits(reparameterize(mu, log_var, generator))
+        mu, log_var = self.encode(x, labels)
+        logits = self.decode_logits(reparameterize(mu, log_var, generator), labels)
         return self.likelihood(logits, x), kl_divergence(mu, log_var), mu, log_var
 
     def log_likelihood(
         self,
         x: torch.Tensor,
+        labels: Labels = None,
         k: int = 1000,
         generator: torch.Generator | None = None,
         max_decodes: int = 4096,
@@ -212,29 +382,35 @@ class CVAE(pl.LightningModule):
     ) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) in nats with `k` posterior samples (IWAE):
         log mean_k p(x | z_k) p(z_k) / q(z_k | x). A lower bound that tightens as `k` grows;
-        `k = 1` is the ELBO. Shape (B,).
+        `k = 1` is the ELBO. Shape (B,). A conditional model estimates log p(x | y), `y` the
+        `labels`.
 
         Samples are decoded `max_decodes // len(x)` per image at a time (one decoder call of
         about `max_decodes` latents), so any `k` fits in memory; the running log-sum-exp stays
         on the device (no host round trip until the caller reads the result), under
         `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
-        `decoder` computes `decode_logits` another way (`cvae.models.inference.FastDecoder`).
+        `decoder` computes `self.decoder.logits` another way
+        (`cvae.models.inference.FastDecoder`).
         """
         if k < 1:
             raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
+        labels = self.class_indices(labels, len(x))
+        logits_of = self.decode_logits
+        if decoder is not None:
+            logits_of = lambda z, labels: decoder(self._decoder_input(z, labels))  # noqa: E731
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
                 x = unit_range(x.to(self.device))
-                mu, log_var = self.encode(x)
-                decode_logits = decoder or self.decode_logits
+                mu, log_var = self.encode(x, labels)
                 per_call = max(1, max_decodes // len(x))
                 total = torch.full((len(x),), -math.inf, device=self.device)
                 for start in range(0, k, per_call):
                     n = min(per_call, k - start)
                     z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
-                    logits = decode_logits(z.flatten(0, 1)).unflatten(0, (n, len(x)))
+                    repeated = None if labels is None else labels.repeat(n)
+                    logits = logits_of(z.flatten(0, 1), repeated).unflatten(0, (n, len(x)))
                     log_w = (
                         self.likelihood(logits, x)  # x broadcast over the n samples
                         + normal_log_density(z)
@@ -254,19 +430,22 @@ class CVAE(pl.LightningModule):
             self.decoder.compile()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, _ = batch
+        images, labels = batch
+        labels = labels if self.conditioning is not None else None
         training = stage == "train"
         if training:
             beta = self.current_beta()
-            terms = self.loss_terms(images, beta=beta, free_bits=self.hparams.free_bits)
+            terms = self.loss_terms(
+                images, labels=labels, beta=beta, free_bits=self.hparams.free_bits
+            )
             self._epoch_loss += terms["loss"].detach()  # on the device: no sync per step
             self._epoch_steps += 1
             if not self._logged_step():
                 return terms["loss"]
             self.log("train/beta", beta, on_step=True, on_epoch=False)  # the one used
         else:
-            terms = self.loss_terms(images)
-            terms |= self._readable_terms(images, terms)
+            terms = self.loss_terms(images, labels=labels)
+            terms |= self._readable_terms(images, labels, terms)
         # Training curves per step; validation and test as means over the whole split (all
         # ranks' shares of it under data-parallel training).
         for name, value in terms.items():
@@ -276,14 +455,14 @@ class CVAE(pl.LightningModule):
         return terms["loss"]
 
     def _readable_terms(
-        self, images: torch.Tensor, terms: dict[str, torch.Tensor]
+        self, images: torch.Tensor, labels: torch.Tensor | None, terms: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Curves that move visibly, beside the honest NLL (whose constant can dwarf its
         changes): squared error per pixel of the decoded posterior means, and the negative
         ELBO (beta = 1) in bits per dimension; for continuous likelihoods of the 8-bit data,
         without dequantisation (`cvae.evaluate` gives the bound)."""
         x = unit_range(images)
-        mse = (self.reconstruct(x) - x).pow(2).mean()
+        mse = (self.reconstruct(x, labels) - x).pow(2).mean()
         dims = x[0].numel()
         bits = (terms["recon"] + terms["kl"]) / (dims * math.log(2))
         if self.likelihood.continuous:
