@@ -12,11 +12,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae.errors import run_or_report
-from cvae.runtime import evaluate
+from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()
+    from cvae.runtime import evaluate  # imports torch: after --help, after Hydra's checks
+
     run_or_report(evaluate, cfg)
 
 

@@ -1,207 +1,23 @@
 """Generate with a checkpoint: `python -m cvae.generate ckpt_path=PATH mode=...`.
 
-`sample` draws from the prior, `reconstruct` shows every image of a folder beside its
-reconstruction, `interpolate` walks between two images (grid and GIF), `traverse` sweeps
-the latent dimensions that carry the most information. Output: outputs/generate/<timestamp>/.
-A conditional model draws the class `label` (a name or an index; `all`: a row per class), and
-`interpolate` with `label=[a,b]` walks from one class to the other at a fixed latent.
+`sample`, `reconstruct`, `interpolate` or `traverse` (see `cvae.generation`, and
+`conf/generate.yaml` for every key). Output: outputs/generate/<date>_<time>/.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import hydra
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cvae.data import ImageDataModule, index_folder
-from cvae.data.decode import ImageDecodeError, Preprocess
 from cvae.errors import run_or_report
-from cvae.metrics import PosteriorStatistics
-from cvae.models import CVAE
-from cvae.models.networks import unit_range
-from cvae.runtime import load_checkpoint
-from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
-
-log = logging.getLogger(__name__)
-MODES = ("sample", "reconstruct", "interpolate", "traverse")
-
-
-def load_folder(
-    folder: str | Path, preprocess: Preprocess
-) -> tuple[torch.Tensor, list[Path], list[str | None]]:
-    """Every decodable image under `folder` as a uint8 batch, decoded as training data is,
-    with its path and its class subfolder's name (None for files at the top)."""
-    index = index_folder(folder, key="input")
-    images, names, classes = [], [], []
-    for path, label in zip(index.files, index.labels, strict=True):
-        try:
-            images.append(torch.from_numpy(preprocess.load(path)))
-            names.append(path)
-            classes.append(index.classes[label] if label >= 0 else None)
-        except ImageDecodeError as error:
-            log.warning("skipped: %s", error)
-    if not images:
-        raise ValueError(f"input={folder} holds no decodable image")
-    return torch.stack(images), names, classes
-
-
-def plain(value: object) -> object:
-    """A config value as plain Python (lists from the command line are ListConfigs)."""
-    return OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
-
-
-def folder_labels(model: CVAE, label: object, classes: list[str | None]) -> torch.Tensor | None:
-    """The labels of a folder's images for a conditional model: `label` for all of them, or
-    each image's class subfolder, named like one of the model's classes."""
-    if label is not None or not model.conditional:
-        return model.class_indices(label, len(classes), key="label")
-    if None in classes:
-        raise ValueError(
-            "label is needed: the model is conditional and input has images outside class "
-            f"subfolders; give label=<class> ({', '.join(model.class_names)}) or put the "
-            "images in subfolders named after the classes"
-        )
-    return model.class_indices(classes, key="label")
-
-
-def pick_images(
-    inputs: str | list[str] | None,
-    count: int,
-    datamodule: ImageDataModule,
-    generator: torch.Generator,
-    model: CVAE,
-    label: object = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`count` images and, for a conditional model, their labels: the given files, of class
-    `label` (one, or one per file), or random ones from the test split with their own."""
-    preprocess = datamodule.preprocess
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if inputs:
-        if len(inputs) != count:
-            raise ValueError(f"input needs {count} image file(s), got {len(inputs)}")
-        images = torch.stack([torch.from_numpy(preprocess.load(path)) for path in inputs])
-        return images, model.class_indices(label, count, key="label")
-    datamodule.setup("test")
-    test_set = datamodule.test_set
-    chosen = torch.randperm(len(test_set), generator=generator)[:count]
-    images, labels = zip(*(test_set[int(i)] for i in chosen), strict=True)
-    labels = torch.tensor(labels) if model.conditional else None
-    return torch.stack(images), labels
-
-
-def latent_kl(model: CVAE, datamodule: ImageDataModule, max_images: int = 1024) -> torch.Tensor:
-    """Mean KL of each latent dimension over (up to `max_images` of) the test split."""
-    datamodule.setup("test")
-    statistics, seen = PosteriorStatistics(), 0
-    for images, labels in datamodule.test_dataloader():
-        labels = labels if model.conditional else None
-        with torch.no_grad():
-            statistics.update(*model.encode(images.to(model.device), labels))
-        seen += len(images)
-        if seen >= max_images:
-            break
-    return statistics.kl_per_dim()
-
-
-def traverse(
-    model: CVAE,
-    image: torch.Tensor,
-    dims: list[int],
-    steps: int,
-    span: float,
-    label: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows of images: for each of `dims`, the posterior mean with that coordinate set to
-    `steps` values from -span to span (a conditional model: all of the image's `label`)."""
-    with torch.no_grad():
-        mu, _ = model.encode(image[None].to(model.device), label)
-    values = torch.linspace(-span, span, steps, device=model.device)
-    z = mu.repeat(len(dims) * steps, 1)
-    for row, dim in enumerate(dims):
-        z[row * steps : (row + 1) * steps, dim] = values
-    with torch.no_grad():
-        return model.decode(z, label)
-
-
-def generate(cfg: DictConfig) -> Path:
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
-    model, datamodule = load_checkpoint(cfg)
-    model.eval()
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    label, temperature = plain(cfg.get("label")), float(cfg.temperature)
-    if cfg.mode == "sample" and model.conditional and label in (None, "all"):
-        sample_every_class(model, int(cfg.nrow), temperature, generator, out)
-    elif cfg.mode == "sample":
-        labels = model.class_indices(label, int(cfg.n), key="label")
-        images = model.sample(int(cfg.n), temperature, generator, labels=labels)
-        visualize_batch(images, out / "samples.png", nrow=cfg.nrow)
-        save_images(images, out / "samples")
-    elif cfg.mode == "reconstruct":
-        if not cfg.input:
-            raise ValueError("mode=reconstruct needs input=DIR, a folder of images")
-        inputs, paths, classes = load_folder(cfg.input, datamodule.preprocess)
-        labels = folder_labels(model, label, classes)
-        batches = range(0, len(inputs), 256)
-        outputs = torch.cat([
-            model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])
-            for i in batches
-        ]).cpu()  # fmt: skip
-        columns = min(cfg.nrow, len(inputs))
-        visualize_batch(interleave_rows(inputs, outputs, columns), out / "reconstructions.png",
-                        nrow=columns)  # fmt: skip
-        side_by_side = torch.cat([unit_range(inputs), outputs], dim=-1)
-        root = Path(cfg.input).expanduser().resolve()
-        save_images(side_by_side, out / "pairs", [p.relative_to(root) for p in paths])
-    elif cfg.mode == "interpolate":
-        if model.conditional and label is not None and not cfg.input:  # a walk between classes
-            first, second = _class_pair(label)
-            z = temperature * torch.randn(1, model.hparams.latent_dim, generator=generator)
-            frames = model.interpolate_classes(first, second, z, int(cfg.steps))
-        else:
-            (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model,
-                                                  label)  # fmt: skip
-            frames = model.interpolate(first, second, int(cfg.steps), bool(cfg.spherical), labels)
-        visualize_batch(frames, out / "interpolation.png", nrow=len(frames))
-        save_gif(frames, out / "interpolation.gif")
-    else:
-        (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
-        dims = latent_kl(model, datamodule).argsort(descending=True)[: int(cfg.dims)].tolist()
-        grid = traverse(model, image, dims, int(cfg.steps), float(cfg.range), labels)
-        visualize_batch(grid, out / "traversal.png", nrow=int(cfg.steps))
-        (out / "traversal_dims.txt").write_text(" ".join(map(str, dims)) + "\n")
-    log.info("%s: images written to %s", cfg.mode, out)
-    return out
-
-
-def sample_every_class(
-    model: CVAE, per_class: int, temperature: float, generator: torch.Generator, out: Path
-) -> None:
-    """`samples.png`: a row of `per_class` samples for every class, named at its left (the
-    same latents in every row), and each image as `samples/<class>/0000.png, ...`."""
-    names = model.class_names
-    images = model.sample_classes(per_class, temperature=temperature, generator=generator)
-    visualize_rows(images, names, out / "samples.png")
-    folders = [name.replace("/", "-") for name in names]  # "T-shirt/top" is one folder
-    files = [f"{folder}/{i:04d}" for folder in folders for i in range(per_class)]
-    save_images(images, out / "samples", files)
-
-
-def _class_pair(label: object) -> tuple[int | str, int | str]:
-    if not isinstance(label, list) or len(label) != 2:
-        raise ValueError(f"label={label!r}: mode=interpolate walks between two classes, "
-                         "give label=[first,second]")  # fmt: skip
-    return label[0], label[1]
+from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()
+    from cvae.generation import generate  # imports torch: after --help, after Hydra's checks
+
     run_or_report(generate, cfg)
 
 

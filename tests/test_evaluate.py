@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cvae import CVAE, ImageDataModule
-from cvae.generate import generate
+from cvae.generation import generate
 from cvae.metrics import PosteriorStatistics, evaluate, likelihood_input
 from cvae.models.likelihoods import gaussian_log_density
 from cvae.runtime import evaluate as evaluate_command

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cvae import CVAE
-from cvae.export import export
-from cvae.export import run as export_command
+from cvae.exporting import export
+from cvae.exporting import run as export_command
 from tests.conftest import compose_tool
 
 # Runs in a fresh interpreter where importing cvae fails: the files must stand alone.

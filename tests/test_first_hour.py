@@ -129,8 +129,8 @@ REASONS = {
 def test_every_kind_of_bad_checkpoint_is_one_line_in_every_command(
     command: str, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from cvae.export import run as export
-    from cvae.generate import generate
+    from cvae.exporting import run as export
+    from cvae.generation import generate
 
     files = _damaged_files(tmp_path / "bad", trained_run / "checkpoints" / "last.ckpt")
     runs = {"train": train, "eval": evaluate, "generate": generate, "export": export}
@@ -271,7 +271,7 @@ def test_a_preset_root_that_does_not_exist_is_never_created(
 
 
 def test_generate_names_the_input_key(trained_run: Path, tmp_path: Path) -> None:
-    from cvae.generate import generate
+    from cvae.generation import generate
 
     cfg = compose_tool(
         "generate",

@@ -83,8 +83,8 @@ def test_readme_tool_command_runs(words: list[str], log_dir: Path, tmp_path: Pat
     from cvae.errors import run_or_report
 
     tool = words[0].removeprefix("cvae.")
-    run = {"evaluate": "cvae.runtime:evaluate", "generate": "cvae.generate:generate",
-           "export": "cvae.export:run"}[tool]  # fmt: skip
+    run = {"evaluate": "cvae.runtime:evaluate", "generate": "cvae.generation:generate",
+           "export": "cvae.exporting:run"}[tool]  # fmt: skip
     module, _, name = run.partition(":")
     function = getattr(__import__(module, fromlist=[name]), name)
     # The line's own overrides, plus where to find `last` and a small budget for the test.
