@@ -24,7 +24,7 @@ from cvae.runtime import load_checkpoint
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
-MODES = ("sample", "reconstruct", "interpolate", "traverse")
+MODES = ("sample", "reconstruct", "interpolate", "traverse", "showcase")
 
 
 def load_folder(
@@ -126,56 +126,88 @@ def traverse(
 
 
 def generate(cfg: DictConfig) -> Path:
+    """Run `cfg.mode` with the checkpoint `cfg.ckpt_path`; images go to the output folder."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     model, datamodule = load_checkpoint(cfg)
     model.eval()
-    generator = torch.Generator().manual_seed(int(cfg.seed))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    modes = SHOWCASE if cfg.mode == "showcase" else (cfg.mode,)
+    for mode in modes:  # each from the same seed: a mode's images do not depend on the others
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        RENDER[mode](model, datamodule, cfg, generator, out)
+    log.info("%s: images written to %s", cfg.mode, out)
+    return out
+
+
+def _sample(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
+            generator: torch.Generator, out: Path) -> None:  # fmt: skip
     label, temperature = plain(cfg.get("label")), float(cfg.temperature)
-    if cfg.mode == "sample" and model.conditional and label in (None, "all"):
+    if model.conditional and label in (None, "all"):
         sample_every_class(model, int(cfg.nrow), temperature, generator, out)
-    elif cfg.mode == "sample":
-        labels = model.class_indices(label, int(cfg.n), key="label")
-        images = model.sample(int(cfg.n), temperature, generator, labels=labels)
-        visualize_batch(images, out / "samples.png", nrow=cfg.nrow)
-        save_images(images, out / "samples")
-    elif cfg.mode == "reconstruct":
-        if not cfg.input:
-            raise ValueError("mode=reconstruct needs input=DIR, a folder of images")
+        return
+    labels = model.class_indices(label, int(cfg.n), key="label")
+    images = model.sample(int(cfg.n), temperature, generator, labels=labels)
+    visualize_batch(images, out / "samples.png", nrow=cfg.nrow)
+    save_images(images, out / "samples")
+
+
+def _reconstruct(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
+                 generator: torch.Generator, out: Path) -> None:  # fmt: skip
+    """A folder's images beside their reconstructions; without `input` (the showcase),
+    `n` random test images."""
+    label = plain(cfg.get("label"))
+    if cfg.input:
         inputs, paths, classes = load_folder(cfg.input, datamodule.preprocess)
         labels = folder_labels(model, label, classes)
-        batches = range(0, len(inputs), 256)
-        outputs = torch.cat([
-            model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])
-            for i in batches
-        ]).cpu()  # fmt: skip
-        columns = min(cfg.nrow, len(inputs))
-        visualize_batch(interleave_rows(inputs, outputs, columns), out / "reconstructions.png",
-                        nrow=columns)  # fmt: skip
+    elif cfg.mode == "showcase":
+        inputs, labels = pick_images(None, int(cfg.n), datamodule, generator, model, label)
+        paths = None
+    else:
+        raise ValueError("mode=reconstruct needs input=DIR, a folder of images")
+    outputs = torch.cat([
+        model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])
+        for i in range(0, len(inputs), 256)
+    ]).cpu()  # fmt: skip
+    columns = min(cfg.nrow, len(inputs))
+    visualize_batch(interleave_rows(inputs, outputs, columns), out / "reconstructions.png",
+                    nrow=columns)  # fmt: skip
+    if paths is not None:
         side_by_side = torch.cat([unit_range(inputs), outputs], dim=-1)
         root = Path(cfg.input).expanduser().resolve()
         save_images(side_by_side, out / "pairs", [p.relative_to(root) for p in paths])
-    elif cfg.mode == "interpolate":
-        if model.conditional and label is not None and not cfg.input:  # a walk between classes
-            first, second = _class_pair(label)
-            z = temperature * torch.randn(1, model.hparams.latent_dim, generator=generator)
-            frames = model.interpolate_classes(first, second, z, int(cfg.steps))
-        else:
-            (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model,
-                                                  label)  # fmt: skip
-            frames = model.interpolate(first, second, int(cfg.steps), bool(cfg.spherical), labels)
-        visualize_batch(frames, out / "interpolation.png", nrow=len(frames))
-        save_gif(frames, out / "interpolation.gif")
+
+
+def _interpolate(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
+                 generator: torch.Generator, out: Path) -> None:  # fmt: skip
+    label, temperature = plain(cfg.get("label")), float(cfg.temperature)
+    if model.conditional and label is not None and not cfg.input:  # a walk between classes
+        first, second = _class_pair(label)
+        z = temperature * torch.randn(1, model.hparams.latent_dim, generator=generator)
+        frames = model.interpolate_classes(first, second, z, int(cfg.steps))
     else:
-        (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
-        dims = latent_kl(model, datamodule).argsort(descending=True)[: int(cfg.dims)].tolist()
-        grid = traverse(model, image, dims, int(cfg.steps), float(cfg.range), labels)
-        visualize_batch(grid, out / "traversal.png", nrow=int(cfg.steps))
-        (out / "traversal_dims.txt").write_text(" ".join(map(str, dims)) + "\n")
-    log.info("%s: images written to %s", cfg.mode, out)
-    return out
+        (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model,
+                                              label)  # fmt: skip
+        frames = model.interpolate(first, second, int(cfg.steps), bool(cfg.spherical), labels)
+    visualize_batch(frames, out / "interpolation.png", nrow=len(frames))
+    save_gif(frames, out / "interpolation.gif")
+
+
+def _traverse(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
+              generator: torch.Generator, out: Path) -> None:  # fmt: skip
+    label = plain(cfg.get("label"))
+    (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
+    dims = latent_kl(model, datamodule).argsort(descending=True)[: int(cfg.dims)].tolist()
+    grid = traverse(model, image, dims, int(cfg.steps), float(cfg.range), labels)
+    visualize_batch(grid, out / "traversal.png", nrow=int(cfg.steps))
+    (out / "traversal_dims.txt").write_text(" ".join(map(str, dims)) + "\n")
+
+
+RENDER = {"sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate,
+          "traverse": _traverse}  # fmt: skip
+# mode=showcase: what a README's results section shows, from any checkpoint, in one folder.
+SHOWCASE = ("sample", "reconstruct", "interpolate", "traverse")
 
 
 def sample_every_class(

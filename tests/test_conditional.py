@@ -19,9 +19,10 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from cvae import CVAE, unit_range
+from cvae.errors import run_or_report
 from cvae.exporting import export
 from cvae.generation import generate
-from cvae.runtime import build, evaluate, run_or_report, train
+from cvae.runtime import build, evaluate, train
 from tests.conftest import compose_tool, compose_train, write_mixed_images
 from tests.test_notebook import figures, run_notebook, text
 

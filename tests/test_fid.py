@@ -12,13 +12,9 @@ from torch import nn
 
 import cvae.fid
 from cvae import CVAE
+from cvae.errors import run_or_report
 from cvae.fid import WEIGHTS_FILE, fid_kid, inception_weights, sample_quality
 from cvae.runtime import evaluate
-
-try:  # where the entry points' error handling lives once issue 12's work is merged
-    from cvae.errors import run_or_report
-except ImportError:
-    from cvae.runtime import run_or_report
 from tests.conftest import compose_tool
 
 
