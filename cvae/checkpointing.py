@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from cvae.errors import CheckpointError, TrainingInterrupted, human_size
+from cvae.errors import CheckpointError, Interrupted, human_size
 
 # What every checkpoint written by `cvae.train` holds (Lightning's keys plus our model's).
 REQUIRED_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters")
@@ -122,7 +122,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 class SaveOnInterrupt(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill or on preemption)
     during training: finish the current step, write `last.ckpt` (exactly resumable, like a
-    step checkpoint), then stop with `TrainingInterrupted`. A second Ctrl-C quits at once.
+    step checkpoint), then stop with `Interrupted`. A second Ctrl-C quits at once.
 
     Under data-parallel training every rank learns of the signal at the same step (one
     small all-reduce per step), so all of them save and stop together.
@@ -167,7 +167,7 @@ class SaveOnInterrupt(Callback):
         trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         self._restore()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        raise TrainingInterrupted(
+        raise Interrupted(
             f"{what}: training stopped at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}; saved {path}", 128 + signum, str(path)
         )  # fmt: skip

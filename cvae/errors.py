@@ -24,8 +24,9 @@ class CheckpointError(ValueError):
     """A file given as a checkpoint that cvae cannot use: missing, damaged or foreign."""
 
 
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal (Ctrl-C, SIGTERM) after saving `checkpoint`.
+class Interrupted(Exception):
+    """Stopped on a signal (Ctrl-C, SIGTERM) with the work kept: a training run after saving
+    `checkpoint`, an evaluation with its finished chunks. The message says how to go on.
 
     `exit_status` follows the shell's convention for a process ended by a signal (128 + N).
     """
@@ -97,7 +98,7 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         _remove_empty_run_folder()
         sys.exit(130)
-    except TrainingInterrupted as stop:
+    except Interrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_status)
     except Exception as error:

@@ -19,6 +19,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from cvae.errors import Interrupted
 from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.losses import kl_per_dimension
@@ -343,10 +344,10 @@ def evaluate(
                                              max_decodes, decoder))  # fmt: skip
             report.advance(len(images))
     except KeyboardInterrupt:
-        if folder is not None:
-            log.warning("interrupted: %d finished chunks kept in %s; the same command "
-                        "continues from there", len(store.done()), folder)  # fmt: skip
-        raise
+        if folder is None:
+            raise
+        kept = f"{len(store.done())} finished chunks of {chunk_images} images kept in {folder}"
+        raise Interrupted(f"Ctrl-C: {kept}; the same command continues from there", 130) from None
     finally:
         report.close()
     if count == 0:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
-from cvae.errors import TrainingInterrupted, _in_multirun
+from cvae.errors import Interrupted, _in_multirun
 from cvae.models import CVAE
 from cvae.quiet import one_log_stream
 
@@ -160,10 +160,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"),
                         weights_only=True)  # fmt: skip
-        except TrainingInterrupted as stop:
+        except Interrupted as stop:
             command = resume_command(cfg, stop.checkpoint)
             message = f"{stop}; resume with: {command}"
-            raise TrainingInterrupted(message, stop.exit_status, stop.checkpoint) from None
+            raise Interrupted(message, stop.exit_status, stop.checkpoint) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
             _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from cvae import CVAE, ImageDataModule
+from cvae.errors import Interrupted
 from cvae.generation import generate
 from cvae.metrics import PosteriorStatistics, evaluate, likelihood_input
 from cvae.models.likelihoods import gaussian_log_density
@@ -181,7 +182,10 @@ def test_interrupted_evaluation_resumes_with_the_same_numbers(
         return evaluate_chunk(*args, **kwargs)
 
     monkeypatch.setattr(cvae.metrics, "evaluate_chunk", interrupted_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(
+        Interrupted,
+        match=r"^Ctrl-C: 2 finished chunks of 2 images kept in .*; the same command continues",
+    ):
         _run_evaluation(trained_run, tmp_path / "resumed", "eval.iw_samples=5")
     (folder,) = (tmp_path / "resumed").iterdir()
     assert len(_chunk_values(folder)) == 2 and not (folder / "metrics.json").exists()
