@@ -175,7 +175,7 @@ def _reconstruct(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
                     nrow=columns)  # fmt: skip
     if paths is not None:
         side_by_side = torch.cat([unit_range(inputs), outputs], dim=-1)
-        root = Path(cfg.input).expanduser().resolve()
+        root = Path(cfg.input).expanduser()  # the files were found under it as given
         save_images(side_by_side, out / "pairs", [p.relative_to(root) for p in paths])
 
 

@@ -38,10 +38,10 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path: Path) -> None:
     result = run_cli("model.beta=1,-1,2", "test=false", f"hydra.sweep.dir={tmp_path}",
                      multirun=True, check=False)  # fmt: skip
     assert result.returncode != 0  # the sweep reports that a job failed
-    assert "error: model.beta must be a number >= 0, got -1" in result.stderr
+    assert "error: model.beta must be a finite number >= 0, got -1" in result.stderr
     rows = {r["job"]: r for r in _read(tmp_path)}
     assert [rows[j]["status"] for j in ("0", "1", "2")] == ["completed", "failed", "completed"]
-    assert "ValueError: model.beta must be a number >= 0" in rows["1"]["error"]
+    assert "ValueError: model.beta must be a finite number >= 0" in rows["1"]["error"]
     assert list(rows) == ["0", "2", "1"] or list(rows) == ["2", "0", "1"]  # failed last
 
 
