@@ -140,7 +140,10 @@ class SaveOnInterrupt(Callback):
             return  # signal handlers can only be set from the main thread
         self.received = None
         for signum in self.SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:  # ignored on purpose (nohup, a shell's `&`): leave it
+                continue
+            self._previous[signum] = previous
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:

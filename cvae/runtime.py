@@ -73,28 +73,48 @@ def newest_last_checkpoint(log_dir: str | Path, task: str = "*") -> str:
     return str(found[-1])
 
 
-def resolve_checkpoint(cfg: DictConfig, task: str = "*") -> str | None:
-    """`cfg.ckpt_path` with `last` replaced by the file it means (and said), checked to be a
-    cvae checkpoint: a damaged or foreign file is a one-line error before anything starts."""
+def resolve_checkpoint(cfg: DictConfig, task: str = "*") -> dict | None:
+    """The checkpoint `cfg.ckpt_path` names (`last` replaced by the file it means, and said),
+    read and checked to be a cvae checkpoint: a damaged or foreign file is a one-line error
+    before anything starts."""
     path = cfg.get("ckpt_path")
     if not path:
         return None
     if path == "last":
         path = cfg.ckpt_path = newest_last_checkpoint(cfg.paths.log_dir, task)
         log.info("ckpt_path=last: %s", path)
-    read_checkpoint(path)
-    return str(path)
+    return read_checkpoint(path)
+
+
+def check_resumable(checkpoint: dict, model: pl.LightningModule, path: str) -> None:
+    """Resuming needs the model the checkpoint was written by: a different architecture is a
+    one-line error naming the settings that differ; other differing settings (beta, lr, ...)
+    are allowed and said."""
+    saved, current = checkpoint["hyper_parameters"], dict(model.hparams)
+    differ = [f"model.{k}: {saved[k]!r} there, {current[k]!r} here"
+              for k in saved if k in current and saved[k] != current[k]]  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    if shapes != stored:
+        raise ValueError(
+            f"ckpt_path={path} was written by another model ({'; '.join(differ) or 'weights'}): "
+            "resume with the overrides of the run that wrote it (its .hydra/overrides.yaml)"
+        )
+    if differ:
+        log.warning("resuming %s with other settings: %s", path, "; ".join(differ))
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Data module, model and trainer, failing on bad input before any training: the
     checkpoint to resume from is read, the data found (and decoded into its cache)."""
-    resolve_checkpoint(cfg, cfg.task_name)
+    checkpoint = resolve_checkpoint(cfg, cfg.task_name)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     # A conditional model's classes come from the data (and are saved in its checkpoint).
     classes = {"class_names": datamodule.labelled_classes()} if cfg.model.get("conditional") else {}
     model = instantiate(cfg.model, **classes)
+    if checkpoint is not None:
+        check_resumable(checkpoint, model, cfg.ckpt_path)
     trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
@@ -213,8 +233,10 @@ def _device(name: str) -> torch.device:
 def load_model(cfg: DictConfig) -> CVAE:
     """The model of `cfg.ckpt_path` (`last`: the newest training run's) on `cfg.device`, in
     eval mode."""
-    path = resolve_checkpoint(cfg)
-    model = CVAE.load_from_checkpoint(path, map_location=_device(cfg.device), weights_only=True)
+    resolve_checkpoint(cfg)
+    model = CVAE.load_from_checkpoint(
+        cfg.ckpt_path, map_location=_device(cfg.device), weights_only=True
+    )
     return model.eval()
 
 

@@ -354,3 +354,14 @@ def test_resume_command_quotes_what_the_shell_would_split(tmp_path: Path) -> Non
     cfg = compose_train(tmp_path)
     command = resume_command(cfg, tmp_path / "a b" / "last.ckpt")
     assert shlex.split(command)[-1] == f"ckpt_path={tmp_path / 'a b' / 'last.ckpt'}"
+
+
+def test_resuming_another_model_is_one_line_naming_what_differs(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = trained_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit):
+        run_or_report(train, compose_train(tmp_path, f"ckpt_path={last}", "model.latent_dim=4"))
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: ckpt_path={last} was written by another model (")
+    assert "model.latent_dim: 8 there, 4 here" in line and "\n" not in line

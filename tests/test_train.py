@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,12 @@ from tests.conftest import TINY, compose_train, write_broken_files
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _interruptible() -> None:
+    """Ctrl-C reaches the child as in a terminal, even when the tests run in a background job
+    (whose shell set SIGINT to ignored, which children inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(
     *overrides: str, multirun: bool = False, check: bool = True
 ) -> subprocess.CompletedProcess:
@@ -31,6 +38,7 @@ def run_cli(
     result = subprocess.run(
         [sys.executable, "-m", "cvae.train", *(["-m"] if multirun else []), *TINY, *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=_interruptible,
     )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(
