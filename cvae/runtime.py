@@ -133,7 +133,8 @@ def resume_command(cfg: DictConfig, checkpoint: str | Path) -> str:
     if HydraConfig.initialized():  # what the user typed: Hydra's own settings, then the task's
         typed = HydraConfig.get().overrides
         overrides = [o for o in typed.hydra if not o.startswith("hydra.mode=")]
-        overrides += [o for o in typed.task if not o.startswith("ckpt_path=")]
+        # a sweep job's own values are in `task`; the sweep itself is not resumed
+        overrides += [o for o in typed.task if not o.startswith(("ckpt_path=", "hparams_search="))]
     python = os.path.relpath(sys.executable)
     words = [python if not python.startswith("..") else sys.executable, "-m", "cvae.train",
              *overrides, f"ckpt_path={_shown(checkpoint)}"]  # fmt: skip
