@@ -38,8 +38,9 @@ def export(model: CVAE, folder: str | Path, format: str = "torchscript") -> dict
     if model.conditional:  # the label is a second input of each network
         labels = torch.tensor([0, len(model.class_names) - 1])
         examples = {
-            "encoder": (LabelledEncoder(model.encoder, model.conditioning), (images, labels)),
-            "decoder": (LabelledDecoder(model.decoder, model.conditioning),
+            "encoder": (LabelledEncoder(model.encoder, model.conditioning).eval(),
+                        (images, labels)),
+            "decoder": (LabelledDecoder(model.decoder, model.conditioning).eval(),
                         (examples["decoder"][1][0], labels)),
         }  # fmt: skip
         names = {part: ([*inputs, "labels"], outputs) for part, (inputs, outputs) in names.items()}
@@ -57,6 +58,7 @@ def export(model: CVAE, folder: str | Path, format: str = "torchscript") -> dict
                 module, example, str(path), input_names=inputs, output_names=outputs,
                 dynamic_shapes=tuple({0: batch} for _ in example), dynamo=True,
                 external_data=False,  # one self-contained file per network
+                verbose=False,  # no step-by-step progress lines
             )  # fmt: skip
         paths[part] = path
     log.info("exported %s to %s", ", ".join(p.name for p in paths.values()), folder)

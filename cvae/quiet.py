@@ -17,6 +17,8 @@ NOISE_WARNINGS = (
     r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader",
     # A resumed run writes into its own new run folder by design; the log says where.
     r"The dirpath has changed from",
+    # ONNX export of a conditional model: its two inputs share the one batch dimension, as meant.
+    r"# The axis name: batch will not be used, since it shares the same shape constraints",
 )
 # Log records of Lightning's rank-zero logger whose message starts with one of these.
 NOISE_LOG_PREFIXES = (
