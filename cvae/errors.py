@@ -106,13 +106,14 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if cause is None:
             raise
         print(f"error: {error_line(cause)}", file=sys.stderr)
-        if _in_multirun():  # let Hydra record this job as failed and go on with the others
+        if in_multirun():  # let Hydra record this job as failed and go on with the others
             raise
         _remove_empty_run_folder()
         sys.exit(1)
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra `-m` sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
-from cvae.errors import Interrupted, _in_multirun
+from cvae.errors import Interrupted, in_multirun
 from cvae.models import CVAE
 from cvae.quiet import one_log_stream
 
@@ -204,7 +204,7 @@ def _ranks_run_this_job() -> Iterator[None]:
     this job's overrides, in single-run mode, and this job's folder. Afterwards close the
     job's process group and undo what the launch set (environment, threads), so the next
     job launches ranks of its own."""
-    if not _in_multirun():
+    if not in_multirun():
         yield
         return
     from hydra.core.hydra_config import HydraConfig
