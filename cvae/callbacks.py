@@ -1,11 +1,11 @@
-"""TensorBoard image logging: what the data looks like and what the model makes of it."""
+"""Training callbacks: what the data looks like, what the model makes of it, and its likelihood."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
 
-from cvae.metrics import PosteriorStatistics
+from cvae.metrics import PosteriorStatistics, likelihood_input
 from cvae.viz import interleave_rows, visualize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -132,3 +132,55 @@ class LatentMonitor(pl.Callback):
             for key, value in values.items():
                 logger.experiment.add_scalar(key, value, global_step=trainer.global_step)
         self.hparams_written = True
+
+
+class LikelihoodMonitor(pl.Callback):
+    """`val/iw_nll`: the importance-weighted NLL bound (nats per image, `iw_samples` samples)
+    of the first `num_images` validation images every `every_n_epochs` epochs (0: never), so
+    a likelihood run's curve is the number it is judged by, not the looser ELBO. The same
+    images and random numbers every time: epochs differ only by the model."""
+
+    def __init__(
+        self, every_n_epochs: int = 0, num_images: int = 2000, iw_samples: int = 100, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.every_n_epochs, self.num_images = every_n_epochs, num_images
+        self.iw_samples, self.seed = iw_samples, seed
+        self.batches: list[Batch] = []
+        self.collected = 0
+        self.complete = False  # the images are collected in the first validation epoch
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: Batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or self.every_n_epochs <= 0 or self.complete:
+            return
+        if self.collected < self.num_images:
+            images, labels = (part[: self.num_images - self.collected] for part in batch)
+            self.batches.append((images.detach().clone(), labels.detach().clone()))
+            self.collected += len(images)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = self.every_n_epochs > 0 and (
+            (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            or trainer.current_epoch + 1 == trainer.max_epochs
+        )
+        if trainer.sanity_checking:
+            return
+        self.complete = True
+        if not due or not self.batches:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros((), device=pl_module.device)
+        for images, labels in self.batches:
+            x = likelihood_input(images, pl_module.likelihood.continuous, generator)
+            labels = labels if pl_module.conditional else None
+            total += -pl_module.log_likelihood(x, labels, k=self.iw_samples,
+                                               generator=generator).sum()  # fmt: skip
+        pl_module.log("val/iw_nll", total / self.collected, sync_dist=True)

@@ -202,3 +202,71 @@ def test_bad_training_aid_settings_name_the_key() -> None:
                         ({"sigma": 0.0}, "model.sigma")):  # fmt: skip
         with pytest.raises(ValueError, match=key):
             CVAE(in_channels=1, image_size=8, hidden_channels=[4], **kwargs)
+
+
+def test_iw_training_loss_is_the_importance_weighted_bound_by_hand() -> None:
+    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
+                 recon_loss="bce", beta=0.5, iw_samples=4)  # fmt: skip
+    x = (torch.rand(5, 1, 8, 8) > 0.5).float()
+    torch.manual_seed(0)
+    terms = model.loss_terms(x)
+    torch.manual_seed(0)  # the same eps, by hand
+    mu, log_var = model.encoder(x)
+    q = Normal(mu, torch.exp(0.5 * log_var))
+    z = mu + torch.exp(0.5 * log_var) * torch.randn(4, *mu.shape)
+    probs = model.decoder(z.flatten(0, 1)).unflatten(0, (4, 5))
+    log_px = (x * probs.log() + (1 - x) * (1 - probs).log()).sum(dim=(2, 3, 4))
+    log_ratio = (Normal(0.0, 1.0).log_prob(z) - q.log_prob(z)).sum(-1)
+    bound = torch.logsumexp(log_px + 0.5 * log_ratio, dim=0) - math.log(4)
+    torch.testing.assert_close(terms["loss"], -bound.mean(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(terms["recon"], -log_px.mean(), rtol=1e-5, atol=1e-4)
+
+
+def test_iw_training_bound_is_tighter_than_the_elbo() -> None:
+    torch.manual_seed(0)
+    elbo_model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
+                      recon_loss="bce")  # fmt: skip
+    iw_model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
+                    recon_loss="bce", iw_samples=32)  # fmt: skip
+    iw_model.load_state_dict(elbo_model.state_dict())
+    x = (torch.rand(64, 1, 8, 8) > 0.5).float()
+    elbo_loss = torch.stack([elbo_model.loss_terms(x)["loss"] for _ in range(8)]).mean()
+    iw_loss = torch.stack([iw_model.loss_terms(x)["loss"] for _ in range(8)]).mean()
+    exact_side = -iw_model.log_likelihood(x, k=2000).mean()
+    assert exact_side < iw_loss < elbo_loss
+    assert elbo_loss - iw_loss > 0.8 * (elbo_loss - exact_side)  # most of the ELBO's gap closed
+
+
+def test_bad_iw_samples_settings_name_the_key() -> None:
+    for kwargs, key in (({"iw_samples": 0}, "model.iw_samples"),
+                        ({"iw_samples": 4, "free_bits": 0.5}, "model.free_bits")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            CVAE(in_channels=1, image_size=8, hidden_channels=[4], **kwargs)
+
+
+def test_likelihood_monitor_logs_the_iw_nll_of_the_first_validation_images(tmp_path) -> None:
+    from hydra.utils import instantiate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cvae.metrics import likelihood_input
+    from cvae.runtime import train
+    from tests.conftest import compose_train
+
+    train(compose_train(tmp_path, "model.iw_samples=2", "trainer.max_epochs=2", "test=false",
+                        "callbacks.likelihood_monitor.every_n_epochs=1",
+                        "callbacks.likelihood_monitor.num_images=4",
+                        "callbacks.likelihood_monitor.iw_samples=7"))  # fmt: skip
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = accumulator.Scalars("val/iw_nll")
+    assert len(logged) == 2 and logged[0].value != logged[1].value
+    # The last value, by hand: the trained model, the first 4 validation images, K = 7.
+    model = CVAE.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    data = instantiate(compose_train(tmp_path).data)
+    data.setup("fit")
+    generator = torch.Generator().manual_seed(0)
+    images = next(iter(data.val_dataloader()))[0][:4]
+    x = likelihood_input(images, model.likelihood.continuous, generator)
+    by_hand = -model.log_likelihood(x, k=7, generator=generator).mean()
+    assert logged[-1].value == pytest.approx(float(by_hand), rel=1e-5)
