@@ -41,8 +41,9 @@ def main() -> None:
         run_dir = args.out / name
         overrides = [
             f"paths.output_dir={run_dir}", f"model.recon_loss={name}", "test=false",
-            f"+trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
+            f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
             "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
+            "trainer.check_val_every_n_epoch=null",  # validate once, at the end
             "~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false",
         ]  # fmt: skip
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

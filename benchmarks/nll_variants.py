@@ -25,12 +25,8 @@ BASELINE = ["model.iw_samples=1", "model.latent_dim=40", "model.kernel_size=4"]
 VARIANTS = {
     "baseline (ELBO, latent 40, 4x4 kernels)": [],
     "IWAE k=5": ["model.iw_samples=5"],
-    "IWAE k=5, latent 64": ["model.iw_samples=5", "model.latent_dim=64"],
     "IWAE k=5, latent 64, 5x5 kernels": [
         "model.iw_samples=5", "model.latent_dim=64", "model.kernel_size=5",
-    ],
-    "IWAE k=5, latent 64, widths 48-96": [
-        "model.iw_samples=5", "model.latent_dim=64", "model.hidden_channels=[48,96]",
     ],
     "ELBO, widths 64-128, a residual block per resolution": [
         "model.hidden_channels=[64,128]", "model.residual_blocks=1",
