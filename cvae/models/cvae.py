@@ -256,15 +256,32 @@ class CVAE(pl.LightningModule):
         k: int,
     ) -> dict[str, torch.Tensor]:
         """`loss_terms` of the IWAE bound: `k` samples per image decoded in one call."""
-        z = reparameterize(mu, log_var, samples=k)  # (k, B, latent)
-        repeated = None if labels is None else self.class_indices(labels, len(x)).repeat(k)
-        logits = self.decode_logits(z.flatten(0, 1), repeated).unflatten(0, (k, len(x)))
-        log_px = self.likelihood(logits, x)  # (k, B): x broadcast over the samples
-        z, mu, log_var = z.float(), mu.float(), log_var.float()
-        log_ratio = normal_log_density(z) - normal_log_density(z, mu, log_var)
+        log_px, log_ratio = self._log_weight_terms(
+            x, self.class_indices(labels, len(x)), mu, log_var, k
+        )
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(k)
         return {"loss": -bound.mean(), "recon": -log_px.mean(),
-                "kl": kl_divergence(mu, log_var).mean()}  # fmt: skip
+                "kl": kl_divergence(mu.float(), log_var.float()).mean()}  # fmt: skip
+
+    def _log_weight_terms(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        mu: torch.Tensor,
+        log_var: torch.Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts of the importance weights of `n` posterior samples per image, each
+        `(n, B)`: log p(x | z) and log p(z) - log q(z | x). The IWAE training bound and the
+        likelihood estimate share them; the `n * B` latents are decoded in one call."""
+        z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
+        repeated = None if labels is None else labels.repeat(n)
+        logits = (logits_of or self.decode_logits)(z.flatten(0, 1), repeated)
+        log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)  # x broadcast over n
+        z, mu, log_var = z.float(), mu.float(), log_var.float()
+        return log_px, normal_log_density(z) - normal_log_density(z, mu, log_var)
 
     def current_beta(self) -> float:
         """The KL weight of this training step under `beta_schedule`."""
@@ -436,15 +453,10 @@ class CVAE(pl.LightningModule):
                 total = torch.full((len(x),), -math.inf, device=self.device)
                 for start in range(0, k, per_call):
                     n = min(per_call, k - start)
-                    z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
-                    repeated = None if labels is None else labels.repeat(n)
-                    logits = logits_of(z.flatten(0, 1), repeated).unflatten(0, (n, len(x)))
-                    log_w = (
-                        self.likelihood(logits, x)  # x broadcast over the n samples
-                        + normal_log_density(z)
-                        - normal_log_density(z, mu, log_var)
+                    log_px, log_ratio = self._log_weight_terms(
+                        x, labels, mu, log_var, n, generator, logits_of
                     )
-                    total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+                    total = torch.logaddexp(total, torch.logsumexp(log_px + log_ratio, dim=0))
                 return total - math.log(k)
         finally:
             self.train(was_training)
