@@ -10,6 +10,7 @@ RUN := $(UV) run --frozen
 ARGS ?=
 SWEEP ?= hparams_search=beta_latent
 PORT ?= 6006
+TEST_WORKERS ?= auto
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: help install fashion-mnist train evaluate generate export summarize test lint notebook tensorboard \
@@ -49,8 +50,8 @@ export: install  ## TorchScript or ONNX encoder and decoder; ARGS="ckpt_path=las
 summarize: install  ## the table of a sweep; ARGS="outputs/train/multiruns/<time>"
 	$(RUN) python -m cvae.summarize $(ARGS)
 
-test: install  ## the test suite (CPU, a few minutes)
-	$(RUN) pytest $(ARGS)
+test: install  ## the test suite (CPU, a few minutes; a pytest-xdist worker per core)
+	$(RUN) pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: install  ## ruff check and format check
 	$(RUN) ruff check .

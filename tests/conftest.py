@@ -9,11 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core: one torch thread each (and in the commands the
+    # tests start, through the environment), so the workers do not fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Small and fast: 16x16 synthetic shapes, a two-block model, one epoch, no progress bar.
 TINY = [
