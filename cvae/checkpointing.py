@@ -152,7 +152,9 @@ class SaveOnInterrupt(Callback):
             raise KeyboardInterrupt
         self.received = signum
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        rank_zero_info(f"\n{what}: saving last.ckpt after this step (Ctrl-C again quits at once)")
+        # Only a second Ctrl-C quits at once (after SIGTERM the first one is just recorded).
+        hint = " (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""
+        rank_zero_info(f"\n{what}: saving last.ckpt after this step{hint}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any

@@ -49,22 +49,24 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
-def _stopped_run(run: Path, signum: int, step: int) -> tuple[str, dict]:
+def _stopped_run(run: Path, signum: int, step: int) -> tuple[str, str, dict]:
     """The LONG_RUN on the command line, sent `signum` as step `step` starts: the last
-    line it printed, and the checkpoint it left."""
+    line it printed, all it printed, and the checkpoint it left."""
     stop = ["+callbacks.stop._target_=tests.killers.SignalAt", f"+callbacks.stop.step={step}",
             f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
     result = run_cli(*LONG_RUN, f"hydra.run.dir={run}", *stop, check=False)
     assert result.returncode == 128 + signum
     assert "Traceback" not in result.stderr
-    return result.stderr.strip().splitlines()[-1], _checkpoint(run / "checkpoints" / "last.ckpt")
+    last_line = result.stderr.strip().splitlines()[-1]
+    return last_line, result.stdout + result.stderr, _checkpoint(run / "checkpoints" / "last.ckpt")
 
 
 def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactly(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
     run = tmp_path / "run"
-    last_line, saved = _stopped_run(run, signal.SIGINT, 11)
+    last_line, printed, saved = _stopped_run(run, signal.SIGINT, 11)
+    assert "Ctrl-C: saving last.ckpt after this step (Ctrl-C again quits at once)" in printed
     assert last_line.startswith("Ctrl-C: training stopped at epoch 1, step 12; saved ")
     assert saved["global_step"] == 12  # the step that was running finished, then it saved
     command = last_line.split("resume with: ", 1)[1]
@@ -83,7 +85,9 @@ def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactl
 def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
-    last_line, saved = _stopped_run(tmp_path / "run", signal.SIGTERM, 4)
+    last_line, printed, saved = _stopped_run(tmp_path / "run", signal.SIGTERM, 4)
+    assert "SIGTERM: saving last.ckpt after this step" in printed
+    assert "quits at once" not in printed  # only after a Ctrl-C does a second one quit
     assert last_line.startswith("SIGTERM: training stopped at epoch 0, step 5; saved ")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
