@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cvae import CVAE, ImageDataModule, visualize_batch
-    from cvae.metrics import evaluate
+    from cvae.metrics import evaluate_model
     from cvae.runtime import train
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
@@ -55,7 +55,7 @@ def main() -> None:
         model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
         datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
         datamodule.setup("test")
-        metrics = evaluate(model, datamodule.test_dataloader(), iw_samples=args.iw_samples,
+        metrics = evaluate_model(model, datamodule.test_dataloader(), iw_samples=args.iw_samples,
                            max_images=args.eval_images)  # fmt: skip
         samples = model.sample(64, generator=torch.Generator().manual_seed(0))
         visualize_batch(samples, args.docs / f"{name}_samples.png", nrow=8)

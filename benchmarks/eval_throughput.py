@@ -14,7 +14,7 @@ IWAE loop, kept below as the baseline: `torch.no_grad`, contiguous layout, binar
 entropy on Sigmoid outputs against a copied target; (2) `CVAE.log_likelihood` as the
 evaluator runs it (inference mode, `FastDecoder`: channels-last layout and a sub-pixel last
 layer; likelihood from logits, images broadcast over samples); (3) the whole evaluator,
-`cvae.metrics.evaluate`: chunks, ELBO, reconstructions and SSIM included. The last line
+`cvae.metrics.evaluate_model`: chunks, ELBO, reconstructions and SSIM included. The last line
 extrapolates to a full evaluation.
 """
 
@@ -33,7 +33,7 @@ from common import compose_train, machine, matmul_rate, synchronize
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from cvae.metrics import evaluate
+from cvae.metrics import evaluate_model
 from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.likelihoods import gaussian_log_density
@@ -140,11 +140,11 @@ def main() -> None:
                              decoder=fast)  # fmt: skip
 
     def evaluator() -> None:
-        evaluate(model, batches, iw_samples=args.k)
+        evaluate_model(model, batches, iw_samples=args.k)
 
     runs = {"replaced evaluator's IWAE loop (baseline)": legacy,
             "CVAE.log_likelihood, as evaluated now": iwae,
-            "whole evaluator (cvae.metrics.evaluate)": evaluator}  # fmt: skip
+            "whole evaluator (cvae.metrics.evaluate_model)": evaluator}  # fmt: skip
     best = {name: (math.inf, math.inf) for name in runs}
     for round_ in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives, allocator)
         for name, run in runs.items():

@@ -18,9 +18,10 @@ from cvae.quiet import quiet_known_noise
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()
-    from cvae.runtime import evaluate  # imports torch: after --help, after Hydra's checks
+    # imports torch: after --help, after Hydra's checks
+    from cvae.runtime import evaluate_checkpoint
 
-    run_or_report(evaluate, cfg)
+    run_or_report(evaluate_checkpoint, cfg)
 
 
 if __name__ == "__main__":

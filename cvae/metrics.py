@@ -280,7 +280,7 @@ class ChunkStore:
         return torch.load(self.path(index), weights_only=True)
 
 
-def evaluate(
+def evaluate_model(
     model: CVAE,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     iw_samples: int = 1000,
@@ -353,13 +353,13 @@ def evaluate(
     if count == 0:
         raise ValueError("no images to evaluate")
     chunks = [store.load(i) for i in range(math.ceil(count / chunk_images))]
-    metrics = summarize(chunks, model, iw_samples)
+    metrics = aggregate_chunks(chunks, model, iw_samples)
     if folder is not None:
         write_per_image(chunks, Path(folder) / "per_image.csv")
     return metrics
 
 
-def summarize(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
+def aggregate_chunks(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
     """The metrics of an evaluation from its chunks, in order: the same whether they were
     computed in one run or across interrupted ones."""
     values = {name: torch.cat([c["values"][name] for c in chunks]) for name in PER_IMAGE}

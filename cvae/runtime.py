@@ -259,11 +259,11 @@ def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
     return model, datamodule
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json in
     the evaluation's own folder (see `evaluation_folder`), which also keeps every finished
     chunk of images: the same command continues an interrupted evaluation."""
-    from cvae.metrics import evaluate as evaluate_model
+    from cvae.metrics import evaluate_model
 
     ev = cfg.eval
     model, datamodule, split = _evaluation_data(cfg)

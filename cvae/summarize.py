@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cvae.summary import summarize
+from cvae.summary import write_sweep_summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a multirun folder holding one folder per job")
     args = parser.parse_args(argv)
     try:
-        rows = summarize(args.sweep_dir)
+        rows = write_sweep_summary(args.sweep_dir)
     except (FileNotFoundError, NotADirectoryError) as error:
         sys.exit(f"error: {error}")
     print((Path(args.sweep_dir) / "summary.md").read_text(), end="")

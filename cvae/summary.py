@@ -1,7 +1,7 @@
 """One table per sweep: every job's overrides and results, best first.
 
 Each training run leaves `result.json` in its folder; a job that raised leaves `failure.json`
-(written by the `SweepSummary` Hydra callback). `summarize(sweep_dir)` turns them into
+(written by the `SweepSummary` Hydra callback). `write_sweep_summary(sweep_dir)` turns them into
 `summary.csv` and `summary.md` at the sweep root. The callback refreshes them after every
 job, so an interrupted sweep has a summary of what finished, and `python -m cvae.summarize
 DIR` rebuilds one at any time.
@@ -76,7 +76,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
+def write_sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Write `summary.csv` and `summary.md` for the jobs under `sweep_dir`, sorted by the
     best `val/loss` (failed and unfinished jobs last); return the rows. The overrides column
     shows what differs between jobs."""
@@ -110,7 +110,7 @@ class SweepSummary(Callback):
             cause = user_error(error) or error  # what went wrong, not Hydra's wrapper
             message = f"{type(cause).__name__}: {error_line(cause)}"
             (job_dir / FAILURE).write_text(json.dumps({"error": message}))
-        summarize(config.hydra.sweep.dir)
+        write_sweep_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize(config.hydra.sweep.dir)
+        write_sweep_summary(config.hydra.sweep.dir)

@@ -22,7 +22,7 @@ from cvae import CVAE, unit_range
 from cvae.errors import run_or_report
 from cvae.exporting import export
 from cvae.generation import generate
-from cvae.runtime import build, evaluate, train
+from cvae.runtime import build, evaluate_checkpoint, train
 from tests.conftest import compose_tool, compose_train, write_mixed_images
 from tests.test_notebook import figures, run_notebook, text
 
@@ -241,7 +241,7 @@ def test_reconstruct_takes_labels_from_class_subfolders(checkpoint, tmp_path, ca
 
 def test_evaluate_reports_the_conditional_likelihood(checkpoint, tmp_path) -> None:
     cfg = compose_tool("eval", tmp_path, f"ckpt_path={checkpoint}", "eval.iw_samples=4")
-    metrics = evaluate(cfg)
+    metrics = evaluate_checkpoint(cfg)
     assert metrics["conditional"] is True and np.isfinite(metrics["iw_nll"])
 
 

@@ -18,9 +18,9 @@ from PIL import Image
 from cvae import CVAE, ImageDataModule
 from cvae.errors import Interrupted
 from cvae.generation import generate
-from cvae.metrics import PosteriorStatistics, evaluate, likelihood_input
+from cvae.metrics import PosteriorStatistics, evaluate_model, likelihood_input
 from cvae.models.likelihoods import gaussian_log_density
-from cvae.runtime import evaluate as evaluate_command
+from cvae.runtime import evaluate_checkpoint
 from tests.conftest import compose_tool, write_mixed_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_evaluate_reports_every_metric(trained_run: Path) -> None:
     model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True)
     dm = ImageDataModule.load_from_checkpoint(_checkpoint(trained_run))
     dm.setup()
-    metrics = evaluate(model, dm.test_dataloader(), iw_samples=8, max_images=5)
+    metrics = evaluate_model(model, dm.test_dataloader(), iw_samples=8, max_images=5)
     assert metrics["images"] == 5
     assert metrics["neg_elbo"] == pytest.approx(metrics["recon"] + metrics["kl"])
     assert metrics["iw_nll"] < metrics["neg_elbo"] + 1.0
@@ -130,8 +130,8 @@ def test_bernoulli_nll_is_reported_only_on_binary_data() -> None:
                  recon_loss="bernoulli")  # fmt: skip
     grey = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     binary = (grey > 127).to(torch.uint8) * 255
-    on_grey = evaluate(model, [(grey, torch.zeros(4))], iw_samples=2)
-    on_binary = evaluate(model, [(binary, torch.zeros(4))], iw_samples=2)
+    on_grey = evaluate_model(model, [(grey, torch.zeros(4))], iw_samples=2)
+    on_binary = evaluate_model(model, [(binary, torch.zeros(4))], iw_samples=2)
     assert on_grey["proper_density"] is False and on_grey["bits_per_dim"] is None
     assert on_binary["proper_density"] is True
     assert on_binary["bits_per_dim"] == pytest.approx(on_binary["iw_nll"] / (256 * math.log(2)))
@@ -159,7 +159,7 @@ def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path:
 def _run_evaluation(trained_run: Path, out: Path, *overrides: str) -> dict:
     cfg = compose_tool("eval", out, f"ckpt_path={_checkpoint(trained_run)}", "eval.seed=3",
                        "eval.chunk_images=2", "eval.progress=false", *overrides)  # fmt: skip
-    return evaluate_command(cfg)
+    return evaluate_checkpoint(cfg)
 
 
 def _chunk_values(folder: Path) -> list[dict]:
@@ -241,7 +241,7 @@ def test_evaluate_on_data_that_does_not_fit_names_the_key(trained_run: Path, tmp
     cfg = compose_tool("eval", tmp_path, f"ckpt_path={_checkpoint(trained_run)}",
                        "data=synthetic", "data.image_size=32")  # fmt: skip
     with pytest.raises(ValueError, match="data.image_size=32 does not fit"):
-        evaluate_command(cfg)
+        evaluate_checkpoint(cfg)
 
 
 def test_binarized_data_is_fixed_for_evaluation_and_fresh_for_training() -> None:

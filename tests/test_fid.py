@@ -14,7 +14,7 @@ import cvae.fid
 from cvae import CVAE
 from cvae.errors import run_or_report
 from cvae.fid import WEIGHTS_FILE, fid_kid, inception_weights, sample_quality
-from cvae.runtime import evaluate
+from cvae.runtime import evaluate_checkpoint
 from tests.conftest import compose_tool
 
 
@@ -115,7 +115,7 @@ def test_evaluate_stops_at_once_with_one_line_when_offline(
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
     cfg = compose_tool("eval", tmp_path / "out", f"ckpt_path={checkpoint}", "eval.fid=true")
     with pytest.raises(SystemExit) as exit_status:
-        run_or_report(evaluate, cfg)
+        run_or_report(evaluate_checkpoint, cfg)
     assert exit_status.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and WEIGHTS_FILE in lines[0]
@@ -128,7 +128,7 @@ def test_evaluate_reports_fid_and_kid(
     cfg = compose_tool("eval", tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
                        "eval.fid=true", "eval.fid_samples=20", "eval.iw_samples=2",
                        "eval.split=val", "eval.progress=false")  # fmt: skip
-    metrics = evaluate(cfg)
+    metrics = evaluate_checkpoint(cfg)
     assert metrics["fid"] > 0 and "kid" in metrics and metrics["fid_samples"] == 20
     assert metrics["fid_real_images"] == 6  # the validation split has 6 images
     (saved,) = tmp_path.glob("*/metrics.json")

@@ -24,7 +24,7 @@ from PIL import Image
 from cvae import ImageDataModule
 from cvae.data import cache, datamodule, presets
 from cvae.errors import run_or_report
-from cvae.runtime import evaluate, train
+from cvae.runtime import evaluate_checkpoint, train
 from tests.conftest import compose_tool, compose_train, write_mixed_images
 from tests.test_long_runs import LONG_RUN
 from tests.test_train import REPO, run_cli
@@ -137,7 +137,7 @@ def test_every_kind_of_bad_checkpoint_is_one_line_in_every_command(
     from cvae.generation import generate
 
     files = _damaged_files(tmp_path / "bad", trained_run / "checkpoints" / "last.ckpt")
-    runs = {"train": train, "eval": evaluate, "generate": generate, "export": export}
+    runs = {"train": train, "eval": evaluate_checkpoint, "generate": generate, "export": export}
     for kind, path in files.items():
         if command == "train":
             cfg = compose_train(tmp_path / kind, f"ckpt_path={path}")

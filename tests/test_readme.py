@@ -79,7 +79,7 @@ def log_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 TOOL_LINES = [w for w in COMMANDS if w[0] in ("cvae.evaluate", "cvae.generate", "cvae.export")
               and not any(marker in " ".join(w) for marker in NOT_RUN)]  # fmt: skip
-TOOLS = {"evaluate": "cvae.runtime:evaluate", "generate": "cvae.generation:generate",
+TOOLS = {"evaluate": "cvae.runtime:evaluate_checkpoint", "generate": "cvae.generation:generate",
          "export": "cvae.exporting:run"}  # fmt: skip
 
 
