@@ -1,6 +1,7 @@
-"""The README's commands, as written: every `.venv/bin/python -m cvae.<tool> ...` line of its
-code blocks composes (each key, group and option exists), and the checkpoint tools run on a
-tiny trained checkpoint with the line's own overrides."""
+"""The commands of the README and of every page under docs/, as written: every
+`.venv/bin/python -m cvae.<tool> ...` line of their bash blocks composes (each key, group and
+option exists), and the checkpoint tools run on a tiny trained checkpoint with the line's own
+overrides, page by page. (Links, headings and snippets: tests/test_docs.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF_DIR
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
 CONFIGS = {"train": "train", "evaluate": "eval", "generate": "generate", "export": "export"}
 # Lines that need what this test's tiny unconditional checkpoint cannot give: a placeholder
 # path (your own images, the Inception weights), or a conditional Fashion-MNIST model
@@ -23,11 +26,15 @@ CONFIGS = {"train": "train", "evaluate": "eval", "generate": "generate", "export
 NOT_RUN = ("/path/to/", "label=")
 
 
-def readme_commands() -> list[list[str]]:
-    """The words of every cvae command line in the README's bash blocks (continuations
-    joined, comments dropped)."""
+def page_name(page: Path) -> str:
+    return page.relative_to(REPO).as_posix()
+
+
+def page_commands(page: Path) -> list[list[str]]:
+    """The words of every cvae command line in a page's bash blocks (continuations joined,
+    comments dropped)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words[:2] == [".venv/bin/python", "-m"] and words[2].startswith("cvae."):
@@ -49,16 +56,21 @@ def _overrides(words: list[str]) -> list[str]:
     return overrides
 
 
-COMMANDS = readme_commands()
+COMMANDS = {page_name(page): page_commands(page) for page in PAGES}
+EVERY_COMMAND = [(name, words) for name, words_list in COMMANDS.items() for words in words_list]
 
 
-def test_the_readme_has_commands_for_every_tool() -> None:
-    tools = {words[0] for words in COMMANDS}
+def test_the_pages_have_commands_for_every_tool() -> None:
+    tools = {words[0] for _, words in EVERY_COMMAND}
     assert tools >= {"cvae.train", "cvae.evaluate", "cvae.generate", "cvae.export"}
+    readme_tools = {words[0] for words in COMMANDS["README.md"]}
+    assert readme_tools >= {"cvae.train", "cvae.evaluate", "cvae.generate"}
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=" ".join)
-def test_readme_command_composes(words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("page", "words"), EVERY_COMMAND, ids=[f"{page}: {' '.join(w)}" for page, w in EVERY_COMMAND]
+)
+def test_command_composes(page: str, words: list[str]) -> None:
     tool = words[0].removeprefix("cvae.")
     if tool not in CONFIGS:
         return  # summarize takes a folder, not overrides
@@ -77,23 +89,34 @@ def log_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return logs
 
 
-TOOL_LINES = [w for w in COMMANDS if w[0] in ("cvae.evaluate", "cvae.generate", "cvae.export")
-              and not any(marker in " ".join(w) for marker in NOT_RUN)]  # fmt: skip
+def tool_lines(commands: list[list[str]]) -> list[list[str]]:
+    """The evaluate, generate and export lines that can run on the tiny checkpoint."""
+    return [w for w in commands if w[0] in ("cvae.evaluate", "cvae.generate", "cvae.export")
+            and not any(marker in " ".join(w) for marker in NOT_RUN)]  # fmt: skip
+
+
+TOOL_LINES = {name: tool_lines(commands) for name, commands in COMMANDS.items()}
 TOOLS = {"evaluate": "cvae.runtime:evaluate_checkpoint", "generate": "cvae.generation:generate",
          "export": "cvae.exporting:run"}  # fmt: skip
 
 
-def test_readme_tool_commands_run_in_order(
-    log_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_enough_tool_lines_run() -> None:
+    """The README and the evaluation guide keep the lines a reader runs first."""
+    assert sum(map(len, TOOL_LINES.values())) >= 8
+    assert TOOL_LINES["README.md"] and len(TOOL_LINES["docs/evaluation.md"]) >= 8
+
+
+@pytest.mark.parametrize("page", [name for name, lines in TOOL_LINES.items() if lines])
+def test_tool_commands_run_in_order(
+    page: str, log_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each evaluate, generate and export line, in the README's order, from a working folder
-    of its own (a line may use what an earlier one wrote, as a reader would), with the line's
-    own overrides plus where to find `last` and a small evaluation budget."""
+    """Each evaluate, generate and export line of a page, in the page's order, from a working
+    folder of its own (a line may use what an earlier one wrote, as a reader would), with the
+    line's own overrides plus where to find `last` and a small evaluation budget."""
     from cvae.errors import run_or_report
 
-    assert len(TOOL_LINES) >= 8
     monkeypatch.chdir(tmp_path)
-    for number, words in enumerate(TOOL_LINES):
+    for number, words in enumerate(TOOL_LINES[page]):
         tool = words[0].removeprefix("cvae.")
         module, _, name = TOOLS[tool].partition(":")
         function = getattr(__import__(module, fromlist=[name]), name)
@@ -107,4 +130,4 @@ def test_readme_tool_commands_run_in_order(
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(CONFIGS[tool], overrides=overrides)
         run_or_report(function, cfg)
-        assert Path(run_dir).is_dir(), " ".join(words)
+        assert Path(run_dir).is_dir(), f"{page}: {' '.join(words)}"
