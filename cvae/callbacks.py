@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from cvae.metrics import PosteriorStatistics, likelihood_input
+from cvae.objective import LOGGED
 from cvae.viz import interleave_rows, visualize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -79,8 +80,8 @@ class ImageLogger(pl.Callback):
 class LatentMonitor(pl.Callback):
     """How much of the latent space the model uses, per validation epoch: `val/active_units`
     and a histogram of each dimension's KL (`val/kl_per_dim`). Also fills TensorBoard's
-    hparams tab: the run's model and data settings with its latest `hp/val_*` metrics, so
-    the runs of a sweep can be compared there."""
+    hparams tab: the run's model and data settings with its latest `hp/val_*` metrics (those
+    a sweep objective can name), so the runs of a sweep can be compared there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -101,7 +102,7 @@ class LatentMonitor(pl.Callback):
     ) -> None:
         with torch.no_grad():
             labels = batch[1] if pl_module.conditional else None
-            self.statistics.update(*pl_module.encode(batch[0], labels))
+            self.statistics.update(*pl_module.encode(batch[0], labels), pl_module.prior)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.statistics.count == 0:
@@ -117,9 +118,9 @@ class LatentMonitor(pl.Callback):
         self._update_hparams(trainer, pl_module)
 
     def _update_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = trainer.callback_metrics
+        metrics = trainer.callback_metrics  # the metrics a sweep objective can name
         values = {f"hp/{key.replace('/', '_')}": float(metrics[key])
-                  for key in ("val/loss", "val/recon", "val/kl") if key in metrics}  # fmt: skip
+                  for key in (*LOGGED, "val/iw_nll") if key in metrics}  # fmt: skip
         values["hp/val_active_units"] = float(self.statistics.active_units())
         for logger in trainer.loggers:
             if not hasattr(logger.experiment, "add_scalar"):

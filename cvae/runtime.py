@@ -30,6 +30,7 @@ from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
 from cvae.errors import Interrupted, in_multirun
 from cvae.models import CVAE
+from cvae.objective import Objective, check_objective
 from cvae.quiet import one_log_stream
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,17 @@ def _shown(path: str | Path) -> str:
 
 
 def _write_result(
-    output_dir: str, trainer: pl.Trainer, metrics: dict[str, float], seconds: float
+    output_dir: str,
+    trainer: pl.Trainer,
+    metrics: dict[str, float],
+    seconds: float,
+    objective: Objective,
 ) -> None:
     """`result.json`: what a sweep summary lists for this run."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_score if checkpoint is not None else None
     result = {
+        "objective": {"metric": list(objective.metrics), "direction": list(objective.directions)},
         "final": {k: v for k, v in metrics.items() if k.startswith("val/")},
         "best_val_loss": float(best) if best is not None else metrics.get("val/loss"),
         "epochs": trainer.current_epoch,
@@ -170,9 +176,10 @@ def _write_result(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming from `ckpt_path` if set), then test the best checkpoint if `test`.
 
-    Returns the final metrics, `val/loss` among them (what a sweeper minimises).
+    Returns the final metrics; `objective.metric` among them is what a sweeper ranks by.
     """
     started = time.perf_counter()
+    objective = check_objective(cfg)  # a metric the run does not log: before any work
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     if rank_zero_only.rank == 0:
@@ -187,7 +194,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise Interrupted(message, stop.exit_status, stop.checkpoint) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
-            _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started)
+            _write_result(cfg.paths.output_dir, trainer, metrics, time.perf_counter() - started,
+                          objective)  # fmt: skip
         if cfg.get("test"):
             checkpoint = trainer.checkpoint_callback
             best = checkpoint.best_model_path if checkpoint else ""

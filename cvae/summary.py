@@ -1,10 +1,15 @@
-"""One table per sweep: every job's overrides and results, best first.
+"""One table and one picture per sweep: every job's objective, rate and distortion, best first.
 
 Each training run leaves `result.json` in its folder; a job that raised leaves `failure.json`
-(written by the `SweepSummary` Hydra callback). `write_sweep_summary(sweep_dir)` turns them into
-`summary.csv` and `summary.md` at the sweep root. The callback refreshes them after every
-job, so an interrupted sweep has a summary of what finished, and `python -m cvae.summarize
-DIR` rebuilds one at any time.
+(written by the `SweepSummary` Hydra callback). `write_sweep_summary(sweep_dir)` turns them
+into `summary.csv`, `summary.md` and `rate_distortion.png` at the sweep root. The callback
+checks the objective before the first job and refreshes the summary after every job, so an
+interrupted sweep has a summary of what finished, and `python -m cvae.summarize DIR` rebuilds
+one at any time.
+
+Rows are sorted by the sweep objective (`objective.metric`, the same meaning in every job),
+not by `val/loss`, whose beta differs from job to job. Rate is the KL (nats per image),
+distortion the reconstruction term -log p(x | z) (Alemi et al. 2018, "Fixing a Broken ELBO").
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cvae.errors import error_line, user_error
+from cvae.objective import check_objective
 
-COLUMNS = ("job", "status", "overrides", "best_val_loss", "val_loss", "val_recon", "val_kl",
-           "active_units", "epochs", "steps", "wall_seconds", "checkpoint", "error")  # fmt: skip
-RESULT, FAILURE = "result.json", "failure.json"
+COLUMNS = ("job", "status", "objective", "rate_kl", "distortion_recon", "mse_per_pixel",
+           "neg_elbo", "bits_per_dim", "active_units", "beta", "latent_dim", "overrides",
+           "best_val_loss", "epochs", "steps", "wall_seconds", "checkpoint", "error")  # fmt: skip
+# Columns taken from a completed job's final validation metrics.
+FINAL = {"rate_kl": "val/kl", "distortion_recon": "val/recon", "mse_per_pixel": "val/mse",
+         "neg_elbo": "val/neg_elbo", "bits_per_dim": "val/bits_per_dim",
+         "active_units": "val/active_units"}  # fmt: skip
+RESULT, FAILURE, PICTURE = "result.json", "failure.json", "rate_distortion.png"
+DEFAULT_OBJECTIVE = {"metric": ["val/neg_elbo"], "direction": ["minimize"]}
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -36,20 +49,29 @@ def _overrides(job: Path) -> list[str]:
     return yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
 
 
+def _model_settings(job: Path) -> dict[str, Any]:
+    """The job's beta and latent size, from the config Hydra saved (the point's label)."""
+    path = job / ".hydra" / "config.yaml"
+    model = (yaml.safe_load(path.read_text()) or {}).get("model", {}) if path.is_file() else {}
+    return {"beta": model.get("beta"), "latent_dim": model.get("latent_dim")}
+
+
 def _row(job: Path, shared: set[str]) -> dict[str, Any]:
     """A job's results; its overrides without those every job of the sweep shares."""
     overrides = [o for o in _overrides(job) if o not in shared]
-    row: dict[str, Any] = {"job": job.name, "overrides": " ".join(overrides)}
+    row: dict[str, Any] = {"job": job.name, "overrides": " ".join(overrides),
+                           **_model_settings(job)}  # fmt: skip
     if (job / RESULT).is_file():
         result = json.loads((job / RESULT).read_text())
         final = result.get("final", {})
+        objective = result.get("objective", DEFAULT_OBJECTIVE)
         row.update(
+            {column: final.get(key) for column, key in FINAL.items()},
             status="completed",
+            objective=final.get(objective["metric"][0]),
+            objective_metric=objective["metric"][0],
+            objective_direction=objective["direction"][0],
             best_val_loss=result.get("best_val_loss"),
-            val_loss=final.get("val/loss"),
-            val_recon=final.get("val/recon"),
-            val_kl=final.get("val/kl"),
-            active_units=final.get("val/active_units"),
             epochs=result.get("epochs"),
             steps=result.get("steps"),
             wall_seconds=result.get("wall_seconds"),
@@ -63,9 +85,11 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
 
 
 def _sort_key(row: dict[str, Any]) -> tuple[int, float]:
-    value = row.get("best_val_loss")
+    value = row.get("objective")
     ok = row["status"] == "completed" and value is not None and math.isfinite(value)
-    return (0, value) if ok else (1, math.inf)
+    if not ok:
+        return (1, math.inf)
+    return (0, value if row["objective_direction"] == "minimize" else -value)
 
 
 def _cell(value: Any) -> str:
@@ -77,9 +101,9 @@ def _cell(value: Any) -> str:
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Write `summary.csv` and `summary.md` for the jobs under `sweep_dir`, sorted by the
-    best `val/loss` (failed and unfinished jobs last); return the rows. The overrides column
-    shows what differs between jobs."""
+    """Write `summary.csv`, `summary.md` and `rate_distortion.png` for the jobs under
+    `sweep_dir`, sorted by the sweep objective (failed and unfinished jobs last); return the
+    rows. The overrides column shows what differs between jobs."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise NotADirectoryError(f"{sweep_dir} is not a sweep folder")
@@ -92,14 +116,61 @@ def write_sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({key: row.get(key) for key in COLUMNS} for row in rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    metrics = {row["objective_metric"] for row in rows if "objective_metric" in row}
+    ranked = f"Sorted by {', '.join(sorted(metrics))} (the sweep objective)." if metrics else ""
+    lines = [ranked, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(key)) for key in COLUMNS) + " |" for row in rows]
+    if draw_rate_distortion(rows, sweep_dir / PICTURE):
+        lines += ["", f"![rate and distortion of each job]({PICTURE})"]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
 
 
+def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
+    """The rate-distortion plane of the completed jobs: rate (KL) across, distortion
+    (-log p(x | z)) up, each job a point labelled with its beta and latent size. Returns the
+    number of points; 0 (and no file) while no job has both numbers."""
+    points = [r for r in rows if r.get("rate_kl") is not None
+              and r.get("distortion_recon") is not None]  # fmt: skip
+    if not points:
+        return 0
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    best = points[0]  # rows come sorted by the objective
+    for row in points:
+        x, y = row["rate_kl"], row["distortion_recon"]
+        axes.scatter([x], [y], color="tab:red" if row is best else "tab:blue", zorder=3)
+        label = f"job {row['job']}: beta {_cell(row.get('beta'))}, z {_cell(row.get('latent_dim'))}"
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel("rate: KL(q(z|x) || p(z)), nats per image")
+    axes.set_ylabel("distortion: -log p(x|z), nats per image")
+    metric = best.get("objective_metric", "")
+    axes.set_title(f"{len(points)} of {len(rows)} jobs; red: best by {metric}", fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    figure.savefig(partial)
+    plt.close(figure)
+    partial.replace(path)
+    return len(points)
+
+
 class SweepSummary(Callback):
-    """Hydra callback: records a failed job's error, then refreshes the sweep's summary."""
+    """Hydra callback: checks the sweep objective before the first job, records a failed
+    job's error, then refreshes the sweep's summary."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("objective") is None:  # not a training sweep
+            return
+        try:
+            check_objective(config)
+        except ValueError as error:  # one line, and no sweep folder: nothing has run yet
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":

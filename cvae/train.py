@@ -9,15 +9,18 @@ import hydra
 from omegaconf import DictConfig
 
 from cvae.errors import run_or_report
+from cvae.objective import check_objective
 from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    """Returns the sweep objective (`objective.metric`): what a sweeper ranks this run by."""
     quiet_known_noise()
     from cvae.runtime import train  # imports Lightning: after --help, after Hydra's checks
 
-    return run_or_report(train, cfg).get("val/loss")
+    metrics = run_or_report(train, cfg)  # checks the objective before any work
+    return check_objective(cfg).values(metrics)
 
 
 if __name__ == "__main__":

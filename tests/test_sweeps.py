@@ -1,4 +1,5 @@
-"""Sweeps leave a summary, record failing jobs without stopping the others."""
+"""Sweeps rank their jobs by an objective that means the same in every job, draw the
+rate-distortion plane, and record failing jobs without stopping the others."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from cvae.summarize import main as summarize_main
+from cvae.summary import draw_rate_distortion
 from tests.test_train import run_cli
 
 
@@ -20,18 +22,70 @@ def test_sweep_summary_lists_every_job_best_first(tmp_path: Path) -> None:
             f"hydra.sweep.dir={tmp_path}", multirun=True)  # fmt: skip
     rows = _read(tmp_path)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
-    losses = [float(r["best_val_loss"]) for r in rows]
-    assert losses == sorted(losses)
+    objective = [float(r["objective"]) for r in rows]  # default: val/neg_elbo
+    assert objective == sorted(objective)
+    assert objective == [float(r["neg_elbo"]) for r in rows]
     assert {frozenset(r["overrides"].split()) for r in rows} == {
         frozenset({f"model.beta={b}", f"model.latent_dim={d}"}) for b in ("0.5", "2")
         for d in (4, 8)}  # fmt: skip
     for row in rows:
         assert Path(row["checkpoint"]).is_file() and int(row["epochs"]) == 1
         assert float(row["active_units"]) <= 8 and float(row["wall_seconds"]) > 0
+        assert float(row["rate_kl"]) >= 0 and float(row["mse_per_pixel"]) > 0
+        assert float(row["bits_per_dim"]) > 0 and row["latent_dim"] in ("4", "8")
+        # the negative ELBO at beta = 1 is rate + distortion, whatever the job's beta
+        assert abs(float(row["neg_elbo"]) - float(row["rate_kl"]) - float(
+            row["distortion_recon"])) < 1e-3 * float(row["neg_elbo"])  # fmt: skip
     markdown = (tmp_path / "summary.md").read_text().splitlines()
-    assert (
-        markdown[0].startswith("| job | status | overrides | best_val_loss") and len(markdown) == 6
-    )
+    assert markdown[0] == "Sorted by val/neg_elbo (the sweep objective)."
+    assert markdown[2].startswith("| job | status | objective | rate_kl | distortion_recon")
+    assert markdown[-1] == "![rate and distortion of each job](rate_distortion.png)"
+    assert (tmp_path / "rate_distortion.png").stat().st_size > 10_000
+
+
+def test_the_objective_ranks_where_val_loss_would_not(tmp_path: Path) -> None:
+    # val/loss = recon + beta * KL favours the small beta by construction; the rate (val/kl)
+    # favours the large one: the summary follows the objective.
+    run_cli("model.beta=0.01,8", "test=false", "objective.metric=val/kl",
+            f"hydra.sweep.dir={tmp_path}", multirun=True)  # fmt: skip
+    rows = _read(tmp_path)
+    assert [r["beta"] for r in rows] == ["8", "0.01"]
+    assert float(rows[0]["rate_kl"]) < float(rows[1]["rate_kl"])
+    assert float(rows[0]["best_val_loss"]) > float(rows[1]["best_val_loss"])
+    result = json.loads((tmp_path / "0" / "result.json").read_text())
+    assert result["objective"] == {"metric": ["val/kl"], "direction": ["minimize"]}
+
+
+def test_an_unknown_objective_fails_before_the_first_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli("model.beta=1,2", "objective.metric=val/accuracy",
+                     f"hydra.sweep.dir={sweep}", multirun=True, check=False)  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: objective.metric='val/accuracy' is not logged by this "
+                                "run: one of val/neg_elbo, val/bits_per_dim")  # fmt: skip
+    assert "val/active_units" in lines[-1] and "val/iw_nll" not in lines[-1]
+    assert not sweep.exists()  # nothing ran, nothing was made
+    single = run_cli("objective.metric=val/iw_nll", f"hydra.run.dir={tmp_path / 'run'}",
+                     check=False)  # fmt: skip
+    assert single.returncode == 1 and "(it needs callbacks.likelihood_monitor.every_n_epochs" \
+        " > 0)" in single.stderr  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_picture_has_a_point_per_completed_job(tmp_path: Path) -> None:
+    rows = [
+        {"job": "1", "status": "completed", "rate_kl": 3.0, "distortion_recon": 40.0,
+         "beta": 1, "latent_dim": 8, "objective_metric": "val/neg_elbo"},
+        {"job": "0", "status": "completed", "rate_kl": 9.0, "distortion_recon": 30.0,
+         "beta": 0.5, "latent_dim": 8, "objective_metric": "val/neg_elbo"},
+        {"job": "2", "status": "failed"},
+        {"job": "3", "status": "incomplete"},
+    ]  # fmt: skip
+    assert draw_rate_distortion(rows, tmp_path / "plane.png") == 2
+    assert (tmp_path / "plane.png").is_file()
+    assert draw_rate_distortion(rows[2:], tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_a_failing_job_is_recorded_and_the_others_run(tmp_path: Path) -> None:
@@ -43,18 +97,22 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path: Path) -> None:
     assert [rows[j]["status"] for j in ("0", "1", "2")] == ["completed", "failed", "completed"]
     assert "ValueError: model.beta must be a finite number >= 0" in rows["1"]["error"]
     assert list(rows) == ["0", "2", "1"] or list(rows) == ["2", "0", "1"]  # failed last
+    assert (tmp_path / "rate_distortion.png").is_file()  # what completed is drawn
 
 
 def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
-    for job, result in (("0", {"best_val_loss": 3.0, "final": {"val/loss": 3.5}}), ("1", None)):
+    finals = {"val/loss": 3.5, "val/neg_elbo": 3.6, "val/kl": 0.6, "val/recon": 3.0}
+    for job, result in (("0", {"best_val_loss": 3.0, "final": finals}), ("1", None)):
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.beta={job}\n")
-        if result:
+        if result:  # a result.json from before objectives: ranked by val/neg_elbo
             (tmp_path / job / "result.json").write_text(json.dumps(result))
     summarize_main([str(tmp_path)])
     rows = _read(tmp_path)
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "incomplete")]
+    assert float(rows[0]["objective"]) == 3.6
     assert "2 jobs: 1 completed, 0 failed" in capsys.readouterr().out
+    assert (tmp_path / "rate_distortion.png").is_file()
 
 
 def test_hparams_search_beta_latent_runs_its_grid(tmp_path: Path) -> None:

@@ -82,7 +82,11 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
         "train/loss_epoch",  # a training curve even for runs shorter than log_every_n_steps
         "lr-Adam",
         "test/loss",
+        "val/neg_elbo",  # the default sweep objective
         "hp/val_loss",
+        "hp/val_neg_elbo",  # the hparams tab has what a sweep objective can name
+        "hp/val_bits_per_dim",
+        "hp/val_mse",
         "hp/val_active_units",
     ):
         assert scalar in tags["scalars"]
