@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,17 @@ def event_tags(run_dir: Path) -> dict[str, list[str]]:
 
 
 def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
-    run_cli("trainer.max_epochs=2", f"hydra.run.dir={tmp_path}")
+    result = run_cli("trainer.max_epochs=2", f"hydra.run.dir={tmp_path}",
+                     "callbacks.text_progress.every_minutes=0.0001")  # fmt: skip
+    # stdout is not a terminal here: progress comes as log lines, in the run's train.log too
+    log = (tmp_path / "train.log").read_text()
+    for epoch in (1, 2):
+        line = re.search(rf"epoch end: epoch {epoch}/2, step (\d+)/(\d+), \d+ images/s, "
+                         r"\d+ s elapsed, about \d+ s left; train/loss [\d.]+, val/loss "
+                         r"[\d.]+, val/neg_elbo [\d.]+, val/mse [\d.]+\n", log)  # fmt: skip
+        assert line and int(line[1]) == epoch * int(line[2]) // 2, log
+        assert line[0] in result.stdout
+    assert re.search(r"\] - epoch 1/2, step \d+/\d+, ", log)  # between epoch ends too
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert len(list((tmp_path / "checkpoints").glob("epoch_*.ckpt"))) == 1  # the best one
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
