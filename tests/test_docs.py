@@ -100,11 +100,11 @@ def _modules() -> dict[str, object]:
     return found
 
 
-# Short module names that are also config groups, entry points or parameter names
-# (`data.root`, `callbacks.image_logger`, `train.log`, `conditioning.plane.weight`): only
-# checked with their `cvae.` prefix.
-AMBIGUOUS = {"data", "models", "callbacks", "train", "evaluate", "generate", "export",
-             "summarize", "cvae", "conditioning"}  # fmt: skip
+# Short module names that are also entry points or parameter names (`train.log`,
+# `conditioning.plane.weight`), like those that are also config keys (`data.root`,
+# `objective.metric`): only checked with their `cvae.` prefix.
+AMBIGUOUS = {"models", "train", "evaluate", "generate", "export", "summarize", "cvae",
+             "conditioning"}  # fmt: skip
 FILES = re.compile(r"\.(py|ya?ml|json|npy|ckpt|pt|onnx|md|csv|png|gif|log|lock|partial|txt"
                    r"|ipynb|gz)$")  # fmt: skip
 NAME = re.compile(r"([A-Za-z_]\w*(?:\.\w+)+)(?:\(.*\))?")
@@ -128,11 +128,20 @@ def cited_names(page: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def namespace() -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
+def configs() -> list:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return [compose("train"), compose("eval", overrides=["ckpt_path=x"])]
+
+
+@pytest.fixture(scope="module")
+def namespace(configs: list) -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
     """cvae's modules by full name, by short name (unambiguous ones), and its classes."""
     modules = _modules()
+    keys = {key for cfg in configs for key in cfg}  # data, model, objective, ...
     short = {n.rsplit(".", 1)[-1]: m for n, m in modules.items()}
-    short = {n: m for n, m in short.items() if n not in AMBIGUOUS}
+    short = {n: m for n, m in short.items() if n not in AMBIGUOUS | keys}
     classes = {name: obj for module in modules.values() for name, obj in vars(module).items()
                if inspect.isclass(obj) and obj.__module__.startswith("cvae")}  # fmt: skip
     return modules, short, classes
@@ -165,7 +174,7 @@ def test_every_cited_name_exists(
 
 
 # --- config: every `group.key` and `group=option` the pages cite exists ------------------------
-GROUPS = ("data", "model", "trainer", "callbacks", "logger", "paths", "eval")
+GROUPS = ("data", "model", "trainer", "callbacks", "logger", "paths", "eval", "objective")
 CITED_GROUPS = (*GROUPS, "experiment", "hparams_search")
 OVERRIDE = re.compile(r"^\+?([a-z_]+(?:/[a-z_]+)?)(\.[\w.]+)?=(\S*)$")
 
@@ -186,14 +195,6 @@ def cited_config(page: Path) -> tuple[set[str], set[tuple[str, str]]]:
             elif re.fullmatch(r"\w+", value):
                 options.add((group, value))
     return keys, options
-
-
-@pytest.fixture(scope="module")
-def configs() -> list:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return [compose("train"), compose("eval", overrides=["ckpt_path=x"])]
 
 
 def _config_has(configs: list, key: str) -> bool:
