@@ -7,6 +7,7 @@ lines: tests/test_readme.py.)"""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -210,13 +211,15 @@ def _config_has(configs: list, key: str) -> bool:
 def test_every_config_key_and_option_exists(page: Path, configs: list) -> None:
     import lightning.pytorch as pl
 
-    import cvae.callbacks
     from cvae import CVAE
 
     keys, options = cited_config(page)
-    # A dotted name may also be an attribute of what the group builds: `model.encode`,
-    # `trainer.save_checkpoint`, `callbacks.LikelihoodMonitor`.
-    builds = {"model": CVAE, "trainer": pl.Trainer, "callbacks": cvae.callbacks}
+    # A dotted name may also be an attribute of what the group builds (`model.encode`,
+    # `trainer.save_checkpoint`) or of the cvae module of that name (`callbacks.ImageLogger`,
+    # `objective.check_objective`).
+    builds = {"model": CVAE, "trainer": pl.Trainer}
+    builds |= {n: importlib.import_module(f"cvae.{n}") for n in CITED_GROUPS
+               if importlib.util.find_spec(f"cvae.{n}") is not None}  # fmt: skip
     missing = [key for key in sorted(keys) if not _config_has(configs, key)
                and not (key.count(".") == 1 and hasattr(builds.get(key.split(".")[0]),
                                                         key.split(".")[1]))]  # fmt: skip
