@@ -9,6 +9,7 @@ once with one line naming the file and where to put it (no download attempt, no 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import warnings
@@ -144,10 +145,14 @@ def fid_kid(
             "fid_real_images": len(real_features), "fid_samples": len(fake_features)}  # fmt: skip
 
 
-def _real_images(loader: Iterable, count: int) -> Iterator[torch.Tensor]:
+def _real_images(
+    loader: Iterable, count: int, labels: list[torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """The first `count` images of `loader`; their labels are appended to `labels`."""
     seen = 0
-    for images, *_ in loader:
+    for images, batch_labels in loader:
         images = images[: count - seen]
+        labels.append(batch_labels[: len(images)].cpu())
         seen += len(images)
         yield images
         if seen >= count:
@@ -155,10 +160,22 @@ def _real_images(loader: Iterable, count: int) -> Iterator[torch.Tensor]:
 
 
 def _samples(
-    model: CVAE, count: int, batch_size: int, generator: torch.Generator
+    model: CVAE,
+    count: int,
+    batch_size: int,
+    generator: torch.Generator,
+    real_labels: list[torch.Tensor],
 ) -> Iterator[torch.Tensor]:
+    """`count` samples; a conditional model draws the real images' classes (read once the
+    real images are done), repeated as needed: the data's class proportions."""
+    labels = None
+    if model.conditional:
+        seen = torch.cat(real_labels)
+        labels = seen.repeat(math.ceil(count / len(seen)))[:count]
     for start in range(0, count, batch_size):
-        yield model.sample(min(batch_size, count - start), generator=generator).cpu()
+        part = None if labels is None else labels[start : start + batch_size]
+        yield model.sample(min(batch_size, count - start), generator=generator,
+                           labels=part).cpu()  # fmt: skip
 
 
 def sample_quality(
@@ -172,9 +189,11 @@ def sample_quality(
     progress: bool = False,
 ) -> dict[str, float]:
     """FID and KID between `samples` prior samples (decoded means) and as many images of
-    `loader` (all of them if it has fewer). `extractor` replaces the Inception network (a
-    module from uint8 RGB batches to features: tests, other feature spaces); otherwise it
-    is loaded from `weights` or the torch hub cache (see `inception_weights`)."""
+    `loader` (all of them if it has fewer); a conditional model's samples have the classes
+    of those images (`loader`'s labels: the model's class indices). `extractor` replaces the
+    Inception network (a module from uint8 RGB batches to features: tests, other feature
+    spaces); otherwise it is loaded from `weights` or the torch hub cache (see
+    `inception_weights`)."""
     from cvae.metrics import ProgressReport
 
     if samples < 2:
@@ -190,9 +209,10 @@ def sample_quality(
             report.advance(len(images))
 
     generator = torch.Generator().manual_seed(seed)
+    labels: list[torch.Tensor] = []  # filled by the real pass, which `fid_kid` runs first
     try:
-        return fid_kid(counted(_real_images(loader, samples)),
-                       counted(_samples(model, samples, batch_size, generator)),
+        return fid_kid(counted(_real_images(loader, samples, labels)),
+                       counted(_samples(model, samples, batch_size, generator, labels)),
                        extractor, seed)  # fmt: skip
     finally:
         report.close()

@@ -19,6 +19,7 @@ from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
+from cvae.models.classes import folder_name
 from cvae.models.networks import unit_range
 from cvae.runtime import load_checkpoint
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
@@ -218,7 +219,7 @@ def sample_every_class(
     names = model.class_names
     images = model.sample_classes(per_class, temperature=temperature, generator=generator)
     visualize_rows(images, names, out / "samples.png")
-    folders = [name.replace("/", "-") for name in names]  # "T-shirt/top" is one folder
+    folders = [folder_name(name) for name in names]  # "T-shirt/top" is one folder
     files = [f"{folder}/{i:04d}" for folder in folders for i in range(per_class)]
     save_images(images, out / "samples", files)
 

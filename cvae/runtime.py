@@ -282,7 +282,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         from cvae.fid import inception
 
         extractor = inception(ev.get("fid_weights"))
-    loader = _evaluation_loader(datamodule, split)
+    loader = _with_model_labels(_evaluation_loader(datamodule, split), model, datamodule)
     options = {"iw_samples": int(ev.iw_samples), "seed": int(ev.seed),
                "max_images": ev.max_images, "chunk_images": int(ev.get("chunk_images", 64)),
                "max_decodes": ev.get("max_decodes")}  # fmt: skip
@@ -381,6 +381,38 @@ def _evaluation_loader(datamodule: ImageDataModule, split: str):
         every = _binarized(every, seed=datamodule.hparams.split_seed)
     datamodule.test_set = every
     return datamodule.test_dataloader()  # the test loader's sequential order
+
+
+class _Relabelled:
+    """Batches of `loader` with each label turned from the data's class index into the
+    model's (`table[label]`); `dataset` stays visible, so the image count is known."""
+
+    def __init__(self, loader, table: torch.Tensor) -> None:
+        self.loader, self.table, self.dataset = loader, table, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images, self.table.to(labels.device)[labels]
+
+
+def _with_model_labels(loader, model: CVAE, datamodule: ImageDataModule):
+    """A conditional model is scored with each image's class as the model names it: the
+    data's classes (a folder's subfolders sort in their own order, and may be a subset) are
+    matched to the checkpoint's `class_names` by name, and an unknown class is a one-line
+    error here, before any work."""
+    if not model.conditional:
+        return loader
+    names = datamodule.labelled_classes()  # a one-line error for images without a class
+    where = f"data.root={datamodule.hparams.root}" if datamodule.hparams.get("root") else "the data"
+    table = model.classes.translation(names, where)
+    if torch.equal(table, torch.arange(len(model.class_names))):
+        return loader  # the model's own classes, in its order
+    log.info("classes of %s matched to the checkpoint's by name: %s", where,
+             ", ".join(f"{n} -> {int(i)}" for n, i in zip(names, table, strict=True)))  # fmt: skip
+    return _Relabelled(loader, table)
 
 
 def print_metrics(metrics: dict) -> None:

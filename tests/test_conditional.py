@@ -18,12 +18,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from cvae import CVAE, unit_range
+from cvae import CVAE, ImageDataModule, unit_range
 from cvae.errors import run_or_report
 from cvae.exporting import export
+from cvae.fid import sample_quality
 from cvae.generation import generate
-from cvae.runtime import build, evaluate_checkpoint, train
+from cvae.metrics import evaluate_model
+from cvae.models.classes import ClassVocabulary, folder_name
+from cvae.runtime import _evaluation_loader, build, evaluate_checkpoint, train
 from tests.conftest import compose_tool, compose_train, write_mixed_images
+from tests.test_fid import TinyFeatures
 from tests.test_notebook import figures, run_notebook, text
 
 SHAPES = ["circle", "square", "triangle"]
@@ -243,6 +247,67 @@ def test_evaluate_reports_the_conditional_likelihood(checkpoint, tmp_path) -> No
     cfg = compose_tool("eval", tmp_path, f"ckpt_path={checkpoint}", "eval.iw_samples=4")
     metrics = evaluate_checkpoint(cfg)
     assert metrics["conditional"] is True and np.isfinite(metrics["iw_nll"])
+
+
+def test_evaluating_a_folder_scores_each_image_under_its_own_class(checkpoint, tmp_path) -> None:
+    # Subfolders square/ and triangle/ are the folder's classes 0 and 1; the model's square
+    # and triangle are 1 and 2. Each image must be scored under its class's name.
+    for name in ("triangle", "square"):
+        write_mixed_images(tmp_path / "in" / name, 3, seed=len(name))
+    folder = ("data=folder", f"data.root={tmp_path / 'in'}", "eval.iw_samples=4",
+              "eval.progress=false")  # fmt: skip
+    metrics = evaluate_checkpoint(compose_tool("eval", tmp_path / "out", f"ckpt_path={checkpoint}",
+                                               *folder))  # fmt: skip
+    model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
+    hp = model.hparams
+    datamodule = ImageDataModule(source="folder", root=str(tmp_path / "in"), num_workers=0,
+                                 channels=hp.in_channels, image_size=hp.image_size)  # fmt: skip
+    loader = _evaluation_loader(datamodule, "all")
+    options = {"iw_samples": 4, "seed": 0, "chunk_images": 64}
+    by_hand = [(images, labels + 1) for images, labels in loader]  # square 0 -> 1, triangle 1 -> 2
+    expected = evaluate_model(model, by_hand, **options)
+    assert metrics["neg_elbo"] == pytest.approx(expected["neg_elbo"], rel=1e-6)
+    assert metrics["iw_nll"] == pytest.approx(expected["iw_nll"], rel=1e-6)
+    unmapped = evaluate_model(model, list(loader), **options)  # what the folder's own indices give
+    assert unmapped["neg_elbo"] != pytest.approx(expected["neg_elbo"], rel=1e-6)
+
+
+def test_evaluating_a_folder_with_an_unknown_class_is_one_line(
+    checkpoint, tmp_path, capsys
+) -> None:
+    write_mixed_images(tmp_path / "in" / "hexagon", 2)
+    write_mixed_images(tmp_path / "in" / "Square", 2)
+    cfg = compose_tool("eval", tmp_path / "out", f"ckpt_path={checkpoint}", "data=folder",
+                       f"data.root={tmp_path / 'in'}")  # fmt: skip
+    line = _one_line_error(evaluate_checkpoint, cfg, capsys)
+    assert line == (f"error: data.root={tmp_path / 'in'} has classes the checkpoint's model does "
+                    "not know: 'hexagon' (its classes: circle, square, triangle)")  # fmt: skip
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_class_names_match_their_folder_names_in_any_case() -> None:
+    classes = ClassVocabulary(["T-shirt/top", "Trouser", "Bag"])
+    assert classes.translation(["bag", "T-shirt-top", "TROUSER"], "here").tolist() == [2, 0, 1]
+    assert classes.indices(["t-shirt/top", "Bag", 1]).tolist() == [0, 2, 1]
+    assert folder_name("T-shirt/top") == "T-shirt-top"
+
+
+def test_fid_of_a_conditional_model_draws_the_data_classes(checkpoint) -> None:
+    model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
+    images = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
+    real_labels = torch.tensor([2, 2, 2, 2, 2, 2, 0, 0, 1, 2])
+    loader = [(images[:6], real_labels[:6]), (images[6:], real_labels[6:])]
+    drawn = []
+    sample = model.sample
+
+    def spy(n, **kwargs):
+        drawn.append(kwargs["labels"])
+        return sample(n, **kwargs)
+
+    model.sample = spy
+    scores = sample_quality(model, loader, samples=10, extractor=TinyFeatures(), batch_size=4)
+    assert torch.cat(drawn).tolist() == real_labels.tolist()  # the data's proportions
+    assert np.isfinite(scores["fid"]) and scores["fid_samples"] == 10
 
 
 def test_val_samples_are_a_row_per_class(conditional_run: Path) -> None:

@@ -6,12 +6,13 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import cached_property, partial
 
 import lightning.pytorch as pl
 import torch
 
 from cvae.checkpointing import capture_rng_states, restore_rng_states
+from cvae.models.classes import ClassVocabulary
 from cvae.models.conditioning import LabelConditioning, check_class_names
 from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import (
@@ -134,57 +135,28 @@ class CVAE(pl.LightningModule):
         """Names of the classes a conditional model draws (label `i` is `class_names[i]`)."""
         return list(self.hparams.get("class_names") or [])
 
+    @cached_property
+    def classes(self) -> ClassVocabulary:
+        """The class names as a lookup: names, folder names and indices to indices."""
+        return ClassVocabulary(self.class_names)
+
     def class_indices(
         self, labels: Labels, count: int | None = None, key: str = "labels"
     ) -> torch.Tensor | None:
         """`labels` as a `(count,)` tensor of class indices on the model's device: one label
-        (index or name, any case) for all `count` images, or one per image. None for an
-        unconditional model; a one-line error naming `key` when they do not fit."""
+        (index, name or folder name, any case: `ClassVocabulary`) for all `count` images, or
+        one per image. None for an unconditional model; a one-line error naming `key` when
+        they do not fit."""
         if not self.conditional:
             if labels is not None:
                 raise ValueError(f"{key} given, but this model is not conditional "
                                  "(trained with model.conditional=false)")  # fmt: skip
             return None
-        names = self.class_names
         if labels is None:
+            names = ", ".join(self.class_names)
             raise ValueError(f"{key} is required: this model is conditional on the class "
-                             f"(model.conditional=true), one of {', '.join(names)}")  # fmt: skip
-        if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
-            indices = labels.long().reshape(-1)
-            if indices.device.type == "cpu":  # checked where it costs no device sync
-                self._check_range(indices, key)
-            indices = indices.to(self.device)
-        else:
-            single = isinstance(labels, (int, str)) or (
-                isinstance(labels, torch.Tensor) and labels.ndim == 0
-            )
-            items = [labels] if single else list(labels)
-            indices = torch.tensor([self._class_index(item, key) for item in items],
-                                   dtype=torch.long, device=self.device)  # fmt: skip
-        if count is not None and len(indices) == 1:
-            indices = indices.expand(count)
-        if count is not None and len(indices) != count:
-            raise ValueError(f"{key} has {len(indices)} labels for {count} images")
-        return indices
-
-    def _class_index(self, label: int | str, key: str) -> int:
-        names = self.class_names
-        if isinstance(label, str) and not label.lstrip("-").isdigit():
-            lowered = [name.lower() for name in names]
-            if label.lower() not in lowered:
-                raise ValueError(f"{key}={label!r} is not a class of this model: "
-                                 f"{', '.join(names)}")  # fmt: skip
-            return lowered.index(label.lower())
-        index = int(label)
-        self._check_range(torch.tensor([index]), key)
-        return index
-
-    def _check_range(self, indices: torch.Tensor, key: str) -> None:
-        names = self.class_names
-        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(names)):
-            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
-            raise ValueError(f"{key}={bad} is not a class index of this model: 0 to "
-                             f"{len(names) - 1} ({', '.join(names)})")  # fmt: skip
+                             f"(model.conditional=true), one of {names}")  # fmt: skip
+        return self.classes.indices(labels, count, key).to(self.device)
 
     def encode(
         self, x: torch.Tensor, labels: torch.Tensor | None = None
