@@ -58,7 +58,7 @@ lint: install  ## ruff check and format check
 	$(RUN) ruff format --check .
 
 notebook: install  ## JupyterLab on notebooks/ (jupyterlab fetched into uv's cache on first use)
-	$(UV) run --frozen --with jupyterlab jupyter lab notebooks/
+	$(UV) run --frozen --with jupyterlab jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 tensorboard: install  ## serve every run under outputs/ at http://localhost:6006 (PORT=6007: another port)
 	$(RUN) tensorboard --logdir outputs --port $(PORT)

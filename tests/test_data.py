@@ -82,6 +82,7 @@ def test_preprocess_any_mode_to_square_unit_range(mode: str, channels: int) -> N
     assert x.shape == (channels, 16, 16)
     assert x.dtype == np.uint8
     assert x.flags.c_contiguous
+    assert x.flags.writeable  # torch.from_numpy warns about read-only arrays
 
 
 def test_preprocess_crops_center_and_keeps_16_bit_range() -> None:

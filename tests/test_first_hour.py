@@ -369,3 +369,12 @@ def test_resuming_another_model_is_one_line_naming_what_differs(
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"error: ckpt_path={last} was written by another model (")
     assert "model.latent_dim: 8 there, 4 here" in line and "\n" not in line
+
+
+def test_make_notebook_runs_as_root_too() -> None:
+    # JupyterLab refuses to start as root without --allow-root; `make train` installs with
+    # apt as root, so a new user may well be root.
+    command = subprocess.run(["make", "-n", "notebook"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()[-1]  # fmt: skip
+    assert "jupyter lab notebooks/" in command
+    assert command.endswith("--allow-root") == (os.getuid() == 0)

@@ -99,8 +99,10 @@ class Preprocess:
             box = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
         size = (self.image_size, self.image_size)
         image = image.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
-        array = np.asarray(image, dtype=np.uint8)
-        return np.ascontiguousarray(array.transpose(2, 0, 1) if array.ndim == 3 else array[None])
+        array = np.asarray(image, dtype=np.uint8)  # read-only: a view of Pillow's bytes
+        if array.ndim == 3:
+            return np.ascontiguousarray(array.transpose(2, 0, 1))  # a copy: writable
+        return array[None].copy()  # writable, as torch.from_numpy wants
 
     def load(self, path: str | os.PathLike) -> np.ndarray:
         """Decode a file straight to `shape`, letting JPEGs decode at a reduced DCT scale
