@@ -99,7 +99,7 @@ def latent_kl(model: CVAE, datamodule: ImageDataModule, max_images: int = 1024) 
     for images, labels in datamodule.test_dataloader():
         labels = labels if model.conditional else None
         with torch.no_grad():
-            statistics.update(*model.encode(images.to(model.device), labels))
+            statistics.update(*model.encode(images.to(model.device), labels), model.prior)
         seen += len(images)
         if seen >= max_images:
             break
@@ -115,13 +115,16 @@ def traverse(
     label: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of images: for each of `dims`, the posterior mean with that coordinate set to
-    `steps` values from -span to span (a conditional model: all of the image's `label`)."""
+    `steps` values from -span to span prior standard deviations around the prior's mean of
+    that coordinate (N(0, I): -span to span), a conditional model all of the image's
+    `label`."""
     with torch.no_grad():
         mu, _ = model.encode(image[None].to(model.device), label)
+        center, spread = (t.to(model.device) for t in model.prior.marginal_moments())
     values = torch.linspace(-span, span, steps, device=model.device)
     z = mu.repeat(len(dims) * steps, 1)
     for row, dim in enumerate(dims):
-        z[row * steps : (row + 1) * steps, dim] = values
+        z[row * steps : (row + 1) * steps, dim] = center[dim] + spread[dim] * values
     with torch.no_grad():
         return model.decode(z, label)
 
@@ -185,7 +188,7 @@ def _interpolate(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
     label, temperature = plain(cfg.get("label")), float(cfg.temperature)
     if model.conditional and label is not None and not cfg.input:  # a walk between classes
         first, second = _class_pair(label)
-        z = temperature * torch.randn(1, model.hparams.latent_dim, generator=generator)
+        z = model.sample_latents(1, temperature, generator)
         frames = model.interpolate_classes(first, second, z, int(cfg.steps))
     else:
         (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model,

@@ -24,6 +24,7 @@ from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.losses import kl_per_dimension
 from cvae.models.networks import unit_range
+from cvae.models.priors import Prior
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
@@ -51,7 +52,9 @@ def likelihood_input(
 
 class PosteriorStatistics:
     """Running mean and variance over the data of each latent's posterior mean, and the mean
-    KL of each latent: enough for active units without keeping every `mu`."""
+    KL of each latent: enough for active units without keeping every `mu`. Active units
+    depend on the posterior only; the KL per latent is the prior's (`Prior.kl_per_dimension`:
+    under a mixture prior, each dimension's KL to the prior's marginal there)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -59,9 +62,10 @@ class PosteriorStatistics:
         self.sum_squares: torch.Tensor | None = None
         self.kl_sum: torch.Tensor | None = None
 
-    def update(self, mu: torch.Tensor, log_var: torch.Tensor) -> None:
+    def update(self, mu: torch.Tensor, log_var: torch.Tensor, prior: Prior | None = None) -> None:
+        """Add a batch of posteriors; `prior`: the model's (None: N(0, I))."""
         mu, log_var = mu.detach().double(), log_var.detach().double()
-        kl = kl_per_dimension(mu, log_var)
+        kl = kl_per_dimension(mu, log_var) if prior is None else prior.kl_per_dimension(mu, log_var)
         if self.sum is None:
             self.sum, self.sum_squares, self.kl_sum = (torch.zeros_like(mu[0]) for _ in range(3))
         self.count += len(mu)
@@ -134,7 +138,7 @@ def evaluate_chunk(
                                     max_decodes=max_decodes, decoder=decoder)  # fmt: skip
         mean_decoded = model.reconstruct(clean, labels)
         statistics = PosteriorStatistics()
-        statistics.update(mu, log_var)
+        statistics.update(mu, log_var, model.prior)
         values = {
             "iw_nll": nll,
             "neg_elbo": kl - log_px,

@@ -52,7 +52,7 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
     model.encode = encode
     # Means outside [0, 1]: the decoder outputs them directly, scored by an identity-link
     # Gaussian (the model's own link, sigmoid(logits), is not under test here).
-    model.decode_logits = lambda z, labels=None: (z @ w.T + b).view(-1, 1, 4, 4)
+    model.decode_logits = lambda z, labels=None: (z @ w.T + b).view(-1, 1, 4, 4)  # pass as decoder=
     log_sigma = torch.tensor(0.5 * math.log(noise))
     model.likelihood.log_prob = lambda mean, images: gaussian_log_density(mean, images, log_sigma)
     marginal = torch.distributions.MultivariateNormal(b, w @ w.T + noise * torch.eye(pixels))
@@ -63,19 +63,46 @@ def test_iwae_is_exact_with_the_true_posterior() -> None:
     model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
     x, truth = _linear_gaussian(model, exact_posterior=True)
     for k in (1, 7):
-        torch.testing.assert_close(model.log_likelihood(x, k=k), truth, atol=1e-3, rtol=0)
+        estimate = model.log_likelihood(x, k=k, decoder=model.decode_logits)
+        torch.testing.assert_close(estimate, truth, atol=1e-3, rtol=0)
 
 
 def test_iwae_tightens_towards_the_truth_as_k_grows() -> None:
     model = CVAE(in_channels=1, image_size=4, latent_dim=3, hidden_channels=[4], recon_loss="mse")
     x, truth = _linear_gaussian(model, exact_posterior=False, n=200)
     generator = torch.Generator().manual_seed(0)
+    options = {"generator": generator, "max_decodes": 10**5, "decoder": model.decode_logits}
     gaps = [  # mean over 200 points of log p(x) minus its estimate
-        float((truth - model.log_likelihood(x, k=k, generator=generator, max_decodes=10**5)).mean())
-        for k in (1, 10, 100, 2000)
+        float((truth - model.log_likelihood(x, k=k, **options)).mean()) for k in (1, 10, 100, 2000)
     ]
     assert gaps[0] > gaps[1] > gaps[2] > -0.05  # a lower bound, closing in
     assert abs(gaps[3]) < 0.05 < gaps[0] / 20
+
+
+def test_log_likelihood_takes_the_fast_decoder_by_default() -> None:
+    """Called from Python with its defaults, the estimate runs the evaluator's fast path (a
+    `FastDecoder` and its `decodes_per_call`): the draws of passing them, never the slow
+    module, and the module's logits up to rounding."""
+    from cvae.models.inference import FastDecoder
+
+    torch.manual_seed(0)
+    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4, 8],
+                 recon_loss="bce")  # fmt: skip
+    x = (torch.rand(5, 1, 8, 8) > 0.5).float()
+    fast = FastDecoder(model.decoder)
+    per_call = fast.decodes_per_call()
+    slow = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0),
+                                max_decodes=per_call, decoder=model.decoder.logits)  # fmt: skip
+    explicit = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0),
+                                    max_decodes=per_call, decoder=fast)  # fmt: skip
+
+    def refuse(z: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the slow decoder was called")
+
+    model.decoder.logits = refuse
+    default = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(default, explicit)
+    torch.testing.assert_close(default, slow, atol=1e-4, rtol=0)
 
 
 def test_trained_model_bound_tightens_and_k_one_is_the_elbo(trained_run: Path) -> None:

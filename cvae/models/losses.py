@@ -1,5 +1,6 @@
-"""The latent side of the ELBO: KL to the standard normal, Gaussian log-densities, and the
-two classic counter-measures to posterior collapse, KL warm-up and free bits.
+"""The latent side of the ELBO: the closed-form KL between diagonal Gaussians (to N(0, I) by
+default), Gaussian log-densities, and the two classic counter-measures to posterior
+collapse, KL warm-up and free bits. Which prior the KL is to: `priors.py`.
 
 The reconstruction term is the decoder's likelihood: see `likelihoods.py`.
 """
@@ -13,20 +14,44 @@ import torch
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 
 
-def kl_per_dimension(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(log_var)) || N(0, 1)) of each latent dimension: shape (B, latent)."""
-    return -0.5 * (1 + log_var - mu.pow(2) - log_var.exp())
+def kl_per_dimension(
+    mu: torch.Tensor,
+    log_var: torch.Tensor,
+    prior_mean: torch.Tensor | None = None,
+    prior_log_var: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(N(mu, exp(log_var)) || N(prior_mean, exp(prior_log_var))) of each latent dimension:
+    shape (B, latent). Without a prior mean and log-variance: to N(0, 1)."""
+    if prior_mean is None and prior_log_var is None:
+        return -0.5 * (1 + log_var - mu.pow(2) - log_var.exp())
+    prior_mean = torch.zeros_like(mu) if prior_mean is None else prior_mean
+    prior_log_var = torch.zeros_like(log_var) if prior_log_var is None else prior_log_var
+    ratio = (log_var.exp() + (mu - prior_mean).pow(2)) * torch.exp(-prior_log_var)
+    return 0.5 * (prior_log_var - log_var + ratio - 1)
 
 
-def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(log_var)) || N(0, I)) in closed form, summed over latent dims: shape (B,)."""
-    return kl_per_dimension(mu, log_var).sum(dim=1)
+def kl_divergence(
+    mu: torch.Tensor,
+    log_var: torch.Tensor,
+    prior_mean: torch.Tensor | None = None,
+    prior_log_var: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(N(mu, exp(log_var)) || N(prior_mean, exp(prior_log_var))) in closed form, summed
+    over latent dims: shape (B,). The prior defaults to N(0, I)."""
+    return kl_per_dimension(mu, log_var, prior_mean, prior_log_var).sum(dim=1)
 
 
-def free_bits_kl(mu: torch.Tensor, log_var: torch.Tensor, free_bits: float) -> torch.Tensor:
+def free_bits_kl(
+    mu: torch.Tensor,
+    log_var: torch.Tensor,
+    free_bits: float,
+    prior_mean: torch.Tensor | None = None,
+    prior_log_var: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The batch-mean KL with each dimension's share floored at `free_bits` nats (Kingma et
-    al., 2016): dimensions below the floor get no pressure towards the prior."""
-    per_dim = kl_per_dimension(mu, log_var).mean(dim=0)
+    al., 2016): dimensions below the floor get no pressure towards the prior (a diagonal
+    Gaussian, N(0, I) by default: free bits need a prior that factorises)."""
+    per_dim = kl_per_dimension(mu, log_var, prior_mean, prior_log_var).mean(dim=0)
     return per_dim.clamp_min(free_bits).sum()
 
 
