@@ -1,8 +1,9 @@
 """What `python -m cvae.generate ckpt_path=PATH mode=...` does, usable from Python too.
 
-`sample` draws from the prior, `reconstruct` shows every image of a folder beside its
-reconstruction, `interpolate` walks between two images (grid and GIF), `traverse` sweeps
-the latent dimensions that carry the most information. Output: outputs/generate/<timestamp>/.
+`sample` draws from the prior (or a fitted ex-post `sampler`; `fit` fits one beside the
+checkpoint), `reconstruct` shows every image of a folder beside its reconstruction,
+`interpolate` walks between two images (grid and GIF), `traverse` sweeps the latent
+dimensions that carry the most information. Output: outputs/generate/<timestamp>/.
 A conditional model draws the class `label` (a name or an index; `all`: a row per class), and
 `interpolate` with `label=[a,b]` walks from one class to the other at a fixed latent.
 """
@@ -22,10 +23,11 @@ from cvae.models import CVAE
 from cvae.models.classes import folder_name
 from cvae.models.networks import unit_range
 from cvae.runtime import load_checkpoint
+from cvae.samplers import LatentSampler, build_sampler, posteriors
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
-MODES = ("sample", "reconstruct", "interpolate", "traverse", "showcase")
+MODES = ("sample", "reconstruct", "interpolate", "traverse", "showcase", "fit")
 
 
 def load_folder(
@@ -135,30 +137,74 @@ def generate(cfg: DictConfig) -> Path:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
     model, datamodule = load_checkpoint(cfg)
     model.eval()
+    if cfg.mode == "fit":
+        return fit_sampler(model, datamodule, cfg)
+    sampler = load_sampler(cfg)  # before any image: an unfitted one is a one-line error
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     modes = SHOWCASE if cfg.mode == "showcase" else (cfg.mode,)
     for mode in modes:  # each from the same seed: a mode's images do not depend on the others
         generator = torch.Generator().manual_seed(int(cfg.seed))
-        RENDER[mode](model, datamodule, cfg, generator, out)
+        RENDER[mode](model, datamodule, cfg, generator, out, sampler)
     log.info("%s: images written to %s", cfg.mode, out)
     return out
 
 
-def _sample(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
-            generator: torch.Generator, out: Path) -> None:  # fmt: skip
+def _settings(cfg: DictConfig) -> tuple[str, dict]:
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    return str(settings.pop("name")), settings
+
+
+def load_sampler(cfg: DictConfig) -> LatentSampler | None:
+    """The ex-post sampler `cfg.sampler` names, fitted to `cfg.ckpt_path` (None: `prior`)."""
+    name, settings = _settings(cfg)
+    sampler = build_sampler(name, **settings)
+    return None if sampler is None else sampler.load(cfg.ckpt_path)
+
+
+def fit_sampler(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig) -> Path:
+    """`mode=fit`: fit `cfg.sampler` to the posteriors of the checkpoint's training images
+    and save it beside the checkpoint (what `sampler=...` then loads)."""
+    name, settings = _settings(cfg)
+    sampler = build_sampler(name, **settings)
+    if sampler is None:
+        raise ValueError("sampler=prior has nothing to fit: mode=fit takes sampler=gmm or "
+                         "sampler=two_stage")  # fmt: skip
+    datamodule.setup("fit")
+    mu, log_var, labels = posteriors(model, datamodule.train_dataloader(), sampler.max_images,
+                                     progress=True)  # fmt: skip
+    log.info("sampler=%s: fitting to the posteriors of %d training images", name, len(mu))
+    path = sampler.fit(mu, log_var, labels).save(cfg.ckpt_path)
+    log.info("sampler=%s fitted: %s (use it with sampler=%s)", name, path, name)
+    return path
+
+
+def _sample(
+    model: CVAE,
+    datamodule: ImageDataModule,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    out: Path,
+    sampler: LatentSampler | None,
+) -> None:
     label, temperature = plain(cfg.get("label")), float(cfg.temperature)
     if model.conditional and label in (None, "all"):
-        sample_every_class(model, int(cfg.nrow), temperature, generator, out)
+        sample_every_class(model, int(cfg.nrow), temperature, generator, out, sampler)
         return
     labels = model.class_indices(label, int(cfg.n), key="label")
-    images = model.sample(int(cfg.n), temperature, generator, labels=labels)
+    images = model.sample(int(cfg.n), temperature, generator, labels=labels, sampler=sampler)
     visualize_batch(images, out / "samples.png", nrow=cfg.nrow)
     save_images(images, out / "samples")
 
 
-def _reconstruct(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
-                 generator: torch.Generator, out: Path) -> None:  # fmt: skip
+def _reconstruct(
+    model: CVAE,
+    datamodule: ImageDataModule,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    out: Path,
+    sampler: object = None,
+) -> None:
     """A folder's images beside their reconstructions; without `input` (the showcase),
     `n` random test images."""
     label = plain(cfg.get("label"))
@@ -183,8 +229,14 @@ def _reconstruct(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
         save_images(side_by_side, out / "pairs", [p.relative_to(root) for p in paths])
 
 
-def _interpolate(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
-                 generator: torch.Generator, out: Path) -> None:  # fmt: skip
+def _interpolate(
+    model: CVAE,
+    datamodule: ImageDataModule,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    out: Path,
+    sampler: object = None,
+) -> None:
     label, temperature = plain(cfg.get("label")), float(cfg.temperature)
     if model.conditional and label is not None and not cfg.input:  # a walk between classes
         first, second = _class_pair(label)
@@ -198,8 +250,14 @@ def _interpolate(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
     save_gif(frames, out / "interpolation.gif")
 
 
-def _traverse(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig,
-              generator: torch.Generator, out: Path) -> None:  # fmt: skip
+def _traverse(
+    model: CVAE,
+    datamodule: ImageDataModule,
+    cfg: DictConfig,
+    generator: torch.Generator,
+    out: Path,
+    sampler: object = None,
+) -> None:
     label = plain(cfg.get("label"))
     (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
     dims = latent_kl(model, datamodule).argsort(descending=True)[: int(cfg.dims)].tolist()
@@ -215,12 +273,22 @@ SHOWCASE = ("sample", "reconstruct", "interpolate", "traverse")
 
 
 def sample_every_class(
-    model: CVAE, per_class: int, temperature: float, generator: torch.Generator, out: Path
+    model: CVAE,
+    per_class: int,
+    temperature: float,
+    generator: torch.Generator,
+    out: Path,
+    sampler: LatentSampler | None = None,
 ) -> None:
-    """`samples.png`: a row of `per_class` samples for every class, named at its left (the
-    same latents in every row), and each image as `samples/<class>/0000.png, ...`."""
+    """`samples.png`: a row of `per_class` samples for every class, named at its left (from
+    the prior: the same latents in every row; an ex-post sampler: each class's own density),
+    and each image as `samples/<class>/0000.png, ...`."""
     names = model.class_names
-    images = model.sample_classes(per_class, temperature=temperature, generator=generator)
+    if sampler is None:
+        images = model.sample_classes(per_class, temperature=temperature, generator=generator)
+    else:
+        labels = torch.arange(len(names)).repeat_interleave(per_class)
+        images = model.sample(len(labels), temperature, generator, labels, sampler)
     visualize_rows(images, names, out / "samples.png")
     folders = [folder_name(name) for name in names]  # "T-shirt/top" is one folder
     files = [f"{folder}/{i:04d}" for folder in folders for i in range(per_class)]

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property, partial
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +20,9 @@ from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import BETA_SCHEDULES, beta_at, normal_log_density
 from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
 from cvae.models.priors import VampPrior, build_prior, check_prior
+
+if TYPE_CHECKING:  # the model does not import the samplers: they take it
+    from cvae.samplers import LatentSampler
 
 log = logging.getLogger(__name__)
 # What the user-facing methods take as labels: one class (index or name) for every image, or
@@ -297,12 +301,16 @@ class CVAE(pl.LightningModule):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         labels: Labels = None,
+        sampler: LatentSampler | None = None,
     ) -> torch.Tensor:
-        """`n` new images decoded from latents of the prior (`sample_latents`); a
-        conditional model draws the class `labels` (one for all, or one per image; indices
-        or names)."""
+        """`n` new images decoded from latents of the prior (`sample_latents`), or of a
+        fitted ex-post `sampler` (`cvae.samplers`: `gmm`, `two_stage`); a conditional model
+        draws the class `labels` (one for all, or one per image; indices or names)."""
         labels = self.class_indices(labels, n)
-        z = self.sample_latents(n, temperature, generator)
+        if sampler is None:
+            z = self.sample_latents(n, temperature, generator)
+        else:
+            z = sampler.sample(n, generator, labels, temperature).to(self.device)
         with self._inference():
             return self.decode(z, labels)
 

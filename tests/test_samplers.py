@@ -1,0 +1,118 @@
+"""Ex-post samplers: fitted densities of the posteriors that survive a save/load round trip,
+draw the same latents from the same seed, and fail in one line when missing or stale."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvae import CVAE
+from cvae.errors import run_or_report
+from cvae.generation import generate
+from cvae.samplers import GaussianMixtureSampler, TwoStageSampler, build_sampler, sampler_path
+from tests.conftest import compose_tool
+
+
+def _two_blobs(n: int = 400) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior means in two tight clusters, +3 (label 0) and -3 (label 1), in 4 dims."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 2
+    mu = torch.randn(n, 4, generator=generator) * 0.3 + (3 - 6 * labels)[:, None].float()
+    return mu, torch.full_like(mu, -6.0), labels
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"a checkpoint's bytes")
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GaussianMixtureSampler(components=2),
+    lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64),
+])  # fmt: skip
+def test_a_fitted_sampler_survives_a_round_trip(make, tmp_path: Path) -> None:
+    mu, log_var, _ = _two_blobs()
+    sampler = make().fit(mu, log_var)
+    draws = sampler.sample(50, torch.Generator().manual_seed(1))
+    assert draws.shape == (50, 4) and torch.isfinite(draws).all()
+    assert torch.equal(draws, sampler.sample(50, torch.Generator().manual_seed(1)))
+    checkpoint = _checkpoint(tmp_path)
+    path = sampler.save(checkpoint)
+    assert path == tmp_path / f"last.{sampler.name}.pt"
+    loaded = make().load(checkpoint)
+    assert torch.equal(loaded.sample(50, torch.Generator().manual_seed(1)), draws)
+
+
+def test_the_mixture_draws_where_the_posteriors_are() -> None:
+    mu, log_var, _ = _two_blobs(2000)
+    draws = GaussianMixtureSampler(components=2).fit(mu, log_var).sample(
+        4000, torch.Generator().manual_seed(0))  # fmt: skip
+    near = [(draws - centre).norm(dim=1) < 2 for centre in (3.0, -3.0)]
+    assert (near[0] | near[1]).float().mean() > 0.99  # not between the clusters (N(0, I) is)
+    assert abs(float(near[0].float().mean()) - 0.5) < 0.05  # both, in their proportions
+    cov = torch.cov(draws[near[0]].T)
+    assert torch.allclose(cov, 0.09 * torch.eye(4), atol=0.03)
+
+
+def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
+    mu, log_var, labels = _two_blobs()
+    sampler = GaussianMixtureSampler(components=1).fit(mu, log_var, labels)
+    wanted = torch.tensor([1, 0, 1, 1, 0])
+    draws = sampler.sample(5, torch.Generator().manual_seed(0), wanted)
+    assert ((draws.mean(dim=1) > 0) == (wanted == 0)).all()
+    with pytest.raises(ValueError, match="sampler=gmm was fitted per class: give labels"):
+        sampler.sample(5)
+
+
+def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
+    checkpoint = _checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError) as missing:
+        GaussianMixtureSampler().load(checkpoint)
+    assert str(missing.value) == (
+        f"sampler=gmm is not fitted for {checkpoint} (no last.gmm.pt beside it): fit it with: "
+        f".venv/bin/python -m cvae.generate mode=fit sampler=gmm ckpt_path={checkpoint}"
+    )
+    mu, log_var, _ = _two_blobs()
+    GaussianMixtureSampler(components=2).fit(mu, log_var).save(checkpoint)
+    checkpoint.write_bytes(b"trained on since")  # a last.ckpt that moved on
+    with pytest.raises(ValueError, match="was fitted to another version of .*: fit it again"):
+        GaussianMixtureSampler().load(checkpoint)
+    for bad, key in (
+        ({"covariance": "round"}, "sampler.covariance='round' is not one of"),
+        ({"components": 0}, "sampler.components must be an integer >= 1"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            build_sampler("gmm", **bad)
+    with pytest.raises(ValueError, match="sampler='flow' is not one of prior, gmm, two_stage"):
+        build_sampler("flow")
+    assert build_sampler("prior") is None
+
+
+def test_generate_fits_then_samples_with_the_fit(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", checkpoint)
+    sample = ("mode=sample", "sampler=gmm", "sampler.components=2", "n=8")
+    cfg = compose_tool("generate", tmp_path / "a", f"ckpt_path={checkpoint}", *sample)
+    with pytest.raises(SystemExit):
+        run_or_report(generate, cfg)
+    assert capsys.readouterr().err.startswith("error: sampler=gmm is not fitted for ")
+    assert not (tmp_path / "a").exists()  # nothing made for a command that could not run
+    fitted = generate(compose_tool("generate", tmp_path / "b", f"ckpt_path={checkpoint}",
+                                   "mode=fit", "sampler=gmm", "sampler.components=2"))  # fmt: skip
+    assert fitted == sampler_path(checkpoint, "gmm") and fitted.is_file()
+    first = generate(compose_tool("generate", tmp_path / "c", f"ckpt_path={checkpoint}", *sample))
+    again = generate(compose_tool("generate", tmp_path / "d", f"ckpt_path={checkpoint}", *sample))
+    assert (first / "samples.png").read_bytes() == (again / "samples.png").read_bytes()
+    prior = generate(compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8"))
+    assert (prior / "samples.png").read_bytes() != (first / "samples.png").read_bytes()
+    # the Python API takes the same fitted object
+    model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
+    sampler = GaussianMixtureSampler().load(checkpoint)
+    images = model.sample(4, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert images.shape[0] == 4 and 0 <= float(images.min()) <= float(images.max()) <= 1
