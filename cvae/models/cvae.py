@@ -446,9 +446,10 @@ class CVAE(pl.LightningModule):
         on the device (no host round trip until the caller reads the result), under
         `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
         `decoder` computes `self.decoder.logits`: by default a `FastDecoder` copy made for
-        this call (the same logits, about 2.5x faster on CPU: what `cvae.evaluate` uses;
-        `decoder=model.decoder.logits` takes the module itself). `max_decodes` None: the
-        fast decoder's `decodes_per_call()` (4096 for another `decoder`).
+        this call (the same logits, 3x faster on CPU here: 3.7 s against 11.3 s for K=500
+        on 64 Fashion-MNIST-sized images; what `cvae.evaluate` uses), or another callable
+        (`decoder=model.decoder.logits`: the module itself). `max_decodes` None: the fast
+        decoder's `decodes_per_call()` (4096 for another `decoder`).
         """
         if k < 1:
             raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
