@@ -13,7 +13,7 @@ PORT ?= 6006
 TEST_WORKERS ?= auto
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help install fashion-mnist train evaluate generate export summarize test lint notebook tensorboard \
+.PHONY: help install fashion-mnist train evaluate generate export features summarize test lint notebook tensorboard \
 	sweep bench-data bench-train bench-quality bench-startup clean
 
 help:  ## list the targets
@@ -46,6 +46,9 @@ generate: install  ## samples, reconstructions, interpolations, traversals; ARGS
 
 export: install  ## TorchScript or ONNX encoder and decoder; ARGS="ckpt_path=last format=onnx"
 	$(RUN) python -m cvae.export $(ARGS)
+
+features: install fashion-mnist  ## a classifier's TorchScript features for in-domain FID (eval.fid_features); ARGS="data=..."
+	$(RUN) python -m cvae.train_features $(ARGS)
 
 summarize: install  ## the table of a sweep; ARGS="outputs/train/multiruns/<time>"
 	$(RUN) python -m cvae.summarize $(ARGS)

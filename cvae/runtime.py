@@ -276,12 +276,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     ev = cfg.eval
     model, datamodule, split = _evaluation_data(cfg)
     extractor = None
-    if ev.get("fid"):  # weights first: a missing file stops the command before any work
+    if ev.get("fid"):  # the feature network first: a bad file stops before any work
         if int(ev.fid_samples) < 2:
             raise ValueError(f"eval.fid_samples must be >= 2, got {ev.fid_samples}")
-        from cvae.fid import inception
+        from cvae.fid import feature_extractor
 
-        extractor = inception(ev.get("fid_weights"))
+        hp = model.hparams  # a feature network file is probed at the data's channels and size
+        extractor = feature_extractor(ev.get("fid_features"), ev.get("fid_weights"),
+                                      hp.in_channels, hp.image_size)  # fmt: skip
     loader = _with_model_labels(_evaluation_loader(datamodule, split), model, datamodule)
     options = {"iw_samples": int(ev.iw_samples), "seed": int(ev.seed),
                "max_images": ev.max_images, "chunk_images": int(ev.get("chunk_images", 64)),
@@ -298,6 +300,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             model, loader, samples=int(ev.fid_samples), seed=int(ev.seed), extractor=extractor,
             batch_size=int(ev.get("fid_batch_size", 64)), progress=bool(ev.get("progress", True)),
         ))  # fmt: skip
+        if ev.get("fid_features"):  # these FIDs compare only with FIDs of the same file
+            metrics["fid_features"] = str(extractor.path)
     metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}
     settings = {"model": dict(model.hparams), "data": dict(datamodule.hparams)}
     (folder / "metrics.json").write_text(json.dumps({**metrics, **settings}, indent=2))

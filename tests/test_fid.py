@@ -19,16 +19,17 @@ from tests.conftest import compose_tool
 
 
 class TinyFeatures(nn.Module):
-    """A fixed random convolution and pooling: 32 features of uint8 RGB images."""
+    """A fixed random convolution and pooling: 32 features of images of any channels, under
+    the feature network contract (float32 in [0, 1])."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.conv = nn.Conv2d(1, 8, 3, stride=2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert images.dtype == torch.uint8 and images.shape[1] == 3
-        h = torch.relu(self.conv(images.float() / 255))
+        assert images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+        h = torch.relu(self.conv(images.mean(1, keepdim=True)))
         return 10 * nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
 
 
@@ -68,6 +69,21 @@ def test_sample_quality_of_a_model_with_an_injected_extractor() -> None:
     assert scores["fid"] > 0 and torch.isfinite(torch.tensor(scores["kid"]))
     again = sample_quality(model, loader, samples=30, extractor=TinyFeatures(), batch_size=8)
     assert again == scores  # seeded samples and KID subsets
+
+
+def test_inception_is_given_uint8_rgb_of_float_images() -> None:
+    """The wrapper keeps the contract for Inception: float grayscale in [0, 1] becomes the
+    uint8 RGB it was trained on, exactly (x / 255 * 255 rounds back to x)."""
+    seen = []
+
+    def network(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images)
+        return torch.zeros(len(images), 2048)
+
+    images = _images(4)
+    cvae.fid.Inception(network)(images.float() / 255)
+    assert seen[0].dtype == torch.uint8 and seen[0].shape == (4, 3, 16, 16)
+    assert torch.equal(seen[0][:, 1], images[:, 0])
 
 
 @pytest.fixture
