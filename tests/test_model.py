@@ -12,6 +12,7 @@ from torch.distributions import Normal
 from cvae import CVAE
 from cvae.errors import error_line, user_error
 from cvae.models import kl_divergence, reparameterize
+from cvae.models.inference import FastDecoder
 from cvae.models.networks import ResidualBlock
 from tests.conftest import compose_config, compose_train
 
@@ -137,6 +138,21 @@ def test_cvae_deep_adds_residual_blocks_at_every_resolution(tmp_path) -> None:
         torch.testing.assert_close(block(x), torch.relu(x))  # the skip path carries x
 
 
+def test_resize_upsampling_doubles_like_the_transposed_convolutions() -> None:
+    kwargs = {"in_channels": 3, "image_size": 32, "latent_dim": 8, "hidden_channels": [4, 8]}
+    transpose, resize = CVAE(**kwargs), CVAE(**kwargs, upsample="resize")
+    z = torch.randn(5, 8)
+    assert resize.decode(z).shape == transpose.decode(z).shape == (5, 3, 32, 32)
+    layers = [type(m).__name__ for m in resize.decoder.features.modules()]
+    assert "ConvTranspose2d" not in layers and layers.count("Upsample") == 2
+    # the default keeps the layers (so the checkpoint keys) of models from before the choice
+    assert [type(m).__name__ for m in transpose.decoder.features] == [
+        "ConvTranspose2d", "ReLU", "ConvTranspose2d", "Sigmoid"]  # fmt: skip
+    assert transpose.hparams.upsample == "transpose"
+    fast = FastDecoder(resize.decoder)  # evaluation's decoder computes the same function
+    torch.testing.assert_close(fast(z), resize.decoder.logits(z), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -147,6 +163,7 @@ def test_cvae_deep_adds_residual_blocks_at_every_resolution(tmp_path) -> None:
         ("model.recon_loss=l1", "model.recon_loss"),
         ("data.image_size=30", "model.image_size=30"),
         ("model.downsample=avgpool", "model.downsample"),
+        ("model.upsample=bicubic", "model.upsample"),
         ("data.batch_size=0", "data.batch_size"),
     ],
 )

@@ -18,7 +18,14 @@ from cvae.models.conditioning import LabelConditioning, check_class_names
 from cvae.models.inference import FastDecoder
 from cvae.models.likelihoods import build_likelihood, check_recon_loss
 from cvae.models.losses import BETA_SCHEDULES, beta_at, normal_log_density
-from cvae.models.networks import DOWNSAMPLING, Decoder, Encoder, reparameterize, unit_range
+from cvae.models.networks import (
+    DOWNSAMPLING,
+    UPSAMPLING,
+    Decoder,
+    Encoder,
+    reparameterize,
+    unit_range,
+)
 from cvae.models.priors import VampPrior, build_prior, check_prior
 
 if TYPE_CHECKING:  # the model does not import the samplers: they take it
@@ -66,6 +73,7 @@ class CVAE(pl.LightningModule):
         hidden_channels: Sequence[int] = (16, 32, 64, 128),
         kernel_size: int = 4,
         downsample: str = "stride",
+        upsample: str = "transpose",
         batch_norm: bool = False,
         residual_blocks: int = 0,
         recon_loss: str = "mse",
@@ -89,7 +97,7 @@ class CVAE(pl.LightningModule):
     ) -> None:
         super().__init__()
         _validate(in_channels, image_size, latent_dim, hidden_channels, kernel_size, downsample,
-                  recon_loss, beta, lr)  # fmt: skip
+                  upsample, recon_loss, beta, lr)  # fmt: skip
         _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
                        max_bad_steps, iw_samples)  # fmt: skip
         hidden_channels = [int(c) for c in hidden_channels]
@@ -123,6 +131,7 @@ class CVAE(pl.LightningModule):
             kernel_size,
             batch_norm,
             residual_blocks,
+            upsample,
         )
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
         # Built last: a prior's random start leaves the networks' initialisation as it was.
@@ -683,6 +692,7 @@ def _validate(
     hidden_channels: Sequence[int],
     kernel_size: int,
     downsample: str,
+    upsample: str,
     recon_loss: str,
     beta: float,
     lr: float,
@@ -701,6 +711,8 @@ def _validate(
         raise ValueError(f"model.kernel_size must be >= 2, got {kernel_size}")
     if downsample not in DOWNSAMPLING:
         raise ValueError(f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLING)}")
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"model.upsample={upsample!r} is not one of {', '.join(UPSAMPLING)}")
     check_recon_loss(recon_loss)
     if not isinstance(beta, (int, float)) or not beta >= 0 or math.isinf(beta):
         raise ValueError(f"model.beta must be a finite number >= 0, got {beta!r}")

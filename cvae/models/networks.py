@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 DOWNSAMPLING = ("stride", "maxpool")
+UPSAMPLING = ("transpose", "resize")
 
 
 def unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -112,13 +113,26 @@ class Encoder(nn.Module):
         return self.mu(h), self.log_var(h)
 
 
-class Decoder(nn.Module):
-    """Linear to the encoder's last feature map, then ConvTranspose2d blocks doubling it back.
+def doubling(in_channels: int, out_channels: int, kernel_size: int, upsample: str) -> nn.Module:
+    """A layer that doubles the feature map: `transpose`, a stride-2 transposed convolution;
+    `resize`, nearest-neighbour resizing then a 3x3 convolution (Odena et al. 2016,
+    "Deconvolution and checkerboard artifacts": every output pixel gets the same number of
+    kernel taps, so no checkerboard pattern)."""
+    if upsample == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                             nn.Conv2d(in_channels, out_channels, 3, padding=1))  # fmt: skip
+    padding, output_padding = _padding(kernel_size)
+    return nn.ConvTranspose2d(in_channels, out_channels, kernel_size, 2, padding, output_padding)
 
-    Mirrors the encoder: one transposed convolution per encoder block, the last one to the
-    image's channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1]. The
-    Sigmoid stays the last (parameter-free) layer of `features`, so checkpoints from before
-    `logits` existed load unchanged.
+
+class Decoder(nn.Module):
+    """Linear to the encoder's last feature map, then blocks doubling it back (`doubling`:
+    transposed convolutions, or resize then convolve).
+
+    Mirrors the encoder: one doubling per encoder block, the last one to the image's
+    channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1]. The Sigmoid
+    stays the last (parameter-free) layer of `features`, so checkpoints from before `logits`
+    existed load unchanged.
     """
 
     def __init__(
@@ -130,6 +144,7 @@ class Decoder(nn.Module):
         kernel_size: int = 4,
         batch_norm: bool = True,
         residual_blocks: int = 0,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
         widths = list(reversed(channels))
@@ -138,20 +153,15 @@ class Decoder(nn.Module):
             nn.Linear(latent_dim, widths[0] * self.start_shape[1] * self.start_shape[2]),
             nn.ReLU(inplace=True),
         )
-        padding, output_padding = _padding(kernel_size)
         layers: list[nn.Module] = []
         for width, following in pairwise(widths):
             layers += [ResidualBlock(width, batch_norm) for _ in range(residual_blocks)]
-            layers.append(
-                nn.ConvTranspose2d(width, following, kernel_size, 2, padding, output_padding)
-            )
+            layers.append(doubling(width, following, kernel_size, upsample))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(following))
             layers.append(nn.ReLU(inplace=True))
         layers += [ResidualBlock(widths[-1], batch_norm) for _ in range(residual_blocks)]
-        layers.append(
-            nn.ConvTranspose2d(widths[-1], out_channels, kernel_size, 2, padding, output_padding)
-        )
+        layers.append(doubling(widths[-1], out_channels, kernel_size, upsample))
         layers.append(nn.Sigmoid())
         self.features = nn.Sequential(*layers)
 
