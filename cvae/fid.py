@@ -23,11 +23,15 @@ import socket
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cvae.models import CVAE
+
+if TYPE_CHECKING:
+    from cvae.samplers import LatentSampler
 from cvae.models.networks import unit_range
 
 log = logging.getLogger(__name__)
@@ -307,9 +311,11 @@ def _samples(
     batch_size: int,
     generator: torch.Generator,
     real_labels: list[torch.Tensor],
+    sampler: LatentSampler | None = None,
 ) -> Iterator[torch.Tensor]:
-    """`count` samples; a conditional model draws the real images' classes (read once the
-    real images are done), repeated as needed: the data's class proportions."""
+    """`count` samples (latents from `sampler`, None: the prior); a conditional model draws
+    the real images' classes (read once the real images are done), repeated as needed: the
+    data's class proportions."""
     labels = None
     if model.conditional:
         seen = torch.cat(real_labels)
@@ -317,7 +323,7 @@ def _samples(
     for start in range(0, count, batch_size):
         part = None if labels is None else labels[start : start + batch_size]
         yield model.sample(min(batch_size, count - start), generator=generator,
-                           labels=part).cpu()  # fmt: skip
+                           labels=part, sampler=sampler).cpu()  # fmt: skip
 
 
 def sample_quality(
@@ -329,8 +335,10 @@ def sample_quality(
     extractor: nn.Module | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    sampler: LatentSampler | None = None,
 ) -> dict[str, float]:
-    """FID and KID between `samples` prior samples (decoded means) and as many images of
+    """FID and KID between `samples` samples (decoded means of latents from `sampler`, a
+    fitted `cvae.samplers` one, or None: the model's prior) and as many images of
     `loader` (all of them if it has fewer); a conditional model's samples have the classes
     of those images (`loader`'s labels: the model's class indices). `extractor` replaces the
     Inception network (a module from float images in [0, 1] to features, such as
@@ -354,7 +362,7 @@ def sample_quality(
     labels: list[torch.Tensor] = []  # filled by the real pass, which `fid_kid` runs first
     try:
         return fid_kid(counted(_real_images(loader, samples, labels)),
-                       counted(_samples(model, samples, batch_size, generator, labels)),
+                       counted(_samples(model, samples, batch_size, generator, labels, sampler)),
                        extractor, seed)  # fmt: skip
     finally:
         report.close()

@@ -22,8 +22,8 @@ from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
 from cvae.models.networks import unit_range
-from cvae.runtime import load_checkpoint
-from cvae.samplers import LatentSampler, build_sampler, posteriors
+from cvae.runtime import fitted_sampler, load_checkpoint, sampler_of
+from cvae.samplers import LatentSampler, posteriors
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def generate(cfg: DictConfig) -> Path:
     model.eval()
     if cfg.mode == "fit":
         return fit_sampler(model, datamodule, cfg)
-    sampler = load_sampler(cfg)  # before any image: an unfitted one is a one-line error
+    sampler = fitted_sampler(cfg)  # before any image: an unfitted one is a one-line error
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     modes = SHOWCASE if cfg.mode == "showcase" else (cfg.mode,)
@@ -150,23 +150,10 @@ def generate(cfg: DictConfig) -> Path:
     return out
 
 
-def _settings(cfg: DictConfig) -> tuple[str, dict]:
-    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
-    return str(settings.pop("name")), settings
-
-
-def load_sampler(cfg: DictConfig) -> LatentSampler | None:
-    """The ex-post sampler `cfg.sampler` names, fitted to `cfg.ckpt_path` (None: `prior`)."""
-    name, settings = _settings(cfg)
-    sampler = build_sampler(name, **settings)
-    return None if sampler is None else sampler.load(cfg.ckpt_path)
-
-
 def fit_sampler(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig) -> Path:
     """`mode=fit`: fit `cfg.sampler` to the posteriors of the checkpoint's training images
     and save it beside the checkpoint (what `sampler=...` then loads)."""
-    name, settings = _settings(cfg)
-    sampler = build_sampler(name, **settings)
+    sampler, name = sampler_of(cfg), cfg.sampler.name
     if sampler is None:
         raise ValueError("sampler=prior has nothing to fit: mode=fit takes sampler=gmm or "
                          "sampler=two_stage")  # fmt: skip

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import rich
@@ -32,6 +33,9 @@ from cvae.errors import Interrupted, in_multirun
 from cvae.models import CVAE
 from cvae.objective import Objective, check_objective
 from cvae.quiet import one_log_stream
+
+if TYPE_CHECKING:  # imported where used: scikit-learn loads only for a sampler
+    from cvae.samplers import LatentSampler
 
 log = logging.getLogger(__name__)
 one_log_stream()
@@ -267,6 +271,21 @@ def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
     return model, datamodule
 
 
+def sampler_of(cfg: DictConfig) -> LatentSampler | None:
+    """The (unfitted) sampler `cfg.sampler` names, with its settings; None for `prior`."""
+    from cvae.samplers import build_sampler
+
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    return build_sampler(str(settings.pop("name")), **settings)
+
+
+def fitted_sampler(cfg: DictConfig) -> LatentSampler | None:
+    """`cfg.sampler` as fitted to `cfg.ckpt_path` and saved beside it (None: `prior`); a
+    one-line error saying how to fit it when it is not."""
+    sampler = sampler_of(cfg)
+    return None if sampler is None else sampler.load(cfg.ckpt_path)
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Metrics of a checkpoint on a split, printed as a table and saved as metrics.json in
     the evaluation's own folder (see `evaluation_folder`), which also keeps every finished
@@ -275,11 +294,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     ev = cfg.eval
     model, datamodule, split = _evaluation_data(cfg)
-    extractor = None
-    if ev.get("fid"):  # the feature network first: a bad file stops before any work
+    extractor = sampler = None
+    if ev.get("fid"):  # the feature network and sampler first: a bad one stops before any work
         if int(ev.fid_samples) < 2:
             raise ValueError(f"eval.fid_samples must be >= 2, got {ev.fid_samples}")
         from cvae.fid import feature_extractor
+
+        sampler = fitted_sampler(cfg)
 
         hp = model.hparams  # a feature network file is probed at the data's channels and size
         extractor = feature_extractor(ev.get("fid_features"), ev.get("fid_weights"),
@@ -299,7 +320,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         metrics.update(sample_quality(
             model, loader, samples=int(ev.fid_samples), seed=int(ev.seed), extractor=extractor,
             batch_size=int(ev.get("fid_batch_size", 64)), progress=bool(ev.get("progress", True)),
+            sampler=sampler,
         ))  # fmt: skip
+        metrics["fid_sampler"] = str(cfg.sampler.name)
         if ev.get("fid_features"):  # these FIDs compare only with FIDs of the same file
             metrics["fid_features"] = str(extractor.path)
     metrics = {"ckpt_path": str(cfg.ckpt_path), "split": split, **metrics}

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import cvae.fid
 from cvae import CVAE
 from cvae.errors import run_or_report
 from cvae.generation import generate
+from cvae.runtime import evaluate_checkpoint
 from cvae.samplers import GaussianMixtureSampler, TwoStageSampler, build_sampler, sampler_path
 from tests.conftest import compose_tool
+from tests.test_fid import TinyFeatures
 
 
 def _two_blobs(n: int = 400) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +96,7 @@ def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
 
 
 def test_generate_fits_then_samples_with_the_fit(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
     checkpoint = tmp_path / "last.ckpt"
     shutil.copy(trained_run / "checkpoints" / "last.ckpt", checkpoint)
@@ -116,3 +119,19 @@ def test_generate_fits_then_samples_with_the_fit(
     sampler = GaussianMixtureSampler().load(checkpoint)
     images = model.sample(4, generator=torch.Generator().manual_seed(0), sampler=sampler)
     assert images.shape[0] == 4 and 0 <= float(images.min()) <= float(images.max()) <= 1
+    # eval.fid draws from the same fit (and stops before any work without one)
+    monkeypatch.setattr(cvae.fid, "inception", lambda weights=None: TinyFeatures())
+    fid = ("eval.fid=true", "eval.fid_samples=20", "eval.iw_samples=2", "eval.split=val",
+           "eval.progress=false")  # fmt: skip
+    scores = {}
+    for name, *settings in (("prior",), ("gmm", "sampler.components=2")):
+        cfg = compose_tool("eval", tmp_path / f"eval_{name}", f"ckpt_path={checkpoint}", *fid,
+                           f"sampler={name}", *settings)  # fmt: skip
+        scores[name] = evaluate_checkpoint(cfg)
+        assert scores[name]["fid_sampler"] == name
+    assert scores["gmm"]["fid"] != scores["prior"]["fid"]
+    cfg = compose_tool("eval", tmp_path / "eval_two_stage", f"ckpt_path={checkpoint}", *fid,
+                       "sampler=two_stage")  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_or_report(evaluate_checkpoint, cfg)
+    assert "sampler=two_stage is not fitted for" in capsys.readouterr().err
