@@ -10,7 +10,9 @@ A conditional model draws the class `label` (a name or an index; `all`: a row pe
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -161,8 +163,15 @@ def fit_sampler(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig) -> Pa
     mu, log_var, labels = posteriors(model, datamodule.train_dataloader(), sampler.max_images,
                                      progress=True)  # fmt: skip
     log.info("sampler=%s: fitting to the posteriors of %d training images", name, len(mu))
+    started = time.perf_counter()
     path = sampler.fit(mu, log_var, labels).save(cfg.ckpt_path)
-    log.info("sampler=%s fitted: %s (use it with sampler=%s)", name, path, name)
+    record = {"sampler": name, "settings": sampler.settings(), "fit": str(path),
+              "images": len(mu), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    out = Path(cfg.paths.output_dir)  # the command's own folder keeps a record of the fit
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("sampler=%s fitted in %.0f s: %s (use it with sampler=%s)", name,
+             record["seconds"], path, name)  # fmt: skip
     return path
 
 

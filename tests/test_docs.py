@@ -255,8 +255,9 @@ def test_the_readme_snippet_runs(trained_run: Path) -> None:
 
 def test_the_python_page_snippets_run(trained_run: Path) -> None:
     blocks = python_blocks(DOCS / "python-api.md")
-    assert len(blocks) == 3 and SHOWCASE in blocks[0]
+    assert len(blocks) == 4 and SHOWCASE in blocks[0]
     scope = run_blocks(blocks, trained_run / "checkpoints" / "last.ckpt")
     assert scope["x_hat"].shape == scope["x"].shape
+    assert scope["images"].shape == (16, *scope["x"].shape[1:])  # from the fitted mixture
     assert scope["log_px"].shape == (len(scope["x"]),)
     assert scope["cfg"].model.latent_dim == 32

@@ -1,0 +1,145 @@
+"""Sample quality per likelihood x prior x sampler (x decoder up-sampling), one training budget.
+
+    python benchmarks/sample_quality.py --features outputs/features/fashion_mnist/features.pt \
+        [--steps 2400] [--likelihoods gaussian_fixed gaussian_optimal] \
+        [--priors standard mog vamp] [--samplers prior gmm two_stage] \
+        [--upsample transpose resize] [--samples 5000]
+
+Trains the default model on Fashion-MNIST at 64x64 once per (likelihood, prior, up-sampling)
+cell for `--steps` steps of batch 64 (same seed and data order), fits each ex-post sampler to
+its training posteriors, and measures the Frechet distance (FD) between `--samples` samples
+and as many test images in the features of a Fashion-MNIST classifier (`cvae.train_features`;
+comparable only with FDs of the same feature file). Two floors are measured in the same run:
+real training images against the test images, and reconstructions of the test images. Prints
+the training budget, the time of each cell and a Markdown table with each FD as a ratio to
+the cell's reconstructions and to its own `prior` sampler; saves a 64-image grid per cell
+under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from common import compose_train, machine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _batches(images: torch.Tensor, size: int = 256) -> Iterator[torch.Tensor]:
+    yield from images.split(size)
+
+
+def _first_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels, seen = [], [], 0
+    for batch, batch_labels in loader:
+        images.append(batch[: count - seen])
+        labels.append(batch_labels[: count - seen])
+        seen += len(images[-1])
+        if seen >= count:
+            break
+    return torch.cat(images), torch.cat(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", type=Path, required=True,
+                        help="a feature network file written by cvae.train_features")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=2400, help="training steps per cell")
+    parser.add_argument("--likelihoods", nargs="+", default=["gaussian_fixed", "gaussian_optimal"])
+    parser.add_argument("--priors", nargs="+", default=["standard", "mog", "vamp"])
+    parser.add_argument("--samplers", nargs="+", default=["prior", "gmm", "two_stage"])
+    parser.add_argument("--upsample", nargs="+", default=["transpose"])
+    parser.add_argument("--samples", type=int, default=5000, help="samples and test images")
+    parser.add_argument(
+        "--fit-images",
+        type=int,
+        default=20_000,
+        help="training images whose posteriors the samplers are fitted to",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
+    args = parser.parse_args()
+
+    from cvae import CVAE, ImageDataModule, visualize_batch
+    from cvae.fid import feature_network, fid_kid
+    from cvae.runtime import train
+    from cvae.samplers import build_sampler, posteriors
+
+    features = feature_network(args.features)
+    print(f"machine: {machine()}")
+    print(f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
+          f"against as many test images in the features of {args.features}")  # fmt: skip
+
+    def distance(fake: torch.Tensor, real: torch.Tensor) -> float:
+        return fid_kid(_batches(real), _batches(fake), features)["fid"]
+
+    rows, floors = [], {}
+    for upsample in args.upsample:
+        for likelihood in args.likelihoods:
+            for prior in args.priors:
+                cell = f"{likelihood}-{prior}-{upsample}"
+                run_dir = args.out / cell
+                overrides = [
+                    f"model.recon_loss={likelihood}", f"model/prior={prior}",
+                    f"model.upsample={upsample}", "test=false",
+                    f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
+                    "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
+                    "trainer.check_val_every_n_epoch=null", "~callbacks.rich_progress_bar",
+                    "+trainer.enable_progress_bar=false",
+                ]  # fmt: skip
+                started = time.perf_counter()
+                train(compose_train(run_dir, overrides))
+                trained = time.perf_counter() - started
+                checkpoint = run_dir / "checkpoints" / "last.ckpt"
+                model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
+                datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
+                datamodule.setup("fit")
+                datamodule.setup("test")
+                test, _ = _first_images(datamodule.test_dataloader(), args.samples)
+                if not floors:
+                    train_images, _ = _first_images(datamodule.train_dataloader(), args.samples)
+                    floors["real training images"] = distance(train_images, test)
+                reconstructions = torch.cat([model.reconstruct(b) for b in _batches(test)])
+                recon_fd = distance(reconstructions, test)
+                mu, log_var, _ = posteriors(model, datamodule.train_dataloader(), args.fit_images)
+                prior_fd = None
+                for name in args.samplers:
+                    started = time.perf_counter()
+                    sampler = build_sampler(name)
+                    if sampler is not None:
+                        sampler.fit(mu, log_var)
+                    fitted = time.perf_counter() - started
+                    generator = torch.Generator().manual_seed(0)
+                    samples = torch.cat([
+                        model.sample(min(256, args.samples - start), generator=generator,
+                                     sampler=sampler)
+                        for start in range(0, args.samples, 256)
+                    ])  # fmt: skip
+                    fd = distance(samples, test)
+                    prior_fd = fd if name == "prior" else prior_fd
+                    visualize_batch(samples[:64], args.out / f"{cell}-{name}.png", nrow=8)
+                    rows.append((likelihood, prior, upsample, name, fd, recon_fd, prior_fd,
+                                 trained, fitted))  # fmt: skip
+                    print(
+                        f"{cell} {name}: FD {fd:.1f} (reconstructions {recon_fd:.1f}); "
+                        f"trained {trained:.0f} s, fitted {fitted:.0f} s",
+                        flush=True,
+                    )
+
+    print("\nfloors: " + ", ".join(f"{k} FD {v:.2f}" for k, v in floors.items()))
+    print("\n| likelihood | prior | up-sampling | sampler | FD | / reconstructions' | "
+          "/ its prior sampler's | train | fit |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for likelihood, prior, upsample, name, fd, recon_fd, prior_fd, trained, fitted in rows:
+        versus_prior = f"{fd / prior_fd:.2f}x" if prior_fd else "-"
+        print(
+            f"| `{likelihood}` | `{prior}` | `{upsample}` | `{name}` | {fd:.1f} | "
+            f"{fd / recon_fd:.2f}x | {versus_prior} | {trained:.0f} s | {fitted:.0f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
