@@ -13,7 +13,8 @@ comparable only with FDs of the same feature file). Two floors are measured in t
 real training images against the test images, and reconstructions of the test images. Prints
 the training budget, the time of each cell and a Markdown table with each FD as a ratio to
 the cell's reconstructions and to its own `prior` sampler; saves a 64-image grid per cell
-under `--out`.
+under `--out`. A cell whose `<out>/<cell>/checkpoints/last.ckpt` exists (with `--steps`
+steps) is not trained again: its train time then reads 0.
 """
 
 from __future__ import annotations
@@ -90,11 +91,16 @@ def main() -> None:
                     "trainer.check_val_every_n_epoch=null", "~callbacks.rich_progress_bar",
                     "+trainer.enable_progress_bar=false",
                 ]  # fmt: skip
-                started = time.perf_counter()
-                train(compose_train(run_dir, overrides))
-                trained = time.perf_counter() - started
                 checkpoint = run_dir / "checkpoints" / "last.ckpt"
+                started = time.perf_counter()
+                if not checkpoint.is_file():  # a cell trained before (an interrupted run) is kept
+                    train(compose_train(run_dir, overrides))
+                trained = time.perf_counter() - started
                 model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
+                steps = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+                if steps != args.steps:
+                    raise SystemExit(f"{checkpoint} holds {steps} steps, not --steps {args.steps}")
+                print(f"{cell}: {steps} steps, trained in this run: {trained:.0f} s", flush=True)
                 datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
                 datamodule.setup("fit")
                 datamodule.setup("test")

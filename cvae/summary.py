@@ -144,12 +144,20 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     for row in points:
         x, y = row["rate_kl"], row["distortion_recon"]
         axes.scatter([x], [y], color="tab:red" if row is best else "tab:blue", zorder=3)
-        label = f"job {row['job']}: beta {_cell(row.get('beta'))}, z {_cell(row.get('latent_dim'))}"
+        beta, latent = _cell(row.get("beta")), _cell(row.get("latent_dim"))
+        label = f"job {row['job']}: beta {beta}, latent {latent}"
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # rate + distortion is the negative ELBO at beta = 1: points on one diagonal tie on it
+    rates = [r["rate_kl"] for r in points]
+    total = best["rate_kl"] + best["distortion_recon"]
+    span = [min(rates), max(rates)]
+    axes.plot(span, [total - r for r in span], "--", color="tab:red", alpha=0.4, zorder=1)
+    axes.margins(x=0.3, y=0.1)  # room for the labels, right of their points
     axes.set_xlabel("rate: KL(q(z|x) || p(z)), nats per image")
     axes.set_ylabel("distortion: -log p(x|z), nats per image")
     metric = best.get("objective_metric", "")
-    axes.set_title(f"{len(points)} of {len(rows)} jobs; red: best by {metric}", fontsize=10)
+    axes.set_title(f"{len(points)} of {len(rows)} jobs; red: best by {metric}\ndashed: rate + "
+                   f"distortion = {total:.1f}, its negative ELBO", fontsize=9)  # fmt: skip
     axes.grid(alpha=0.3)
     figure.tight_layout()
     partial = path.with_suffix(".partial.png")
