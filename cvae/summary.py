@@ -95,8 +95,8 @@ def _sort_key(row: dict[str, Any]) -> tuple[int, float]:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, float):  # nats per image need their decimals to rank by eye
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
 
 
