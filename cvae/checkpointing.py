@@ -119,10 +119,23 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def requeue_signal() -> int | None:
+    """The signal a submitit job gets before its time limit: SIGUSR2, or the one
+    `SUBMITIT_PREEMPT_SIGNAL` names (as submitit reads it)."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", None)
+
+
 class SaveOnInterrupt(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill or on preemption)
     during training: finish the current step, write `last.ckpt` (exactly resumable, like a
     step checkpoint), then stop with `Interrupted`. A second Ctrl-C quits at once.
+
+    In a job of Hydra's submitit launcher, SLURM sends SIGUSR2 `signal_delay_s` before the
+    time limit (and on preemption, where the cluster says so), and submitit's handler for it
+    requeues the job at once, mid-step. This callback takes that signal over too, saves the
+    step first, then hands the signal to submitit's handler (requeue, or the reason why not);
+    the requeued job resumes from that `last.ckpt` (`runtime.build`).
 
     Under data-parallel training every rank learns of the signal at the same step (one
     small all-reduce per step), so all of them save and stop together.
@@ -139,7 +152,11 @@ class SaveOnInterrupt(Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self.received = None
-        for signum in self.SIGNALS:
+        requeue = requeue_signal()
+        # submitit's requeue signal only where a handler waits for it (a submitit job)
+        waited = requeue and requeue not in self.SIGNALS and callable(signal.getsignal(requeue))
+        handed_on = (requeue,) if waited else ()
+        for signum in (*self.SIGNALS, *handed_on):
             previous = signal.getsignal(signum)
             if previous == signal.SIG_IGN:  # ignored on purpose (nohup, a shell's `&`): leave it
                 continue
@@ -154,6 +171,8 @@ class SaveOnInterrupt(Callback):
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         # Only a second Ctrl-C quits at once (after SIGTERM the first one is just recorded).
         hint = " (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""
+        if signum not in self.SIGNALS:
+            hint = " (time limit or preemption), then requeueing the job"
         rank_zero_info(f"\n{what}: saving last.ckpt after this step{hint}")
 
     def on_train_batch_end(
@@ -170,12 +189,18 @@ class SaveOnInterrupt(Callback):
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
             path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
+        handler = self._previous.get(signum)
         self._restore()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        raise Interrupted(
-            f"{what}: training stopped at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}; saved {path}", 128 + signum, str(path)
-        )  # fmt: skip
+        message = (f"{what}: training stopped at epoch {trainer.current_epoch}, step "
+                   f"{trainer.global_step}; saved {path}")  # fmt: skip
+        if signum not in self.SIGNALS and callable(handler):
+            rank_zero_info(f"{message}; handing {what} to submitit to requeue the job")
+            try:  # submitit: requeues and exits on rank 0, returns on the others
+                handler(signum, None)
+            except Exception as error:  # "Job not requeued because: timed-out too many times."
+                message += f"; {str(error).rstrip('.')}"
+        raise Interrupted(message, 128 + signum, str(path))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()

@@ -112,7 +112,13 @@ def check_resumable(checkpoint: dict, model: pl.LightningModule, path: str) -> N
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Data module, model and trainer, failing on bad input before any training: the
     checkpoint to resume from is read, the data found (and decoded into its cache)."""
+    own = _own_last_checkpoint(cfg)
     checkpoint = resolve_checkpoint(cfg, cfg.task_name)
+    if own is not None:
+        log.info("ckpt_path=null, but this run's folder already holds %s (epoch %d, step %d) "
+                 "from an earlier start (a requeued job, or the same hydra.run.dir): "
+                 "resuming from it", _shown(own), checkpoint["epoch"],
+                 checkpoint["global_step"])  # fmt: skip
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     # A conditional model's classes come from the data (and are saved in its checkpoint).
@@ -128,21 +134,45 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, model, trainer
 
 
+def _own_last_checkpoint(cfg: DictConfig) -> Path | None:
+    """With `ckpt_path` null, this run's own `checkpoints/last.ckpt`, if its folder has one,
+    set as `ckpt_path`. A fresh run gets a fresh folder, so only a run started again in its
+    folder has one: a SLURM job requeued after its time limit or a preemption (same job,
+    same folder), or a single run given the same `hydra.run.dir` again."""
+    if cfg.get("ckpt_path"):
+        return None
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not own.is_file():
+        return None
+    cfg.ckpt_path = str(own)
+    return own
+
+
 def resume_command(cfg: DictConfig, checkpoint: str | Path) -> str:
     """The command line that continues this run from `checkpoint`: this run's overrides with
     `ckpt_path` set to it (a `hydra.run.dir` the user chose is kept: the run goes on there;
-    otherwise it goes on in a new run folder)."""
+    otherwise it goes on in a new run folder). A job of a submitit launcher (SLURM) gets a
+    one-job sweep through the same launcher, into the same job folder: it runs on the
+    cluster, not here."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = []
+    overrides, sweep = [], []
     if HydraConfig.initialized():  # what the user typed: Hydra's own settings, then the task's
-        typed = HydraConfig.get().overrides
-        overrides = [o for o in typed.hydra if not o.startswith("hydra.mode=")]
+        hydra_cfg = HydraConfig.get()
+        typed = hydra_cfg.overrides
+        launcher = str(hydra_cfg.launcher.get("_target_", "")) if in_multirun() else ""
+        if "submitit" in launcher:
+            job = Path(hydra_cfg.runtime.output_dir)
+            subdir = Path(str(hydra_cfg.sweep.subdir))
+            root = Path(*job.parts[: -len(subdir.parts)])
+            sweep = ["-m", f"hydra.sweep.dir={_shown(root)}", f"hydra.sweep.subdir={subdir}"]
+        skip = ("hydra.mode=", *(("hydra.sweep.dir=", "hydra.sweep.subdir=") if sweep else ()))
+        overrides = [o for o in typed.hydra if not o.startswith(skip)]
         # a sweep job's own values are in `task`; the sweep itself is not resumed
         overrides += [o for o in typed.task if not o.startswith(("ckpt_path=", "hparams_search="))]
     python = os.path.relpath(sys.executable)
     words = [python if not python.startswith("..") else sys.executable, "-m", "cvae.train",
-             *overrides, f"ckpt_path={_shown(checkpoint)}"]  # fmt: skip
+             *sweep[:1], *overrides, *sweep[1:], f"ckpt_path={_shown(checkpoint)}"]  # fmt: skip
     return " ".join(shlex.quote(word) for word in words)
 
 

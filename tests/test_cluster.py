@@ -1,0 +1,223 @@
+"""Cluster runs that outlive their time limit, without a cluster: a run started again in its
+folder resumes from its own last.ckpt, SIGUSR2 saves the step before submitit requeues (a
+whole requeue through the submitit_local launcher), the resume line of a launcher job
+resubmits through the launcher, the SLURM launcher configs fit the trainer, and jobs are
+followed with squeue where sacct is off. The same on a real one-node SLURM cluster:
+docs/development.md (tests/cluster/start_slurm.sh; never run by `make test`)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+
+from cvae.errors import Interrupted
+from cvae.runtime import resume_command, train
+from tests.conftest import CONF_DIR, compose_train
+from tests.test_long_runs import LONG_RUN
+from tests.test_train import run_cli
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(
+        torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6)
+        for k, v in a["state_dict"].items()
+    )
+
+
+def _stop_at(step: int, signum: int) -> list[str]:
+    return ["+callbacks.stop._target_=tests.killers.SignalAt", f"+callbacks.stop.step={step}",
+            f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
+    folder = tmp_path_factory.mktemp("whole")
+    train(compose_train(folder, *LONG_RUN))
+    return _checkpoint(folder / "checkpoints" / "last.ckpt")
+
+
+def test_a_run_started_again_in_its_folder_resumes_from_its_last_ckpt(
+    tmp_path: Path, uninterrupted: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a requeued SLURM job does: the same config in the same folder, ckpt_path null."""
+    with pytest.raises(Interrupted):
+        train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGTERM)))
+    assert _checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+    caplog.set_level("INFO", logger="cvae.runtime")
+    train(compose_train(tmp_path, *LONG_RUN))
+    own = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"already holds {own} (epoch 0, step 5) from an earlier start" in caplog.text
+    final = _checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 14
+    assert _same_weights(uninterrupted, final)  # continued exactly, not started over
+
+
+@pytest.fixture
+def submitit_handler() -> Iterator[list]:
+    """A stand-in for submitit's SIGUSR2 handler in a job: records the step of last.ckpt
+    when it is called, then requeues (exits) as submitit's does on rank 0."""
+    calls: list = []
+    previous = signal.getsignal(signal.SIGUSR2)
+
+    def requeue(signum: int, frame: object) -> None:
+        calls.append(signum)
+        raise SystemExit(-1)
+
+    signal.signal(signal.SIGUSR2, requeue)
+    yield calls
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigusr2_saves_the_step_then_hands_the_signal_to_submitit(
+    tmp_path: Path, submitit_handler: list
+) -> None:
+    with pytest.raises(SystemExit):
+        train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGUSR2)))
+    assert submitit_handler == [signal.SIGUSR2]  # called once, after the save
+    assert _checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
+def test_a_job_submitit_does_not_requeue_stops_with_the_reason_and_a_resume_line(
+    tmp_path: Path, submitit_handler: list
+) -> None:
+    def no_requeue(signum: int, frame: object) -> None:
+        raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    signal.signal(signal.SIGUSR2, no_requeue)
+    with pytest.raises(Interrupted) as stop:
+        train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGUSR2)))
+    message = str(stop.value)
+    assert message.startswith("SIGUSR2: training stopped at epoch 0, step 5; saved ")
+    assert "; Job not requeued because: timed-out too many times; resume with: " in message
+    assert stop.value.exit_status == 128 + signal.SIGUSR2
+
+
+def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    """submitit_local requeues the way SLURM does: the same pickled job started again."""
+    sweep = tmp_path / "sweep"
+    run_cli(*LONG_RUN, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
+            *_stop_at(4, signal.SIGUSR2), multirun=True)  # fmt: skip
+    job = sweep / "0"
+    final = _checkpoint(job / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 14
+    assert _same_weights(uninterrupted, final)
+    log = (job / "train.log").read_text()
+    assert "handing SIGUSR2 to submitit to requeue the job" in log
+    assert "(epoch 0, step 5) from an earlier start" in log
+    assert "completed" in (sweep / "summary.csv").read_text()
+
+
+@pytest.fixture
+def launcher_job(tmp_path: Path) -> Iterator[DictConfig]:
+    """The config of job 3 of a `-m hydra/launcher=slurm_cpu` sweep, as the job sees it."""
+    overrides = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu",
+                 "hydra.sweep.dir=/scratch/sweep", "trainer=ddp_cpu", "model.beta=2"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = 3
+        cfg.hydra.runtime.output_dir = str(tmp_path / "sweep" / "3")
+    HydraConfig.instance().set_config(cfg)
+    yield cfg
+    HydraConfig.instance().cfg = None
+
+
+def test_the_resume_line_of_a_launcher_job_resubmits_it_into_its_folder(
+    launcher_job: DictConfig, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "sweep" / "3" / "checkpoints" / "last.ckpt"
+    words = shlex.split(resume_command(launcher_job, checkpoint))
+    assert words[1:4] == ["-m", "cvae.train", "-m"]  # a sweep of one job, through the launcher
+    assert {"hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu", "trainer=ddp_cpu",
+            "model.beta=2"} <= set(words)  # fmt: skip
+    assert f"hydra.sweep.dir={tmp_path / 'sweep'}" in words
+    assert "hydra.sweep.dir=/scratch/sweep" not in words
+    assert words[-2:] == ["hydra.sweep.subdir=3", f"ckpt_path={checkpoint}"]
+
+
+# --- the launcher configs ----------------------------------------------------------------------
+def _launcher_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus", "tasks"),
+    [(["hydra/launcher=slurm", "trainer=gpu"], 1, 1),
+     (["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"], 4, 4),
+     (["hydra/launcher=slurm_cpu", "trainer=ddp_cpu"], None, 2),
+     (["hydra/launcher=slurm_cpu", "trainer=cpu"], None, 1)],
+)  # fmt: skip
+def test_the_slurm_launchers_ask_for_what_the_trainer_uses(
+    overrides: list[str], gpus: int | None, tasks: int
+) -> None:
+    from cvae.cluster import check_request
+
+    cfg = _launcher_config(*overrides)
+    check_request(cfg)
+    launcher = cfg.hydra.launcher
+    assert (launcher.gpus_per_node, launcher.tasks_per_node) == (gpus, tasks)
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
+    assert "slurm_checks" in cfg.hydra.callbacks and "sweep_summary" in cfg.hydra.callbacks
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [(["hydra/launcher=slurm", "trainer=ddp_cpu"], "use hydra/launcher=slurm_cpu"),
+     (["hydra/launcher=slurm_cpu", "trainer=gpu"], "the job would get no GPU"),
+     (["hydra/launcher=slurm", "trainer=ddp"], "give it as a number, e.g. trainer.devices=4"),
+     (["hydra/launcher=slurm_cpu"], "it is auto")],
+)  # fmt: skip
+def test_a_request_slurm_cannot_give_the_trainer_is_one_line(
+    overrides: list[str], said: str
+) -> None:
+    from cvae.cluster import check_request
+
+    with pytest.raises(ValueError, match=said.replace(".", r"\.")) as error:
+        check_request(_launcher_config(*overrides))
+    assert "\n" not in str(error.value)
+
+
+# --- following jobs without accounting ---------------------------------------------------------
+def _fake_command(folder: Path, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_without_accounting_jobs_are_followed_with_squeue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvae.cluster import LEFT_QUEUE, QueueWatcher
+
+    _fake_command(tmp_path, "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1\n")
+    _fake_command(tmp_path, "squeue", "printf '7|CANCELLED|vm\\n8_0|RUNNING|vm\\n"
+                  "8_[1-2]|PENDING|\\n10|CONFIGURING|vm\\n'\n")  # fmt: skip
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    watcher = QueueWatcher()
+    for job in ("7", "8_0", "8_1", "9", "10"):
+        watcher.register_job(job)
+    watcher.update()
+    assert not watcher.accounting
+    assert watcher.get_state("9", mode="cache") == LEFT_QUEUE  # ended before MinJobAge
+    done = {job: watcher.is_done(job, mode="cache") for job in ("7", "8_0", "8_1", "9", "10")}
+    assert done == {"7": True, "8_0": False, "8_1": False, "9": True, "10": False}
