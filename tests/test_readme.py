@@ -18,7 +18,13 @@ from tests.conftest import CONF_DIR
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
-CONFIGS = {"train": "train", "evaluate": "eval", "generate": "generate", "export": "export"}
+CONFIGS = {
+    "train": "train",
+    "evaluate": "eval",
+    "generate": "generate",
+    "export": "export",
+    "train_features": "train_features",
+}
 # Lines that need what this test's tiny unconditional checkpoint cannot give: a placeholder
 # path (your own images, the Inception weights), or a conditional Fashion-MNIST model
 # (`label=`; tests/test_conditional.py runs those paths on synthetic shapes). They are still
