@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -24,19 +23,9 @@ from omegaconf import DictConfig, open_dict
 from cvae.errors import Interrupted
 from cvae.runtime import resume_command, train
 from tests.conftest import CONF_DIR, compose_train
+from tests.test_first_hour import _checkpoint, _same_weights
 from tests.test_long_runs import LONG_RUN
 from tests.test_train import run_cli
-
-
-def _checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    return all(
-        torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6)
-        for k, v in a["state_dict"].items()
-    )
 
 
 def _stop_at(step: int, signum: int) -> list[str]:
