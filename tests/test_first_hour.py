@@ -374,7 +374,9 @@ def test_resuming_another_model_is_one_line_naming_what_differs(
 def test_make_notebook_runs_as_root_too() -> None:
     # JupyterLab refuses to start as root without --allow-root; `make train` installs with
     # apt as root, so a new user may well be root.
-    command = subprocess.run(["make", "-n", "notebook"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.splitlines()[-1]  # fmt: skip
-    assert "jupyter lab notebooks/" in command
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # not make's child
+    printed = subprocess.run(["make", "--no-print-directory", "-n", "notebook"], cwd=REPO,
+                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    printed = printed.stdout
+    (command,) = [line for line in printed.splitlines() if "jupyter lab notebooks/" in line]
     assert command.endswith("--allow-root") == (os.getuid() == 0)
