@@ -236,12 +236,14 @@ class ProgressReport:
 
     def line(self, now: float) -> str:
         """`<label>: 1,200 of 10,000 images, 2.3 min, about 17.0 min left`."""
+        from cvae.progress import duration  # one way to write a time, as training's lines do
+
         elapsed = now - self.started
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
         of = f" of {self.total:,}" if self.total else ""
-        text = f"{self.label}: {self.done:,}{of} images, {elapsed / 60:.1f} min"
+        text = f"{self.label}: {self.done:,}{of} images, {duration(elapsed)}"
         if self.total and rate > 0:
-            text += f", about {(self.total - self.done) / rate / 60:.1f} min left"
+            text += f", about {duration((self.total - self.done) / rate)} left"
         return text
 
     def close(self) -> None:
