@@ -28,6 +28,8 @@ VARIANTS = {
     "IWAE k=5, latent 64, 5x5 kernels": [
         "model.iw_samples=5", "model.latent_dim=64", "model.kernel_size=5",
     ],
+    "IWAE k=5, VampPrior (500 pseudo-inputs)": ["model.iw_samples=5", "model/prior=vamp"],
+    "IWAE k=5, mixture prior (10 components)": ["model.iw_samples=5", "model/prior=mog"],
     "ELBO, widths 64-128, a residual block per resolution": [
         "model.hidden_channels=[64,128]", "model.residual_blocks=1",
     ],
