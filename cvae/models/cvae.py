@@ -1,43 +1,37 @@
-"""`CVAE`: the Lightning module that trains the encoder and decoder on the negative ELBO."""
+"""`CVAE`: the Lightning module that trains the encoder and decoder on the negative ELBO.
+
+This file holds what the model is (its parts, built from plain settings checked by
+`settings.py`; encoding and decoding; class lookup) and how Lightning trains it. Its bounds
+on log p(x) live in `bounds.py`, its user API (sampling, reconstruction, interpolation) in
+`user_api.py`: two mixins that add methods, no state, so checkpoint keys are the module
+attributes built here.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import cached_property, partial
-from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
 
 from cvae.checkpointing import capture_rng_states, restore_rng_states
+from cvae.models.bounds import Bounds
 from cvae.models.classes import ClassVocabulary
 from cvae.models.conditioning import LabelConditioning, check_class_names
-from cvae.models.inference import FastDecoder
-from cvae.models.likelihoods import build_likelihood, check_recon_loss
-from cvae.models.losses import BETA_SCHEDULES, beta_at, normal_log_density
-from cvae.models.networks import (
-    DOWNSAMPLING,
-    UPSAMPLING,
-    Decoder,
-    Encoder,
-    reparameterize,
-    unit_range,
-)
+from cvae.models.likelihoods import build_likelihood
+from cvae.models.losses import beta_at
+from cvae.models.networks import Decoder, Encoder, reparameterize, unit_range
 from cvae.models.priors import VampPrior, build_prior, check_prior
-
-if TYPE_CHECKING:  # the model does not import the samplers: they take it
-    from cvae.samplers import LatentSampler
+from cvae.models.settings import check_network, check_training
+from cvae.models.user_api import Labels, UserAPI
 
 log = logging.getLogger(__name__)
-# What the user-facing methods take as labels: one class (index or name) for every image, or
-# one per image.
-Labels = int | str | Sequence[int | str] | torch.Tensor | None
 
 
-class CVAE(pl.LightningModule):
+class CVAE(Bounds, UserAPI, pl.LightningModule):
     """Convolutional VAE: loss = -log p(x | z) + beta * KL, per image, averaged over the batch.
 
     `recon_loss` names the decoder's likelihood (`likelihoods.py`); `beta_schedule` and
@@ -96,9 +90,9 @@ class CVAE(pl.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
     ) -> None:
         super().__init__()
-        _validate(in_channels, image_size, latent_dim, hidden_channels, kernel_size, downsample,
-                  upsample, recon_loss, beta, lr)  # fmt: skip
-        _validate_aids(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
+        check_network(in_channels, image_size, latent_dim, hidden_channels, kernel_size,
+                      downsample, upsample, recon_loss, beta, lr)  # fmt: skip
+        check_training(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
                        max_bad_steps, iw_samples)  # fmt: skip
         hidden_channels = [int(c) for c in hidden_channels]
         prior_components = check_prior(prior, prior_components, free_bits)  # the number saved
@@ -217,275 +211,10 @@ class CVAE(pl.LightningModule):
         mu, log_var = self.encode(x, labels)
         return self.decode(reparameterize(mu, log_var), labels), mu, log_var
 
-    def loss_terms(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        beta: float | None = None,
-        free_bits: float = 0.0,
-    ) -> dict[str, torch.Tensor]:
-        """Batch means of the loss and its parts, each per image: `recon` = -log p(x | z),
-        `kl` the KL to the prior (closed form, or for a mixture prior the one-sample
-        estimate at the posterior sample); the loss weighs the KL (floored by `free_bits`,
-        which needs a prior that factorises) with `beta`
-        (default: the configured one). `labels`: the classes of a conditional model. With
-        `iw_samples` > 1 the loss is the negative importance-weighted bound instead, its
-        log-ratio log p(z) / q(z | x) weighed by `beta` (`recon`: the samples' mean)."""
-        x = unit_range(x)
-        mu, log_var = self.encode(x, labels)
-        beta = self.hparams.beta if beta is None else beta
-        k = self.hparams.get("iw_samples", 1)
-        if k > 1:
-            return self._iw_terms(x, labels, mu, log_var, beta, k)
-        z = reparameterize(mu, log_var)
-        logits = self.decode_logits(z, labels)
-        recon = -self.likelihood(logits, x).mean()
-        mu, log_var = mu.float(), log_var.float()
-        kl = self.prior.kl(mu, log_var, z).mean()
-        objective_kl = self.prior.free_bits_kl(mu, log_var, free_bits) if free_bits > 0 else kl
-        return {"loss": recon + beta * objective_kl, "recon": recon, "kl": kl}
-
-    def _iw_terms(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor | None,
-        mu: torch.Tensor,
-        log_var: torch.Tensor,
-        beta: float,
-        k: int,
-    ) -> dict[str, torch.Tensor]:
-        """`loss_terms` of the IWAE bound: `k` samples per image decoded in one call. `kl`:
-        the closed form, or for a mixture prior the mean over the `k` samples of
-        log q(z | x) - log p(z)."""
-        log_px, log_ratio = self._log_weight_terms(
-            x, self.class_indices(labels, len(x)), mu, log_var, k
-        )
-        bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(k)
-        if self.prior.factorised:
-            kl = self.prior.kl(mu.float(), log_var.float())
-        else:
-            kl = -log_ratio.mean(0)
-        return {"loss": -bound.mean(), "recon": -log_px.mean(), "kl": kl.mean()}
-
-    def _log_weight_terms(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor | None,
-        mu: torch.Tensor,
-        log_var: torch.Tensor,
-        n: int,
-        generator: torch.Generator | None = None,
-        logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two parts of the importance weights of `n` posterior samples per image, each
-        `(n, B)`: log p(x | z) and log p(z) - log q(z | x). The IWAE training bound and the
-        likelihood estimate share them; the `n * B` latents are decoded in one call."""
-        z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
-        repeated = None if labels is None else labels.repeat(n)
-        logits = (logits_of or self.decode_logits)(z.flatten(0, 1), repeated)
-        log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)  # x broadcast over n
-        z, mu, log_var = z.float(), mu.float(), log_var.float()
-        return log_px, self.prior.log_prob(z) - normal_log_density(z, mu, log_var)
-
     def current_beta(self) -> float:
         """The KL weight of this training step under `beta_schedule`."""
         hp = self.hparams
         return beta_at(self.global_step, hp.beta, hp.beta_schedule, hp.warmup_steps)
-
-    # --- for users -------------------------------------------------------------------------
-    @contextmanager
-    def _inference(self) -> Iterator[None]:
-        """Eval mode (BatchNorm running statistics) and no gradients, then back as it was."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.train(was_training)
-
-    def sample(
-        self,
-        n: int,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        labels: Labels = None,
-        sampler: LatentSampler | None = None,
-    ) -> torch.Tensor:
-        """`n` new images decoded from latents of the prior (`sample_latents`), or of a
-        fitted ex-post `sampler` (`cvae.samplers`: `gmm`, `two_stage`); a conditional model
-        draws the class `labels` (one for all, or one per image; indices or names)."""
-        labels = self.class_indices(labels, n)
-        if sampler is None:
-            z = self.sample_latents(n, temperature, generator)
-        else:
-            z = sampler.sample(n, generator, labels, temperature).to(self.device)
-        with self._inference():
-            return self.decode(z, labels)
-
-    def sample_latents(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """`n` latents `(n, latent_dim)` from the prior, on the model's device, drawn with a
-        CPU `generator`: `standard` N(0, temperature^2 I) (the draws of models from before
-        priors, bit for bit); a mixture picks a component by its weight and scales that
-        component's spread by `temperature`. The same for every class."""
-        with self._inference():
-            return self.prior.sample(n, generator, temperature).to(self.device)
-
-    def sample_classes(
-        self,
-        per_class: int,
-        classes: Sequence[int | str] | None = None,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """A conditional model's samples, `per_class` of each of `classes` (default: all), row
-        after row: the same `per_class` latents for every class, so a column keeps its style."""
-        wanted = range(len(self.class_names)) if classes is None else classes
-        labels = self.class_indices(list(wanted), key="classes")
-        if labels is None:
-            raise ValueError("sample_classes needs a conditional model "
-                             "(trained with model.conditional=true)")  # fmt: skip
-        z = self.sample_latents(per_class, temperature, generator).repeat(len(labels), 1)
-        with self._inference():
-            return self.decode(z, labels.repeat_interleave(per_class))
-
-    def reconstruct(self, x: torch.Tensor, labels: Labels = None) -> torch.Tensor:
-        """Images decoded from their posterior means: the model's best guess of `x`. A
-        conditional model decodes with the classes the images were encoded with."""
-        labels = self.class_indices(labels, len(x))
-        with self._inference():
-            mu, _ = self.encode(x.to(self.device), labels)
-            return self.decode(mu, labels)
-
-    def interpolate(
-        self,
-        x1: torch.Tensor,
-        x2: torch.Tensor,
-        steps: int = 8,
-        spherical: bool = False,
-        labels: Labels = None,
-    ) -> torch.Tensor:
-        """`steps` images decoded along the path between the posterior means of two images
-        `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
-        that latents of a Gaussian prior concentrate at. A conditional model takes the two
-        images' `labels`; the class code walks from one to the other along with `z`."""
-        labels = self.class_indices(labels, 2)
-        with self._inference():
-            (a, b), _ = self.encode(torch.stack([x1, x2]).to(self.device), labels)
-            t = torch.linspace(0, 1, steps, device=self.device)[:, None]
-            z = (1 - t) * a + t * b
-            if spherical:
-                omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1))
-                if omega.abs() > 1e-6:  # (parallel means: the great circle is the line)
-                    z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
-            if labels is None:
-                return self.decode(z)
-            return self._decode_between(z, labels[0], labels[1], t)
-
-    def interpolate_classes(
-        self, first: int | str, second: int | str, z: torch.Tensor, steps: int = 8
-    ) -> torch.Tensor:
-        """A conditional model's walk from class `first` to class `second` at fixed latents
-        `z` `(n, latent_dim)`: the style kept, the class changed. `n * steps` images, the
-        `steps` of each latent in a row."""
-        labels = self.class_indices([first, second], 2, key="labels")
-        if labels is None:
-            raise ValueError("interpolate_classes needs a conditional model "
-                             "(trained with model.conditional=true)")  # fmt: skip
-        with self._inference():
-            t = torch.linspace(0, 1, steps, device=self.device).repeat(len(z))[:, None]
-            z = z.to(self.device).repeat_interleave(steps, dim=0)
-            return self._decode_between(z, labels[0], labels[1], t)
-
-    def _decode_between(
-        self, z: torch.Tensor, first: torch.Tensor, second: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """Decode `z` with class codes blended from `first`'s (t = 0) to `second`'s (t = 1)."""
-        codes = self.conditioning.code(torch.stack([first, second]))
-        code = (1 - t) * codes[0] + t * codes[1]
-        return torch.sigmoid(self.decoder.logits(self.conditioning.decoder_input(z, code)))
-
-    def elbo(
-        self,
-        x: torch.Tensor,
-        labels: Labels = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The evidence lower bound of each image in nats (one posterior sample), with the
-        decoder's proper density: shape (B,). Not scaled by beta. A conditional model's
-        bound is on log p(x | y), `y` the `labels`."""
-        with self._inference():
-            log_px, kl, _, _ = self.elbo_terms(x, labels, generator)
-            return log_px - kl
-
-    def elbo_terms(
-        self,
-        x: torch.Tensor,
-        labels: Labels = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(log p(x | z), KL, mu, log_var)` of each image, one posterior sample: the parts
-        of `elbo`, for callers that report them separately (KL: closed form, or for a
-        mixture prior log q(z | x) - log p(z) at the same sample)."""
-        labels = self.class_indices(labels, len(x))
-        x = unit_range(x.to(self.device))
-        mu, log_var = self.encode(x, labels)
-        z = reparameterize(mu, log_var, generator)
-        logits = self.decode_logits(z, labels)
-        return self.likelihood(logits, x), self.prior.kl(mu, log_var, z), mu, log_var
-
-    def log_likelihood(
-        self,
-        x: torch.Tensor,
-        labels: Labels = None,
-        k: int = 1000,
-        generator: torch.Generator | None = None,
-        max_decodes: int | None = None,
-        decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Importance-weighted estimate of log p(x) in nats with `k` posterior samples (IWAE):
-        log mean_k p(x | z_k) p(z_k) / q(z_k | x). A lower bound that tightens as `k` grows;
-        `k = 1` is the ELBO. Shape (B,). A conditional model estimates log p(x | y), `y` the
-        `labels`.
-
-        Samples are decoded `max_decodes // len(x)` per image at a time (one decoder call of
-        about `max_decodes` latents), so any `k` fits in memory; the running log-sum-exp stays
-        on the device (no host round trip until the caller reads the result), under
-        `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
-        `decoder` computes `self.decoder.logits`: by default a `FastDecoder` copy made for
-        this call (the same logits, 3x faster on CPU here: 3.7 s against 11.3 s for K=500
-        on 64 Fashion-MNIST-sized images; what `cvae.evaluate` uses), or another callable
-        (`decoder=model.decoder.logits`: the module itself). `max_decodes` None: the fast
-        decoder's `decodes_per_call()` (4096 for another `decoder`).
-        """
-        if k < 1:
-            raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
-        labels = self.class_indices(labels, len(x))
-        if decoder is None:
-            decoder = FastDecoder(self.decoder)
-        if max_decodes is None:
-            per_call = getattr(decoder, "decodes_per_call", None)
-            max_decodes = per_call() if per_call is not None else 4096
-        logits_of = lambda z, labels: decoder(self._decoder_input(z, labels))  # noqa: E731
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode(), self.prior.frozen():
-                x = unit_range(x.to(self.device))
-                mu, log_var = self.encode(x, labels)
-                per_call = max(1, max_decodes // len(x))
-                total = torch.full((len(x),), -math.inf, device=self.device)
-                for start in range(0, k, per_call):
-                    n = min(per_call, k - start)
-                    log_px, log_ratio = self._log_weight_terms(
-                        x, labels, mu, log_var, n, generator, logits_of
-                    )
-                    total = torch.logaddexp(total, torch.logsumexp(log_px + log_ratio, dim=0))
-                return total - math.log(k)
-        finally:
-            self.train(was_training)
 
     # --- training --------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -651,76 +380,3 @@ class CVAE(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
-
-
-def _validate_aids(
-    sigma: float,
-    min_sigma: float,
-    beta_schedule: str,
-    warmup_steps: int,
-    free_bits: float,
-    residual_blocks: int,
-    max_bad_steps: int,
-    iw_samples: int = 1,
-) -> None:
-    for key, value in (("sigma", sigma), ("min_sigma", min_sigma)):
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"model.{key} must be a number > 0, got {value!r}")
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(
-            f"model.beta_schedule={beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}"
-        )
-    if not isinstance(residual_blocks, int) or residual_blocks < 0:
-        raise ValueError(f"model.residual_blocks must be an integer >= 0, got {residual_blocks!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"model.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if not isinstance(max_bad_steps, int) or max_bad_steps < 1:
-        raise ValueError(f"model.max_bad_steps must be an integer >= 1, got {max_bad_steps!r}")
-    if not isinstance(free_bits, (int, float)) or free_bits < 0:
-        raise ValueError(f"model.free_bits must be a number >= 0, got {free_bits!r}")
-    if not isinstance(iw_samples, int) or iw_samples < 1:
-        raise ValueError(f"model.iw_samples must be an integer >= 1, got {iw_samples!r}")
-    if iw_samples > 1 and free_bits > 0:
-        raise ValueError("model.free_bits works on the ELBO's KL term: set model.free_bits=0 "
-                         f"with model.iw_samples={iw_samples}")  # fmt: skip
-
-
-def _validate(
-    in_channels: int,
-    image_size: int,
-    latent_dim: int,
-    hidden_channels: Sequence[int],
-    kernel_size: int,
-    downsample: str,
-    upsample: str,
-    recon_loss: str,
-    beta: float,
-    lr: float,
-) -> None:
-    """One-line errors naming the config key, raised before anything is built."""
-    for key, value in (("in_channels", in_channels), ("image_size", image_size),
-                       ("latent_dim", latent_dim), ("kernel_size", kernel_size)):  # fmt: skip
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
-    if not hidden_channels or not all(isinstance(c, int) and c >= 1 for c in hidden_channels):
-        raise ValueError(
-            "model.hidden_channels must be a non-empty list of positive widths, "
-            f"got {list(hidden_channels)}"
-        )
-    if kernel_size < 2:
-        raise ValueError(f"model.kernel_size must be >= 2, got {kernel_size}")
-    if downsample not in DOWNSAMPLING:
-        raise ValueError(f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLING)}")
-    if upsample not in UPSAMPLING:
-        raise ValueError(f"model.upsample={upsample!r} is not one of {', '.join(UPSAMPLING)}")
-    check_recon_loss(recon_loss)
-    if not isinstance(beta, (int, float)) or not beta >= 0 or math.isinf(beta):
-        raise ValueError(f"model.beta must be a finite number >= 0, got {beta!r}")
-    if not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"model.lr must be a number > 0, got {lr!r}")
-    factor = 2 ** len(hidden_channels)
-    if image_size < factor or image_size % factor:
-        raise ValueError(
-            f"model.image_size={image_size} (data.image_size) is not divisible by {factor}: "
-            f"model.hidden_channels has {len(hidden_channels)} blocks, each halving the image"
-        )
