@@ -7,7 +7,8 @@ prints its parameters, its training FLOPs per image (forward and backward, every
 sample) and the time of a training step of batch 100, measured here as a ratio of the
 baseline's, measured in the same process; an epoch is 500 steps. With `--runs`, it reads each
 run folder's TensorBoard events and prints its `val/iw_nll` curve (K=100, the first 2,000
-validation images) against the training time: the README's variants table and curves.
+validation images) against the training time: the variants table and curves of
+docs/reports/density-estimation.md.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ forward and backward), then the same configuration trained through the real `Tra
 a bare loop (`loss.backward(); optimizer.step()` over the same data loader). Images/s are
 timed over `--steps` steps after `--warmup` steps, inside one epoch; utilisation is
 achieved FLOP/s over the matmul rate. `--ablation` also times the bare loop for each
-design choice of the default model (the README's table). `--epoch-images N` then times one
-whole epoch of N synthetic images through the Trainer (CelebA's training split: 162,770).
+design choice of the default model (docs/reports/training-speed.md's table).
+`--epoch-images N` then times one whole epoch of N synthetic images through the Trainer
+(CelebA's training split: 162,770).
 """
 
 from __future__ import annotations

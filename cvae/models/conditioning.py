@@ -3,8 +3,8 @@
 Both at the networks' boundaries, so `Encoder` and `Decoder` stay as they are, one input
 wider: q(z | x, y) reads the image with one extra plane, a learned per-class map the size of
 the image (as in the popular `ConditionalVAE`), and p(x | z, y) reads `z` concatenated with
-a learned per-class code. README "Conditional generation" has the measurements behind this
-choice (against FiLM and one-hot planes).
+a learned per-class code. docs/conditional.md ("How the label enters, and why") has the
+measurements behind this choice (against FiLM and one-hot planes).
 """
 
 from __future__ import annotations
