@@ -7,7 +7,8 @@
 
 Trains the default model on Fashion-MNIST at 64x64 once per (likelihood, prior, up-sampling)
 cell for `--steps` steps of batch 64 (same seed and data order), fits each ex-post sampler to
-its training posteriors, and measures the Frechet distance (FD) between `--samples` samples
+its training posteriors (with the settings of `conf/sampler/<name>.yaml`, as `cvae.generate
+mode=fit` does), and measures the Frechet distance (FD) between `--samples` samples
 and as many test images in the features of a Fashion-MNIST classifier (`cvae.train_features`;
 comparable only with FDs of the same feature file). Two floors are measured in the same run:
 real training images against the test images, and reconstructions of the test images. Prints
@@ -55,14 +56,10 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["prior", "gmm", "two_stage"])
     parser.add_argument("--upsample", nargs="+", default=["transpose"])
     parser.add_argument("--samples", type=int, default=5000, help="samples and test images")
-    parser.add_argument(
-        "--fit-images",
-        type=int,
-        default=20_000,
-        help="training images whose posteriors the samplers are fitted to",
-    )
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
     args = parser.parse_args()
+
+    from omegaconf import OmegaConf
 
     from cvae import CVAE, ImageDataModule, visualize_batch
     from cvae.fid import feature_network, fid_kid
@@ -73,6 +70,14 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
           f"against as many test images in the features of {args.features}")  # fmt: skip
+
+    settings = {name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sampler" /
+                                                            f"{name}.yaml"))
+                for name in args.samplers}  # fmt: skip
+    wanted = [s.get("max_images") for s in settings.values() if s["name"] != "prior"]
+    fit_images = None if None in wanted or not wanted else max(wanted)
+    for name, values in settings.items():
+        print(f"sampler {name}: " + ", ".join(f"{k}={v}" for k, v in values.items() if k != "name"))
 
     def distance(fake: torch.Tensor, real: torch.Tensor) -> float:
         return fid_kid(_batches(real), _batches(fake), features)["fid"]
@@ -110,13 +115,14 @@ def main() -> None:
                     floors["real training images"] = distance(train_images, test)
                 reconstructions = torch.cat([model.reconstruct(b) for b in _batches(test)])
                 recon_fd = distance(reconstructions, test)
-                mu, log_var, _ = posteriors(model, datamodule.train_dataloader(), args.fit_images)
+                mu, log_var, _ = posteriors(model, datamodule.train_dataloader(), fit_images)
                 prior_fd = None
                 for name in args.samplers:
                     started = time.perf_counter()
-                    sampler = build_sampler(name)
+                    sampler = build_sampler(**settings[name])
                     if sampler is not None:
-                        sampler.fit(mu, log_var)
+                        rows = slice(sampler.max_images)  # the first max_images, as mode=fit
+                        sampler.fit(mu[rows], log_var[rows])
                     fitted = time.perf_counter() - started
                     generator = torch.Generator().manual_seed(0)
                     samples = torch.cat([

@@ -35,6 +35,7 @@ def _checkpoint(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("make", [
     lambda: GaussianMixtureSampler(components=2),
+    lambda: GaussianMixtureSampler(components=2, dims=2),
     lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64),
 ])  # fmt: skip
 def test_a_fitted_sampler_survives_a_round_trip(make, tmp_path: Path) -> None:
@@ -59,6 +60,26 @@ def test_the_mixture_draws_where_the_posteriors_are() -> None:
     assert abs(float(near[0].float().mean()) - 0.5) < 0.05  # both, in their proportions
     cov = torch.cov(draws[near[0]].T)
     assert torch.allclose(cov, 0.09 * torch.eye(4), atol=0.03)
+
+
+def test_a_mixture_in_principal_directions_keeps_the_rest_as_one_gaussian() -> None:
+    """`dims=1`: the mixture along the direction the clusters lie on, the other dimensions
+    drawn from the Gaussian of what it leaves (independent noise of variance 0.25 here)."""
+    generator = torch.Generator().manual_seed(0)
+    side = (torch.arange(4000) % 2) * 2 - 1.0
+    axis = torch.tensor([1.0, 1, 0, 0, 0, 0]) / 2**0.5  # not a coordinate axis
+    noise = torch.randn(4000, 6, generator=generator) * 0.5
+    mu = 3 * side[:, None] * axis + noise - (noise @ axis)[:, None] * axis  # no noise on it
+    sampler = GaussianMixtureSampler(components=2, dims=1).fit(mu, torch.zeros_like(mu))
+    assert sampler.states[-1]["means"].shape == (2, 1)  # fitted in one direction
+    assert torch.allclose(sampler.states[-1]["basis"].abs().flatten(), axis.double(), atol=0.01)
+    draws = sampler.sample(8000, torch.Generator().manual_seed(1)).double()
+    along = draws @ axis.double()
+    assert ((along - 3).abs() < 0.2).float().mean() > 0.45  # both clusters, tight along it
+    assert ((along + 3).abs() < 0.2).float().mean() > 0.45
+    rest = draws - along[:, None] * axis.double()
+    expected = 0.25 * (torch.eye(6) - torch.outer(axis, axis)).double()
+    assert torch.allclose(torch.cov(rest.T), expected, atol=0.02)
 
 
 def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
@@ -87,6 +108,7 @@ def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     for bad, key in (
         ({"covariance": "round"}, "sampler.covariance='round' is not one of"),
         ({"components": 0}, "sampler.components must be an integer >= 1"),
+        ({"dims": 0}, "sampler.dims must be null or an integer >= 1"),
     ):
         with pytest.raises(ValueError, match=key):
             build_sampler("gmm", **bad)
