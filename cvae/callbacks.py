@@ -18,6 +18,13 @@ def _tensorboard_writers(trainer: pl.Trainer) -> list:
     return [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_image")]
 
 
+def log_grid(trainer: pl.Trainer, tag: str, images: torch.Tensor, nrow: int = 8) -> None:
+    """`images` as one grid in the trainer's TensorBoard logs, at its current step."""
+    grid = visualize_batch(images, nrow=nrow)
+    for writer in _tensorboard_writers(trainer):
+        writer.add_image(tag, grid, global_step=trainer.global_step)
+
+
 class ImageLogger(pl.Callback):
     """Logs real training images once per run (a resumed run too), then after each
     validation epoch a fixed batch of validation images beside their reconstructions and
@@ -37,9 +44,7 @@ class ImageLogger(pl.Callback):
     def _log(
         self, trainer: pl.Trainer, tag: str, images: torch.Tensor, nrow: int | None = None
     ) -> None:
-        grid = visualize_batch(images, nrow=nrow or self.nrow)
-        for writer in _tensorboard_writers(trainer):
-            writer.add_image(tag, grid, global_step=trainer.global_step)
+        log_grid(trainer, tag, images, nrow or self.nrow)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Batch, batch_idx: int

@@ -10,9 +10,7 @@ A conditional model draws the class `label` (a name or an index; `all`: a row pe
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +22,8 @@ from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
 from cvae.models.networks import unit_range
-from cvae.runtime import fitted_sampler, load_checkpoint, sampler_of
-from cvae.samplers import LatentSampler, posteriors
+from cvae.runtime import fit_sampler, fitted_sampler, load_checkpoint
+from cvae.samplers import LatentSampler
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
@@ -140,7 +138,7 @@ def generate(cfg: DictConfig) -> Path:
     model, datamodule = load_checkpoint(cfg)
     model.eval()
     if cfg.mode == "fit":
-        return fit_sampler(model, datamodule, cfg)
+        return fit_sampler(cfg, model, datamodule, cfg.ckpt_path, Path(cfg.paths.output_dir))[1]
     sampler = fitted_sampler(cfg)  # before any image: an unfitted one is a one-line error
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,29 +148,6 @@ def generate(cfg: DictConfig) -> Path:
         RENDER[mode](model, datamodule, cfg, generator, out, sampler)
     log.info("%s: images written to %s", cfg.mode, out)
     return out
-
-
-def fit_sampler(model: CVAE, datamodule: ImageDataModule, cfg: DictConfig) -> Path:
-    """`mode=fit`: fit `cfg.sampler` to the posteriors of the checkpoint's training images
-    and save it beside the checkpoint (what `sampler=...` then loads)."""
-    sampler, name = sampler_of(cfg), cfg.sampler.name
-    if sampler is None:
-        raise ValueError("sampler=prior has nothing to fit: mode=fit takes sampler=gmm or "
-                         "sampler=two_stage")  # fmt: skip
-    datamodule.setup("fit")
-    mu, log_var, labels = posteriors(model, datamodule.train_dataloader(), sampler.max_images,
-                                     progress=True)  # fmt: skip
-    log.info("sampler=%s: fitting to the posteriors of %d training images", name, len(mu))
-    started = time.perf_counter()
-    path = sampler.fit(mu, log_var, labels).save(cfg.ckpt_path)
-    record = {"sampler": name, "settings": sampler.settings(), "fit": str(path),
-              "images": len(mu), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-    out = Path(cfg.paths.output_dir)  # the command's own folder keeps a record of the fit
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("sampler=%s fitted in %.0f s: %s (use it with sampler=%s)", name,
-             record["seconds"], path, name)  # fmt: skip
-    return path
 
 
 def _sample(

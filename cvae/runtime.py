@@ -214,6 +214,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     started = time.perf_counter()
     objective = check_objective(cfg)  # a metric the run does not log: before any work
+    sampler_of(cfg)  # and bad sampler settings, not after hours of training
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     if rank_zero_only.rank == 0:
@@ -235,6 +236,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best = checkpoint.best_model_path if checkpoint else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if trainer.is_global_zero:
+            _fit_sampler_after_training(cfg, trainer, datamodule)
     log.info("output folder: %s", cfg.paths.output_dir)
     return metrics
 
@@ -307,6 +310,53 @@ def sampler_of(cfg: DictConfig) -> LatentSampler | None:
 
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)
     return build_sampler(str(settings.pop("name")), **settings)
+
+
+def fit_sampler(
+    cfg: DictConfig, model: CVAE, datamodule: ImageDataModule, checkpoint: str | Path, out: Path
+) -> tuple[LatentSampler, Path]:
+    """Fit `cfg.sampler` to the posteriors of `model`'s training images and save it beside
+    `checkpoint` (what `sampler=...` then loads); `out/sampler.json` records the fit.
+    `cvae.generate mode=fit` and the end of training (`train`) both come here."""
+    from cvae.samplers import posteriors
+
+    sampler, name = sampler_of(cfg), cfg.sampler.name
+    if sampler is None:
+        raise ValueError("sampler=prior has nothing to fit: mode=fit takes sampler=gmm or "
+                         "sampler=two_stage")  # fmt: skip
+    datamodule.setup("fit")
+    mu, log_var, labels = posteriors(model, datamodule.train_dataloader(), sampler.max_images,
+                                     progress=True)  # fmt: skip
+    log.info("sampler=%s: fitting to the posteriors of %d training images", name, len(mu))
+    started = time.perf_counter()
+    path = sampler.fit(mu, log_var, labels).save(checkpoint)
+    record = {"sampler": name, "settings": sampler.settings(), "fit": str(path),
+              "images": len(mu), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("sampler=%s fitted in %.0f s: %s (use it with sampler=%s)", name,
+             record["seconds"], path, name)  # fmt: skip
+    return sampler, path
+
+
+def _fit_sampler_after_training(
+    cfg: DictConfig, trainer: pl.Trainer, datamodule: ImageDataModule
+) -> None:
+    """`sampler` other than `prior`: fit it to this run's `last.ckpt` once training ends, so
+    `cvae.generate ckpt_path=last sampler=<it>` draws from it at once, and show 64 of its
+    samples in TensorBoard (`samples/<sampler>`, at the last step)."""
+    from cvae.callbacks import log_grid
+
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.sampler.name == "prior" or not last.is_file():
+        return
+    device = trainer.lightning_module.device
+    model = CVAE.load_from_checkpoint(last, map_location=device, weights_only=True).eval()
+    sampler, _ = fit_sampler(cfg, model, datamodule, last, Path(cfg.paths.output_dir))
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    labels = torch.arange(64) % len(model.class_names) if model.conditional else None
+    images = model.sample(64, generator=generator, labels=labels, sampler=sampler)
+    log_grid(trainer, f"samples/{cfg.sampler.name}", images, nrow=8)
 
 
 def fitted_sampler(cfg: DictConfig) -> LatentSampler | None:

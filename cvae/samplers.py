@@ -163,9 +163,9 @@ class LatentSampler:
 class GaussianMixtureSampler(LatentSampler):
     """scikit-learn's `GaussianMixture` of `components` components (`covariance`: full,
     diag, tied or spherical) fitted to posterior means; sampled in torch from the fitted
-    means, weights and Cholesky factors.
+    means, weights and Cholesky factors. The defaults are `conf/sampler/gmm.yaml`'s.
 
-    `dims`: fit the mixture in the top `dims` principal directions of the means (null: in
+    `dims`: fit the mixture in the top `dims` principal directions of the means (None: in
     all latent dimensions) and draw the rest from one Gaussian fitted to what those
     directions leave. A calibrated decoder's 512-d means keep 99.5% of their variance in 64
     directions, where a 100-component mixture fits in minutes instead of hours (measured in
@@ -173,8 +173,8 @@ class GaussianMixtureSampler(LatentSampler):
 
     name = "gmm"
 
-    def __init__(self, components: int = 10, covariance: str = "full", dims: int | None = None,
-                 seed: int = 0, max_images: int | None = 20_000) -> None:  # fmt: skip
+    def __init__(self, components: int = 100, covariance: str = "full", dims: int | None = 64,
+                 seed: int = 0, max_images: int | None = None) -> None:  # fmt: skip
         super().__init__(seed, max_images)
         if not isinstance(components, int) or components < 1:
             raise ValueError(f"sampler.components must be an integer >= 1, got {components!r}")

@@ -3,19 +3,21 @@ draw the same latents from the same seed, and fail in one line when missing or s
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cvae.fid
 from cvae import CVAE
 from cvae.errors import run_or_report
 from cvae.generation import generate
-from cvae.runtime import evaluate_checkpoint
+from cvae.runtime import evaluate_checkpoint, train
 from cvae.samplers import GaussianMixtureSampler, TwoStageSampler, build_sampler, sampler_path
-from tests.conftest import compose_tool
+from tests.conftest import compose_tool, compose_train
 from tests.test_fid import TinyFeatures
 
 
@@ -157,3 +159,25 @@ def test_generate_fits_then_samples_with_the_fit(
     with pytest.raises(SystemExit):
         run_or_report(evaluate_checkpoint, cfg)
     assert "sampler=two_stage is not fitted for" in capsys.readouterr().err
+
+
+def test_training_fits_the_sampler_it_is_given(tmp_path: Path) -> None:
+    """`cvae.train sampler=gmm`: fitted to the final last.ckpt, recorded, shown in
+    TensorBoard, and drawn from by `cvae.generate` at once; bad settings fail first."""
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match="sampler.components must be an integer >= 1"):
+        train(compose_train(bad, "sampler=gmm", "sampler.components=0"))
+    assert not bad.exists()  # before any work
+    run = tmp_path / "run"
+    gmm = ("sampler=gmm", "sampler.components=2", "sampler.dims=4")
+    train(compose_train(run, *gmm, "test=false"))
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    record = json.loads((run / "sampler.json").read_text())
+    assert record["fit"] == str(sampler_path(checkpoint, "gmm"))
+    assert record["settings"]["components"] == 2 and record["images"] > 0
+    GaussianMixtureSampler().load(checkpoint)  # fitted to the last.ckpt that stayed
+    accumulator = EventAccumulator(str(run / "tensorboard"))  # every events file of the run
+    accumulator.Reload()
+    assert accumulator.Images("samples/gmm")[-1].height == 8 * (16 + 2) + 2  # 64 images
+    out = generate(compose_tool("generate", tmp_path / "g", f"ckpt_path={checkpoint}", *gmm))
+    assert (out / "samples.png").is_file()
