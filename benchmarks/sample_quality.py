@@ -121,8 +121,8 @@ def main() -> None:
                     started = time.perf_counter()
                     sampler = build_sampler(**settings[name])
                     if sampler is not None:
-                        rows = slice(sampler.max_images)  # the first max_images, as mode=fit
-                        sampler.fit(mu[rows], log_var[rows])
+                        first = slice(sampler.max_images)  # the first max_images, as mode=fit
+                        sampler.fit(mu[first], log_var[first])
                     fitted = time.perf_counter() - started
                     generator = torch.Generator().manual_seed(0)
                     samples = torch.cat([
