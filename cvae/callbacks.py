@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import lightning.pytorch as pl
 import torch
 
 from cvae.metrics import PosteriorStatistics, likelihood_input
 from cvae.objective import LOGGED
 from cvae.viz import interleave_rows, visualize_batch
+
+if TYPE_CHECKING:
+    from cvae.samplers import LatentSampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 MAX_CLASS_ROWS = 10  # a conditional model's val/samples: a row for each of its first classes
@@ -80,6 +87,39 @@ class ImageLogger(pl.Callback):
         else:
             samples = pl_module.sample(self.num_images, generator=fixed_noise)
         self._log(trainer, "val/samples", samples)
+
+
+class SamplerFit(pl.Callback):
+    """`cvae.train sampler=gmm|two_stage`: when training ends, fit the sampler to the run's
+    final `checkpoint` (last.ckpt) and show 64 of its samples in TensorBoard,
+    `samples/<sampler>`: at `on_fit_end`, before the loggers close, so they land in the
+    run's one events file. Rank 0 only; a run stopped by an error or an interrupt fits
+    nothing. `fit(model, datamodule, checkpoint, out)` fits and saves (`runtime.fit_sampler`,
+    bound to the config)."""
+
+    def __init__(
+        self,
+        fit: Callable[..., tuple[LatentSampler, Path]],
+        checkpoint: Path,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.fit, self.checkpoint, self.seed = fit, Path(checkpoint), seed
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.checkpoint.is_file():
+            return
+        model = (
+            type(pl_module)
+            .load_from_checkpoint(self.checkpoint, map_location=pl_module.device, weights_only=True)
+            .eval()
+        )
+        sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint,
+                              self.checkpoint.parent.parent)  # fmt: skip
+        generator = torch.Generator().manual_seed(self.seed)
+        labels = torch.arange(64) % len(model.class_names) if model.conditional else None
+        images = model.sample(64, generator=generator, labels=labels, sampler=sampler)
+        log_grid(trainer, f"samples/{sampler.name}", images)
 
 
 class LatentMonitor(pl.Callback):

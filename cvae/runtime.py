@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from cvae.callbacks import SamplerFit
 from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
 from cvae.errors import Interrupted, in_multirun
@@ -126,10 +128,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     model = instantiate(cfg.model, **classes)
     if checkpoint is not None:
         check_resumable(checkpoint, model, cfg.ckpt_path)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("sampler") is not None and cfg.sampler.name != "prior":
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        callbacks.append(SamplerFit(partial(fit_sampler, cfg), last, int(cfg.seed)))
     trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
     )
     return datamodule, model, trainer
 
@@ -236,8 +240,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best = checkpoint.best_model_path if checkpoint else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        if trainer.is_global_zero:
-            _fit_sampler_after_training(cfg, trainer, datamodule)
     log.info("output folder: %s", cfg.paths.output_dir)
     return metrics
 
@@ -317,7 +319,7 @@ def fit_sampler(
 ) -> tuple[LatentSampler, Path]:
     """Fit `cfg.sampler` to the posteriors of `model`'s training images and save it beside
     `checkpoint` (what `sampler=...` then loads); `out/sampler.json` records the fit.
-    `cvae.generate mode=fit` and the end of training (`train`) both come here."""
+    `cvae.generate mode=fit` and the end of training (`callbacks.SamplerFit`) come here."""
     from cvae.samplers import posteriors
 
     sampler, name = sampler_of(cfg), cfg.sampler.name
@@ -337,26 +339,6 @@ def fit_sampler(
     log.info("sampler=%s fitted in %.0f s: %s (use it with sampler=%s)", name,
              record["seconds"], path, name)  # fmt: skip
     return sampler, path
-
-
-def _fit_sampler_after_training(
-    cfg: DictConfig, trainer: pl.Trainer, datamodule: ImageDataModule
-) -> None:
-    """`sampler` other than `prior`: fit it to this run's `last.ckpt` once training ends, so
-    `cvae.generate ckpt_path=last sampler=<it>` draws from it at once, and show 64 of its
-    samples in TensorBoard (`samples/<sampler>`, at the last step)."""
-    from cvae.callbacks import log_grid
-
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.sampler.name == "prior" or not last.is_file():
-        return
-    device = trainer.lightning_module.device
-    model = CVAE.load_from_checkpoint(last, map_location=device, weights_only=True).eval()
-    sampler, _ = fit_sampler(cfg, model, datamodule, last, Path(cfg.paths.output_dir))
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    labels = torch.arange(64) % len(model.class_names) if model.conditional else None
-    images = model.sample(64, generator=generator, labels=labels, sampler=sampler)
-    log_grid(trainer, f"samples/{cfg.sampler.name}", images, nrow=8)
 
 
 def fitted_sampler(cfg: DictConfig) -> LatentSampler | None:

@@ -150,7 +150,8 @@ class LatentSampler:
         if not path.is_file():
             raise FileNotFoundError(f"sampler={self.name} is not fitted for {checkpoint} (no "
                                     f"{path.name} beside it): fit it with: "
-                                    f"{fit_command(checkpoint, self.name)}")  # fmt: skip
+                                    f"{fit_command(checkpoint, self.name)} (or draw from the "
+                                    "model's prior: sampler=prior)")  # fmt: skip
         contents = torch.load(path, map_location="cpu", weights_only=True)
         if contents.get("checkpoint_sha256") != file_sha256(checkpoint):
             raise ValueError(f"{path} was fitted to another version of {checkpoint} (it has "

@@ -87,11 +87,13 @@ def test_command_composes(page: str, words: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def log_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A log folder whose newest training run is the tiny trained checkpoint (ckpt_path=last)."""
+    """A log folder whose newest training run is the tiny trained checkpoint (ckpt_path=last),
+    with the sampler training fitted beside it (last.gmm.pt)."""
     logs = tmp_path_factory.mktemp("logs")
     target = logs / "train" / "runs" / "2026-01-01_00-00-00" / "checkpoints"
     target.mkdir(parents=True)
-    shutil.copy(trained_run / "checkpoints" / "last.ckpt", target)
+    for path in (trained_run / "checkpoints").glob("last.*"):
+        shutil.copy(path, target)
     return logs
 
 

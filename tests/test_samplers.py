@@ -100,7 +100,8 @@ def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
         GaussianMixtureSampler().load(checkpoint)
     assert str(missing.value) == (
         f"sampler=gmm is not fitted for {checkpoint} (no last.gmm.pt beside it): fit it with: "
-        f".venv/bin/python -m cvae.generate mode=fit sampler=gmm ckpt_path={checkpoint}"
+        f".venv/bin/python -m cvae.generate mode=fit sampler=gmm ckpt_path={checkpoint} "
+        "(or draw from the model's prior: sampler=prior)"
     )
     mu, log_var, _ = _two_blobs()
     GaussianMixtureSampler(components=2).fit(mu, log_var).save(checkpoint)
@@ -136,7 +137,8 @@ def test_generate_fits_then_samples_with_the_fit(
     first = generate(compose_tool("generate", tmp_path / "c", f"ckpt_path={checkpoint}", *sample))
     again = generate(compose_tool("generate", tmp_path / "d", f"ckpt_path={checkpoint}", *sample))
     assert (first / "samples.png").read_bytes() == (again / "samples.png").read_bytes()
-    prior = generate(compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8"))
+    prior = generate(compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8",
+                                  "sampler=prior"))  # fmt: skip
     assert (prior / "samples.png").read_bytes() != (first / "samples.png").read_bytes()
     # the Python API takes the same fitted object
     model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
