@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,11 +12,13 @@ import torch
 
 from cvae.metrics import PosteriorStatistics, likelihood_input
 from cvae.objective import LOGGED
+from cvae.samplers import fit_command
 from cvae.viz import interleave_rows, visualize_batch
 
 if TYPE_CHECKING:
     from cvae.samplers import LatentSampler
 
+log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 MAX_CLASS_ROWS = 10  # a conditional model's val/samples: a row for each of its first classes
 
@@ -95,16 +98,18 @@ class SamplerFit(pl.Callback):
     `samples/<sampler>`: at `on_fit_end`, before the loggers close, so they land in the
     run's one events file. Rank 0 only; a run stopped by an error or an interrupt fits
     nothing. `fit(model, datamodule, checkpoint, out)` fits and saves (`runtime.fit_sampler`,
-    bound to the config)."""
+    bound to the config); one that fails (a class with a single image) is a warning that
+    gives the command, not a failed run."""
 
     def __init__(
         self,
+        name: str,
         fit: Callable[..., tuple[LatentSampler, Path]],
         checkpoint: Path,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.fit, self.checkpoint, self.seed = fit, Path(checkpoint), seed
+        self.name, self.fit, self.checkpoint, self.seed = name, fit, Path(checkpoint), seed
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.checkpoint.is_file():
@@ -114,12 +119,18 @@ class SamplerFit(pl.Callback):
             .load_from_checkpoint(self.checkpoint, map_location=pl_module.device, weights_only=True)
             .eval()
         )
-        sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint,
-                              self.checkpoint.parent.parent)  # fmt: skip
+        try:
+            sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint,
+                                  self.checkpoint.parent.parent)  # fmt: skip
+        except ValueError as error:  # e.g. a class with one image: the run itself succeeded
+            command = fit_command(self.checkpoint, self.name)
+            log.warning("sampler=%s was not fitted (%s); the checkpoints are kept, fit it "
+                        "with: %s", self.name, error, command)  # fmt: skip
+            return
         generator = torch.Generator().manual_seed(self.seed)
         labels = torch.arange(64) % len(model.class_names) if model.conditional else None
         images = model.sample(64, generator=generator, labels=labels, sampler=sampler)
-        log_grid(trainer, f"samples/{sampler.name}", images)
+        log_grid(trainer, f"samples/{self.name}", images)
 
 
 class LatentMonitor(pl.Callback):

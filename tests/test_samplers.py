@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import cvae.fid
 from cvae import CVAE
+from cvae.callbacks import SamplerFit
 from cvae.errors import run_or_report
 from cvae.generation import generate
 from cvae.runtime import evaluate_checkpoint, train
@@ -183,3 +185,20 @@ def test_training_fits_the_sampler_it_is_given(tmp_path: Path) -> None:
     assert accumulator.Images("samples/gmm")[-1].height == 8 * (16 + 2) + 2  # 64 images
     out = generate(compose_tool("generate", tmp_path / "g", f"ckpt_path={checkpoint}", *gmm))
     assert (out / "samples.png").is_file()
+
+
+def test_a_sampler_that_cannot_be_fitted_at_the_end_is_a_warning(
+    trained_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run succeeded and its checkpoints stay: a failed fit (say, a class with one image)
+    says so and gives the command, instead of failing the run."""
+
+    def fails(*_: object) -> None:
+        raise ValueError("sampler=gmm: class 3 has 1 image(s); a density needs at least 2")
+
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=None, loggers=[])
+    SamplerFit("gmm", fails, checkpoint).on_fit_end(trainer, model)
+    assert "sampler=gmm was not fitted (sampler=gmm: class 3 has 1 image(s)" in caplog.text
+    assert f"mode=fit sampler=gmm ckpt_path={checkpoint}" in caplog.text
