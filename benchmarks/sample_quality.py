@@ -14,8 +14,8 @@ comparable only with FDs of the same feature file). Two floors are measured in t
 real training images against the test images, and reconstructions of the test images. Prints
 the training budget, the time of each cell and a Markdown table with each FD as a ratio to
 the cell's reconstructions and to its own `prior` sampler; saves a 64-image grid per cell
-under `--out`. A cell whose `<out>/<cell>/checkpoints/last.ckpt` exists (with `--steps`
-steps) is not trained again: its train time then reads 0.
+under `--out`. A cell whose `<out>/<cell>/checkpoints/last.ckpt` has `--steps` steps is not
+trained again (its train time then reads 0); one with fewer (a run cut short) resumes from it.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def _first_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seen >= count:
             break
     return torch.cat(images), torch.cat(labels)
+
+
+def _steps(checkpoint: Path) -> int:
+    """Training steps in a cell's last.ckpt (0: none yet)."""
+    if not checkpoint.is_file():
+        return 0
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
 
 
 def main() -> None:
@@ -99,11 +106,11 @@ def main() -> None:
                 ]  # fmt: skip
                 checkpoint = run_dir / "checkpoints" / "last.ckpt"
                 started = time.perf_counter()
-                if not checkpoint.is_file():  # a cell trained before (an interrupted run) is kept
+                if _steps(checkpoint) < args.steps:  # a cell cut short resumes from its last.ckpt
                     train(compose_train(run_dir, overrides))
                 trained = time.perf_counter() - started
                 model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
-                steps = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+                steps = _steps(checkpoint)
                 if steps != args.steps:
                     raise SystemExit(f"{checkpoint} holds {steps} steps, not --steps {args.steps}")
                 print(f"{cell}: {steps} steps, trained in this run: {trained:.0f} s", flush=True)
