@@ -60,6 +60,9 @@ def training_flops(model: torch.nn.Module, batch: torch.Tensor, loss_fn) -> floa
 
 
 def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
-    """The training config as `python -m cvae.train` composes it, writing into `output_dir`."""
+    """The training config as `python -m cvae.train` composes it, writing into `output_dir`,
+    without the sampler fit at the end (`sampler=prior`): benchmarks time training, and
+    sample_quality fits its samplers itself."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", "sampler=prior",
+                                           *overrides])  # fmt: skip

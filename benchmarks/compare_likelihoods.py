@@ -41,6 +41,7 @@ def main() -> None:
         run_dir = args.out / name
         overrides = [
             f"paths.output_dir={run_dir}", f"model.recon_loss={name}", "test=false",
+            "sampler=prior",  # its grids are prior samples; no fit at the end
             f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
             "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
             "trainer.check_val_every_n_epoch=null",  # validate once, at the end

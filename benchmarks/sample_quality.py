@@ -102,7 +102,6 @@ def main() -> None:
                     "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
                     "trainer.check_val_every_n_epoch=null", "~callbacks.rich_progress_bar",
                     "+trainer.enable_progress_bar=false",
-                    "sampler=prior",  # no fit when training ends: the samplers are fitted below
                 ]  # fmt: skip
                 checkpoint = run_dir / "checkpoints" / "last.ckpt"
                 started = time.perf_counter()
