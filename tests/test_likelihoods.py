@@ -59,8 +59,10 @@ def test_a_decoder_that_outputs_50_scores_50_nats_a_pixel_on_a_black_image() -> 
     log_px, _, _, _ = model.elbo_terms(black)
     torch.testing.assert_close(log_px, torch.full((2,), -50.0 * 64))
     assert torch.equal(model.decode(torch.zeros(1, 3)), torch.ones(1, 1, 8, 8))  # means in [0, 1]
-    nll = -model.log_likelihood(black, k=3)
-    torch.testing.assert_close(nll, torch.full((2,), 50.0 * 64), rtol=1e-4, atol=0.0)
+    nll = -model.log_likelihood(black, k=3, generator=torch.Generator().manual_seed(0))
+    # 3,200 nats from the decoder, plus log mean_k q(z_k | x) / p(z_k): a few tenths of a
+    # nat for this untrained encoder (0.67 seen), where clamped probabilities would add 100s
+    torch.testing.assert_close(nll, torch.full((2,), 50.0 * 64), rtol=0.0, atol=2.0)
 
 
 def test_likelihoods_broadcast_images_over_samples() -> None:

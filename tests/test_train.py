@@ -220,7 +220,7 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(
 
                 pl_module.loss_terms = poisoned
             else:
-                weight = pl_module.decoder.features[-2].weight
+                weight = list(pl_module.decoder.parameters())[-2]  # the last layer's weight
                 handle = weight.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
