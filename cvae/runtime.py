@@ -330,15 +330,17 @@ def fit_sampler(
     datamodule.setup("fit")
     mu, log_var, labels = posteriors(model, datamodule.train_dataloader(), sampler.max_images,
                                      progress=True)  # fmt: skip
-    log.info("sampler=%s: fitting to the posteriors of %d training images", name, len(mu))
+    settings = ", ".join(f"{k}={v}" for k, v in sampler.settings().items())
+    log.info("sampler=%s (%s): fitting to the posteriors of %d training images; no progress "
+             "lines until it ends (minutes on a CPU)", name, settings, len(mu))  # fmt: skip
     started = time.perf_counter()
     path = sampler.fit(mu, log_var, labels).save(checkpoint)
     record = {"sampler": name, "settings": sampler.settings(), "fit": str(path),
               "images": len(mu), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "sampler.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("sampler=%s fitted in %.0f s: %s (use it with sampler=%s)", name,
-             record["seconds"], path, name)  # fmt: skip
+    log.info("sampler=%s fitted in %.0f s: %s (cvae.generate and eval.fid draw from it with "
+             "sampler=%s)", name, record["seconds"], path, name)  # fmt: skip
     return sampler, path
 
 
