@@ -66,25 +66,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
     args = parser.parse_args()
 
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
     from cvae import CVAE, ImageDataModule, visualize_batch
     from cvae.fid import feature_network, fid_kid
-    from cvae.runtime import train
-    from cvae.samplers import build_sampler, posteriors
+    from cvae.runtime import sampler_of, train
+    from cvae.samplers import posteriors
 
     features = feature_network(args.features)
     print(f"machine: {machine()}")
     print(f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
           f"against as many test images in the features of {args.features}")  # fmt: skip
 
-    settings = {name: OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sampler" /
-                                                            f"{name}.yaml"))
-                for name in args.samplers}  # fmt: skip
-    wanted = [s.get("max_images") for s in settings.values() if s["name"] != "prior"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        samplers = {name: sampler_of(compose("generate", [f"sampler={name}", "ckpt_path=-"]))
+                    for name in args.samplers}  # as cvae.generate mode=fit builds them  # fmt: skip
+    wanted = [s.max_images for s in samplers.values() if s is not None]
     fit_images = None if None in wanted or not wanted else max(wanted)
-    for name, values in settings.items():
-        print(f"sampler {name}: " + ", ".join(f"{k}={v}" for k, v in values.items() if k != "name"))
+    for name, sampler in samplers.items():
+        settings = sampler.settings() if sampler is not None else {}
+        print(f"sampler {name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 
     def distance(fake: torch.Tensor, real: torch.Tensor) -> float:
         return fid_kid(_batches(real), _batches(fake), features)["fid"]
@@ -126,7 +127,7 @@ def main() -> None:
                 prior_fd = None
                 for name in args.samplers:
                     started = time.perf_counter()
-                    sampler = build_sampler(**settings[name])
+                    sampler = samplers[name]  # each cell's fit replaces the last one's
                     if sampler is not None:
                         first = slice(sampler.max_images)  # the first max_images, as mode=fit
                         sampler.fit(mu[first], log_var[first])

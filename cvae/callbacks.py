@@ -97,9 +97,9 @@ class SamplerFit(pl.Callback):
     final `checkpoint` (last.ckpt) and show 64 of its samples in TensorBoard,
     `samples/<sampler>`: at `on_fit_end`, before the loggers close, so they land in the
     run's one events file. Rank 0 only; a run stopped by an error or an interrupt fits
-    nothing. `fit(model, datamodule, checkpoint, out)` fits and saves (`runtime.fit_sampler`,
-    bound to the config); one that fails (a class with a single image) is a warning that
-    gives the command, not a failed run."""
+    nothing. `fit(model, datamodule, checkpoint)` fits and saves (`runtime.fit_sampler`,
+    bound to the config and the run folder); one that fails (a class with a single image)
+    is a warning that gives the command, not a failed run."""
 
     def __init__(
         self,
@@ -120,8 +120,7 @@ class SamplerFit(pl.Callback):
             .eval()
         )
         try:
-            sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint,
-                                  self.checkpoint.parent.parent)  # fmt: skip
+            sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint)
         except ValueError as error:  # e.g. a class with one image: the run itself succeeded
             command = fit_command(self.checkpoint, self.name)
             log.warning("sampler=%s was not fitted (%s); the checkpoints are kept, fit it "

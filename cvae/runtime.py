@@ -131,7 +131,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     callbacks = instantiate_group(cfg.get("callbacks"))
     if cfg.get("sampler") is not None and cfg.sampler.name != "prior":
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        fit = partial(fit_sampler, cfg)
+        fit = partial(fit_sampler, cfg, out=Path(cfg.paths.output_dir))
         callbacks.append(SamplerFit(str(cfg.sampler.name), fit, last, int(cfg.seed)))
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False

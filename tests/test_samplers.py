@@ -193,7 +193,7 @@ def test_a_sampler_that_cannot_be_fitted_at_the_end_is_a_warning(
     """The run succeeded and its checkpoints stay: a failed fit (say, a class with one image)
     says so and gives the command, instead of failing the run."""
 
-    def fails(*_: object) -> None:
+    def fails(*_: object) -> None:  # fit(model, datamodule, checkpoint)
         raise ValueError("sampler=gmm: class 3 has 1 image(s); a density needs at least 2")
 
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
