@@ -3,7 +3,7 @@
     python benchmarks/sample_quality.py --features outputs/features/fashion_mnist/features.pt \
         [--steps 2400] [--likelihoods gaussian_fixed gaussian_optimal] \
         [--priors standard mog vamp] [--samplers prior gmm two_stage] \
-        [--upsample transpose resize] [--samples 5000]
+        [--upsample resize transpose] [--samples 5000]
 
 Trains the default model on Fashion-MNIST at 64x64 once per (likelihood, prior, up-sampling)
 cell for `--steps` steps of batch 64 (same seed and data order), fits each ex-post sampler to
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--likelihoods", nargs="+", default=["gaussian_fixed", "gaussian_optimal"])
     parser.add_argument("--priors", nargs="+", default=["standard", "mog", "vamp"])
     parser.add_argument("--samplers", nargs="+", default=["prior", "gmm", "two_stage"])
-    parser.add_argument("--upsample", nargs="+", default=["transpose"])
+    parser.add_argument("--upsample", nargs="+", default=["resize"], help="model.upsample values (resize: the default model)")
     parser.add_argument("--samples", type=int, default=5000, help="samples and test images")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
     args = parser.parse_args()
