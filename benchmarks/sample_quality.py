@@ -61,7 +61,12 @@ def main() -> None:
     parser.add_argument("--likelihoods", nargs="+", default=["gaussian_fixed", "gaussian_optimal"])
     parser.add_argument("--priors", nargs="+", default=["standard", "mog", "vamp"])
     parser.add_argument("--samplers", nargs="+", default=["prior", "gmm", "two_stage"])
-    parser.add_argument("--upsample", nargs="+", default=["resize"], help="model.upsample values (resize: the default model)")
+    parser.add_argument(
+        "--upsample",
+        nargs="+",
+        default=["resize"],
+        help="model.upsample values (resize: the default model's)",
+    )
     parser.add_argument("--samples", type=int, default=5000, help="samples and test images")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
     args = parser.parse_args()

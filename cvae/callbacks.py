@@ -136,15 +136,17 @@ class LatentMonitor(pl.Callback):
     """How much of the latent space the model uses, per validation epoch: `val/active_units`
     and a histogram of each dimension's KL (`val/kl_per_dim`). Also fills TensorBoard's
     hparams tab: the run's model and data settings with its latest `hp/val_*` metrics (those
-    a sweep objective can name), so the runs of a sweep can be compared there."""
+    a sweep objective can name), so the runs of a sweep can be compared there. Active units
+    count every validation image; the KL histogram the first `kl_images` (None: all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kl_images: int | None = 2000) -> None:
         super().__init__()
-        self.statistics = PosteriorStatistics()
+        self.kl_images = kl_images
+        self.statistics = PosteriorStatistics(kl_images)
         self.hparams_written = False
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.statistics = PosteriorStatistics()
+        self.statistics = PosteriorStatistics(self.kl_images)
 
     def on_validation_batch_end(
         self,

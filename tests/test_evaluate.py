@@ -129,6 +129,23 @@ def test_active_units_count_latents_whose_mean_varies() -> None:
     torch.testing.assert_close(statistics.kl_per_dim().float(), expected_kl)
 
 
+def test_kl_images_caps_the_kl_average_not_the_active_units() -> None:
+    mu = torch.zeros(200, 2)
+    mu[:, 0] = torch.linspace(-1, 1, 200)
+    capped, full = PosteriorStatistics(kl_images=150), PosteriorStatistics()
+    for rows in mu.split(100):
+        capped.update(rows, torch.zeros_like(rows))
+        full.update(rows, torch.zeros_like(rows))
+    assert (capped.count, capped.kl_count) == (200, 150)
+    assert capped.active_units() == full.active_units() == 1
+    torch.testing.assert_close(capped.kl_per_dim().float(), 0.5 * mu[:150].pow(2).mean(0))
+    # a chunk state saved before `kl_count` existed averaged its KL over all its images
+    old = {k: v for k, v in full.state().items() if k != "kl_count"}
+    merged = PosteriorStatistics()
+    merged.merge(old)
+    torch.testing.assert_close(merged.kl_per_dim(), full.kl_per_dim())
+
+
 def test_dequantisation_keeps_each_value_in_its_bin() -> None:
     images = torch.tensor([[[[0, 1, 254, 255]]]], dtype=torch.uint8)
     x = likelihood_input(images, continuous=True, generator=torch.Generator().manual_seed(0))
