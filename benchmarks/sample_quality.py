@@ -21,6 +21,7 @@ trained again (its train time then reads 0); one with fewer (a run cut short) re
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,13 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from cvae import CVAE, ImageDataModule, visualize_batch
+    from cvae.errors import Interrupted
     from cvae.fid import feature_network, fid_kid
+    from cvae.quiet import quiet_known_noise
     from cvae.runtime import sampler_of, train
     from cvae.samplers import posteriors
 
+    quiet_known_noise()  # the warnings the commands silence
     features = feature_network(args.features)
     print(f"machine: {machine()}")
     print(f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
@@ -112,7 +116,12 @@ def main() -> None:
                 checkpoint = run_dir / "checkpoints" / "last.ckpt"
                 started = time.perf_counter()
                 if _steps(checkpoint) < args.steps:  # a cell cut short resumes from its last.ckpt
-                    train(compose_train(run_dir, overrides))
+                    try:
+                        train(compose_train(run_dir, overrides))
+                    except Interrupted as stop:  # one line, as the commands print
+                        print(f"{cell} interrupted: saved {stop.checkpoint}; the same "
+                              "benchmark command resumes it", file=sys.stderr)  # fmt: skip
+                        raise SystemExit(stop.exit_status) from None
                 trained = time.perf_counter() - started
                 model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
                 steps = _steps(checkpoint)

@@ -2,8 +2,8 @@
 
 `sample` draws from the prior (or a fitted ex-post `sampler`; `fit` fits one beside the
 checkpoint), `reconstruct` shows every image of a folder beside its reconstruction,
-`interpolate` walks between two images (grid and GIF), `traverse` sweeps the latent
-dimensions that carry the most information. Output: outputs/generate/<timestamp>/.
+`interpolate` walks between two images (grid and GIF), `traverse` sweeps the directions
+along which the posteriors vary most (or single latents). Output: outputs/generate/<timestamp>/.
 A conditional model draws the class `label` (a name or an index; `all`: a row per class), and
 `interpolate` with `label=[a,b]` walks from one class to the other at a fixed latent.
 """
@@ -11,7 +11,9 @@ A conditional model draws the class `label` (a name or an index; `all`: a row pe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,7 +25,7 @@ from cvae.models import CVAE
 from cvae.models.classes import folder_name
 from cvae.models.networks import unit_range
 from cvae.runtime import fit_sampler, fitted_sampler, load_checkpoint
-from cvae.samplers import LatentSampler
+from cvae.samplers import LatentSampler, posteriors
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
@@ -94,11 +96,24 @@ def pick_images(
     return torch.stack(images), labels
 
 
-def latent_kl(model: CVAE, datamodule: ImageDataModule, max_images: int = 1024) -> torch.Tensor:
-    """Mean KL of each latent dimension over (up to `max_images` of) the test split."""
-    datamodule.setup("test")
+class Directions(NamedTuple):
+    """What a traversal sweeps: unit `vectors` `(rows, latent_dim)`, each from -range to
+    +range `spreads` `(rows,)` around the `centre` `(latent_dim,)`'s coordinate along it, and
+    a line per row saying what it is (`traversal.txt`)."""
+
+    vectors: torch.Tensor
+    centre: torch.Tensor
+    spreads: torch.Tensor
+    names: list[str]
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def latent_kl(model: CVAE, batches: Batches, max_images: int = 1024) -> torch.Tensor:
+    """Mean KL of each latent dimension over (up to `max_images` of) `batches`."""
     statistics, seen = PosteriorStatistics(), 0
-    for images, labels in datamodule.test_dataloader():
+    for images, labels in batches:
         labels = labels if model.conditional else None
         with torch.no_grad():
             statistics.update(*model.encode(images.to(model.device), labels), model.prior)
@@ -108,26 +123,57 @@ def latent_kl(model: CVAE, datamodule: ImageDataModule, max_images: int = 1024) 
     return statistics.kl_per_dim()
 
 
+def latent_directions(model: CVAE, batches: Batches, count: int) -> Directions:
+    """The `count` latents with the most KL over `batches` (images, labels), each in its prior
+    standard deviations around the prior's mean: what one latent alone encodes."""
+    kl = latent_kl(model, batches)
+    dims = kl.argsort(descending=True)[:count]
+    centre, spread = model.prior.marginal_moments()
+    names = [f"latent {d} (KL {kl[d]:.2f} nats)" for d in dims.tolist()]
+    return Directions(torch.eye(len(kl))[dims], centre, spread[dims], names)
+
+
+def principal_directions(
+    model: CVAE, batches: Batches, count: int, max_images: int = 1024
+) -> Directions:
+    """The top `count` principal directions of the posterior means of (up to `max_images` of)
+    `batches` (images, labels), each in the means' standard deviation along it around their
+    average: the factors the model varies most, even where it spreads each over hundreds of
+    latents."""
+    mu, _, _ = posteriors(model, batches, max_images)
+    centre = mu.mean(0)
+    _, singular, vectors = torch.linalg.svd(mu - centre, full_matrices=False)
+    share = singular.square() / singular.square().sum()
+    spreads = singular / max(len(mu) - 1, 1) ** 0.5
+    names = [f"principal direction {i + 1} ({100 * share[i]:.1f}% of the posterior means' "
+             f"variance, sd {spreads[i]:.3g})" for i in range(min(count, len(share)))]  # fmt: skip
+    return Directions(vectors[:count], centre, spreads[:count], names)
+
+
+DIRECTIONS = {"principal": principal_directions, "latents": latent_directions}
+
+
 def traverse(
     model: CVAE,
     image: torch.Tensor,
-    dims: list[int],
+    directions: Directions,
     steps: int,
     span: float,
     label: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows of images: for each of `dims`, the posterior mean with that coordinate set to
-    `steps` values from -span to span prior standard deviations around the prior's mean of
-    that coordinate (N(0, I): -span to span), a conditional model all of the image's
-    `label`."""
+    """Rows of images: for each of `directions`, the image's posterior mean with its
+    coordinate along that vector set to `steps` values from -span to span spreads around the
+    centre's (a latent's unit vector: that latent alone), a conditional model all of the
+    image's `label`."""
+    vectors, centre, spreads = (
+        t.to(model.device) for t in (directions.vectors, directions.centre, directions.spreads)
+    )
+    values = torch.linspace(-span, span, steps, device=model.device)
     with torch.no_grad():
         mu, _ = model.encode(image[None].to(model.device), label)
-        center, spread = (t.to(model.device) for t in model.prior.marginal_moments())
-    values = torch.linspace(-span, span, steps, device=model.device)
-    z = mu.repeat(len(dims) * steps, 1)
-    for row, dim in enumerate(dims):
-        z[row * steps : (row + 1) * steps, dim] = center[dim] + spread[dim] * values
-    with torch.no_grad():
+        along = (centre - mu) @ vectors.T  # (1, rows): from the image's mean to the centre
+        shift = along.T + spreads[:, None] * values  # (rows, steps)
+        z = mu + (shift[..., None] * vectors[:, None, :]).reshape(-1, mu.shape[1])
         return model.decode(z, label)
 
 
@@ -135,6 +181,8 @@ def generate(cfg: DictConfig) -> Path:
     """Run `cfg.mode` with the checkpoint `cfg.ckpt_path`; images go to the output folder."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r} is not one of {', '.join(MODES)}")
+    if cfg.mode in ("traverse", "showcase") and cfg.directions not in DIRECTIONS:
+        raise ValueError(f"directions={cfg.directions!r} is not one of {', '.join(DIRECTIONS)}")
     model, datamodule = load_checkpoint(cfg)
     model.eval()
     if cfg.mode == "fit":
@@ -231,10 +279,13 @@ def _traverse(
 ) -> None:
     label = plain(cfg.get("label"))
     (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
-    dims = latent_kl(model, datamodule).argsort(descending=True)[: int(cfg.dims)].tolist()
-    grid = traverse(model, image, dims, int(cfg.steps), float(cfg.range), labels)
+    datamodule.setup("test")
+    directions = DIRECTIONS[cfg.directions](model, datamodule.test_dataloader(), int(cfg.dims))
+    grid = traverse(model, image, directions, int(cfg.steps), float(cfg.range), labels)
     visualize_batch(grid, out / "traversal.png", nrow=int(cfg.steps))
-    (out / "traversal_dims.txt").write_text(" ".join(map(str, dims)) + "\n")
+    (out / "traversal.txt").write_text(
+        "".join(f"row {i + 1}: {name}\n" for i, name in enumerate(directions.names))
+    )
 
 
 RENDER = {"sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cvae import CVAE, ImageDataModule
 from cvae.errors import Interrupted
-from cvae.generation import generate
+from cvae.generation import generate, principal_directions, traverse
 from cvae.metrics import PosteriorStatistics, evaluate_model, likelihood_input
 from cvae.models.likelihoods import gaussian_log_density
 from cvae.runtime import evaluate_checkpoint
@@ -353,20 +353,59 @@ def test_interpolation_ends_at_the_two_reconstructions(trained_run: Path) -> Non
         torch.testing.assert_close(frames[[0, -1]], ends, atol=1e-5, rtol=1e-4)
 
 
-def test_traverse_sweeps_the_most_informative_dims(trained_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("directions", ["principal", "latents"])
+def test_traverse_sweeps_the_chosen_directions(
+    trained_run: Path, tmp_path: Path, directions: str
+) -> None:
     image = tmp_path / "one.png"
     Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(image)
     out = _generate(trained_run, tmp_path / "out", "mode=traverse", f"input={image}",
-                    "dims=3", "steps=4")  # fmt: skip
-    dims = [int(d) for d in (out / "traversal_dims.txt").read_text().split()]
-    assert len(set(dims)) == 3 and all(0 <= d < 8 for d in dims)
+                    "dims=3", "steps=4", f"directions={directions}")  # fmt: skip
+    rows = (out / "traversal.txt").read_text().splitlines()
+    assert [row.split(":")[0] for row in rows] == ["row 1", "row 2", "row 3"]
+    if directions == "latents":
+        dims = [int(row.split()[3]) for row in rows]  # "row 1: latent 5 (KL ...)"
+        assert len(set(dims)) == 3 and all(0 <= d < 8 for d in dims)
+    else:
+        shares = [float(row.split("(")[1].split("%")[0]) for row in rows]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.05
     width, height = Image.open(out / "traversal.png").size
     assert (width, height) == (4 * 16 + 5 * 2, 3 * 16 + 4 * 2)
+
+
+def test_a_traversal_moves_only_along_its_direction(trained_run: Path) -> None:
+    """Each row's latents differ from the image's mean only along the row's vector, at the
+    asked spreads around the centre; a latent's unit vector moves that latent alone."""
+    model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True).eval()
+    images = torch.rand(40, 3, 16, 16)
+    directions = principal_directions(model, [(images, torch.zeros(40))], 2)
+    torch.testing.assert_close(directions.vectors @ directions.vectors.T, torch.eye(2),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    decoded = []
+    model.decode = lambda z, label=None: decoded.append(z) or z  # the latents, not images
+    traverse(model, images[0], directions, 3, 2.0)
+    z = decoded[0].reshape(2, 3, -1)
+    mu, _ = model.encode(images[:1])
+    for row, vector in enumerate(directions.vectors):
+        moved = z[row] - mu
+        along = moved @ vector
+        torch.testing.assert_close(moved, along[:, None] * vector, atol=1e-5, rtol=0)
+        values = torch.tensor([-2.0, 0.0, 2.0])
+        expected = (directions.centre - mu[0]) @ vector + directions.spreads[row] * values
+        torch.testing.assert_close(along, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_mode_is_an_error(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mode='dream' is not one of"):
         _generate(trained_run, tmp_path, "mode=dream")
+
+
+def test_unknown_traversal_directions_are_an_error_before_any_image(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="directions='diagonal' is not one of principal, latents"):
+        _generate(trained_run, tmp_path / "out", "mode=showcase", "directions=diagonal")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:
     datamodule.setup("test")
     batch = min(datamodule.hparams.batch_size, len(datamodule.test_set))
     assert f"batch: ({batch}, 3, 16, 16)" in text(outputs)
-    assert "highest-KL dimensions:" in text(outputs) and "active units:" in text(outputs)
+    assert "principal direction 1 (" in text(outputs) and "active units:" in text(outputs)
     assert "unconditional checkpoint (model.conditional=false)" in text(outputs)
 
 
