@@ -112,14 +112,9 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 def latent_kl(model: CVAE, batches: Batches, max_images: int = 1024) -> torch.Tensor:
     """Mean KL of each latent dimension over (up to `max_images` of) `batches`."""
-    statistics, seen = PosteriorStatistics(), 0
-    for images, labels in batches:
-        labels = labels if model.conditional else None
-        with torch.no_grad():
-            statistics.update(*model.encode(images.to(model.device), labels), model.prior)
-        seen += len(images)
-        if seen >= max_images:
-            break
+    mu, log_var, _ = posteriors(model, batches, max_images)
+    statistics = PosteriorStatistics()
+    statistics.update(mu.to(model.device), log_var.to(model.device), model.prior)
     return statistics.kl_per_dim()
 
 
