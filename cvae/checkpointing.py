@@ -178,12 +178,27 @@ class SaveOnInterrupt(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
+        if self._received(trainer):
+            where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+            self._save_and_stop(trainer, f"training stopped at {where}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._received(trainer):  # during the last validation: after the last step's check
+            skipped = "what follows it (test, sampler fit) did not run"
+            self._save_and_stop(
+                trainer, f"training finished (step {trainer.global_step}); {skipped}"
+            )
+        self._restore()
+
+    def _received(self, trainer: pl.Trainer) -> bool:
         received = self.received is not None
         if trainer.world_size > 1:
             received = trainer.strategy.reduce_boolean_decision(received, all=False)
-        if not received:
-            return
+        return received
+
+    def _save_and_stop(self, trainer: pl.Trainer, what_happened: str) -> None:
         signum = self.received or signal.SIGTERM  # a rank told by another rank
+        self.received = None
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
@@ -192,8 +207,7 @@ class SaveOnInterrupt(Callback):
         handler = self._previous.get(signum)
         self._restore()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        message = (f"{what}: training stopped at epoch {trainer.current_epoch}, step "
-                   f"{trainer.global_step}; saved {path}")  # fmt: skip
+        message = f"{what}: {what_happened}; saved {path}"
         if signum not in self.SIGNALS and callable(handler):
             rank_zero_info(f"{message}; handing {what} to submitit to requeue the job")
             try:  # submitit: requeues and exits on rank 0, returns on the others
@@ -201,9 +215,6 @@ class SaveOnInterrupt(Callback):
             except Exception as error:  # "Job not requeued because: timed-out too many times."
                 message += f"; {str(error).rstrip('.')}"
         raise Interrupted(message, 128 + signum, str(path))
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

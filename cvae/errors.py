@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +37,36 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_status: int, checkpoint: str | None = None) -> None:
         super().__init__(message)
         self.exit_status, self.checkpoint = exit_status, checkpoint
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler or `kill` sends) inside `sigterm_raises`: a KeyboardInterrupt,
+    so that whatever keeps its work on Ctrl-C keeps it on SIGTERM too."""
+
+
+def stopped_by(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped the work, "Ctrl-C" or "SIGTERM", and the exit status a shell gives it."""
+    return ("SIGTERM", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises `Terminated` instead of ending the process without a word.
+    Only where SIGTERM has its default action, in the main thread: a handler someone else
+    set (submitit's, training's `SaveOnInterrupt`) is left alone."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # Errors that mean "the input (or the machine: disk, permissions) is wrong", reported as one
@@ -90,14 +123,16 @@ def check_finite(cfg: DictConfig | ListConfig, prefix: str = "") -> None:
 
 def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """`run(cfg)`, turning an input error into `error: <one line>` and exit status 1, an
-    interrupted training run into its one-line message, and Ctrl-C into one line."""
+    interrupted run into its one-line message, and Ctrl-C or SIGTERM into one line."""
     try:
         check_finite(cfg)
-        return run(cfg)
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
+        with sigterm_raises():
+            return run(cfg)
+    except KeyboardInterrupt as stop:
+        what, status = stopped_by(stop)
+        print(f"interrupted ({what})", file=sys.stderr)
         _remove_empty_run_folder()
-        sys.exit(130)
+        sys.exit(status)
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_status)

@@ -19,7 +19,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from cvae.errors import Interrupted
+from cvae.errors import Interrupted, stopped_by
 from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.losses import kl_per_dimension
@@ -361,11 +361,14 @@ def evaluate_model(
             store.save(index, evaluate_chunk(model, images, labels, iw_samples, generator,
                                              max_decodes, decoder))  # fmt: skip
             report.advance(len(images))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if folder is None:
             raise
+        what, status = stopped_by(stop)
         kept = f"{len(store.done())} finished chunks of {chunk_images} images kept in {folder}"
-        raise Interrupted(f"Ctrl-C: {kept}; the same command continues from there", 130) from None
+        raise Interrupted(
+            f"{what}: {kept}; the same command continues from there", status
+        ) from None
     finally:
         report.close()
     if count == 0:

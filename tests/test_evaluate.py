@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
 from cvae import CVAE, ImageDataModule
-from cvae.errors import Interrupted
+from cvae.errors import Interrupted, run_or_report
 from cvae.generation import generate, principal_directions, traverse
 from cvae.metrics import PosteriorStatistics, evaluate_model, likelihood_input
 from cvae.models.likelihoods import gaussian_log_density
@@ -201,10 +203,13 @@ def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path:
     assert "IW NLL, K=4: 6 of 6 images" in result.stdout  # not a terminal: a log line
 
 
+def _evaluation(trained_run: Path, out: Path, *overrides: str) -> DictConfig:
+    return compose_tool("eval", out, f"ckpt_path={_checkpoint(trained_run)}", "eval.seed=3",
+                        "eval.chunk_images=2", "eval.progress=false", *overrides)  # fmt: skip
+
+
 def _run_evaluation(trained_run: Path, out: Path, *overrides: str) -> dict:
-    cfg = compose_tool("eval", out, f"ckpt_path={_checkpoint(trained_run)}", "eval.seed=3",
-                       "eval.chunk_images=2", "eval.progress=false", *overrides)  # fmt: skip
-    return evaluate_checkpoint(cfg)
+    return evaluate_checkpoint(_evaluation(trained_run, out, *overrides))
 
 
 def _chunk_values(folder: Path) -> list[dict]:
@@ -243,6 +248,34 @@ def test_interrupted_evaluation_resumes_with_the_same_numbers(
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in got)  # identical, per image
     assert resumed == whole
+
+
+def test_sigterm_keeps_the_finished_chunks_and_says_so_in_one_line(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import cvae.metrics
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # as in a command's process
+    evaluate_chunk, calls = cvae.metrics.evaluate_chunk, []
+
+    def terminated_in_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill, mid-chunk
+        return evaluate_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", terminated_in_the_third)
+    cfg = _evaluation(trained_run, tmp_path, "eval.iw_samples=5")
+    with pytest.raises(SystemExit) as stopped:
+        run_or_report(evaluate_checkpoint, cfg)
+    assert stopped.value.code == 143  # 128 + SIGTERM, as a shell reports it
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and re.fullmatch(
+        r"SIGTERM: 2 finished chunks of 2 images kept in .*; the same command continues "
+        r"from there", said[0])  # fmt: skip
+    (folder,) = tmp_path.iterdir()
+    assert len(_chunk_values(folder)) == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
 
 
 def test_each_evaluation_gets_a_folder_of_its_own(trained_run: Path, tmp_path: Path) -> None:

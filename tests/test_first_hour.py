@@ -49,10 +49,12 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
-def _stopped_run(run: Path, signum: int, step: int) -> tuple[str, str, dict]:
-    """The LONG_RUN on the command line, sent `signum` as step `step` starts: the last
-    line it printed, all it printed, and the checkpoint it left."""
-    stop = ["+callbacks.stop._target_=tests.killers.SignalAt", f"+callbacks.stop.step={step}",
+def _stopped_run(
+    run: Path, signum: int, step: int, killer: str = "SignalAt"
+) -> tuple[str, str, dict]:
+    """The LONG_RUN on the command line, sent `signum` by `tests.killers.<killer>` at step
+    `step`: the last line it printed, all it printed, and the checkpoint it left."""
+    stop = [f"+callbacks.stop._target_=tests.killers.{killer}", f"+callbacks.stop.step={step}",
             f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
     result = run_cli(*LONG_RUN, f"hydra.run.dir={run}", *stop, check=False)
     assert result.returncode == 128 + signum
@@ -93,6 +95,24 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
     train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
     resumed = _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert _same_weights(uninterrupted, resumed)
+
+
+def test_sigterm_during_the_last_validation_stops_before_what_follows_training(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    last_line, printed, saved = _stopped_run(run, signal.SIGTERM, 14, "SignalAtValidation")
+    assert "SIGTERM: saving last.ckpt after this step" in printed
+    assert last_line.startswith("SIGTERM: training finished (step 14); what follows it (test, "
+                                "sampler fit) did not run; saved ")  # fmt: skip
+    assert saved["global_step"] == 14
+    assert not (run / "result.json").exists()  # the run did not pass for finished
+    command = last_line.split("resume with: ", 1)[1]
+    resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run / "result.json").is_file()  # what followed training ran on resuming
+    assert _checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 14
 
 
 def test_a_resumed_run_logs_what_the_first_one_did(trained_run: Path, tmp_path: Path) -> None:
