@@ -143,7 +143,8 @@ def main() -> None:
                 datamodule.setup("test")
                 test, _ = _first_images(datamodule.test_dataloader(), args.samples)
                 validation, _ = _first_images(datamodule.val_dataloader(), args.samples)
-                if not floors:
+                if not floors:  # the same shuffled training images in every run of the benchmark
+                    torch.manual_seed(0)
                     train_images, _ = _first_images(datamodule.train_dataloader(), args.samples)
                     floors["real training images"] = distance(train_images, test)
                 reconstructions = torch.cat([model.reconstruct(b) for b in _batches(test)])
