@@ -13,8 +13,10 @@ and as many test images in the features of a Fashion-MNIST classifier (`cvae.tra
 comparable only with FDs of the same feature file). Two floors are measured in the same run:
 real training images against the test images, and reconstructions of the test images. Prints
 the training budget, the time of each cell and a Markdown table with each FD as a ratio to
-the cell's reconstructions and to its own `prior` sampler; saves a 64-image grid per cell
-under `--out`. With several `--temperatures`, each sampler draws at each one and keeps the
+the cell's reconstructions and to its own `prior` sampler, and the samples' variety as the
+feature file's classifier sees it (classes among the first 64, the rarest class's share of
+all; a classifier names a class even for a blob: look at the grids); saves a 64-image grid
+per cell under `--out`. With several `--temperatures`, each sampler draws at each one and keeps the
 one whose samples lie nearest to as many validation images (held out of training and of the
 fit); its FD to the test images is reported, beside the FD at temperature 1 (the fitted
 density itself) where 1 is among them. A cell whose
@@ -49,6 +51,14 @@ def _first_images(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seen >= count:
             break
     return torch.cat(images), torch.cat(labels)
+
+
+def _variety(features, samples: torch.Tensor, classes: int) -> tuple[int, float]:
+    """How many classes the feature network's classifier sees among the first 64 samples,
+    and the share of the rarest class among all of them."""
+    with torch.inference_mode():
+        seen = torch.cat([features.network.classify(b).argmax(1) for b in _batches(samples)])
+    return len(seen[:64].unique()), float(torch.bincount(seen, minlength=classes).min()) / len(seen)
 
 
 def _steps(checkpoint: Path) -> int:
@@ -142,7 +152,8 @@ def main() -> None:
                 datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
                 datamodule.setup("fit")
                 datamodule.setup("test")
-                test, _ = _first_images(datamodule.test_dataloader(), args.samples)
+                test, test_labels = _first_images(datamodule.test_dataloader(), args.samples)
+                classes = int(test_labels.max()) + 1
                 validation, _ = _first_images(datamodule.val_dataloader(), args.samples)
                 if not floors:  # the same shuffled training images in every run of the benchmark
                     torch.manual_seed(0)
@@ -180,13 +191,16 @@ def main() -> None:
                     fd_at_one = distance(at_one, test) if at_one is not None else None
                     prior_fd = fd if name == "prior" else prior_fd
                     visualize_batch(samples[:64], args.out / f"{cell}-{name}.png", nrow=8)
+                    in_64, rarest = _variety(features, samples, classes)
                     rows.append(dict(likelihood=likelihood, prior=prior, upsample=upsample,
                                      sampler=name, at_one=fd_at_one, temperature=temperature,
                                      fd=fd, recon_fd=recon_fd, prior_fd=prior_fd,
+                                     in_64=in_64, rarest=rarest,
                                      trained=trained, fitted=fitted))  # fmt: skip
                     print(
                         f"{cell} {name}: FD {fd:.1f} at temperature {temperature:g} "
-                        f"(reconstructions {recon_fd:.1f}); trained {trained:.0f} s, "
+                        f"(reconstructions {recon_fd:.1f}); {in_64} classes in the first 64, "
+                        f"the rarest {rarest:.1%} of all; trained {trained:.0f} s, "
                         f"fitted {fitted:.0f} s",
                         flush=True,
                     )
@@ -194,7 +208,7 @@ def main() -> None:
     print("\nfloors: " + ", ".join(f"{k} FD {v:.2f}" for k, v in floors.items()))
     columns = ["likelihood", "prior", "up-sampling", "sampler", "FD at temperature 1",
                "picked temperature", "FD there", "/ reconstructions'", "/ its prior sampler's",
-               "train", "fit"]  # fmt: skip
+               "classes in 64", "rarest class", "train", "fit"]  # fmt: skip
     print("\n| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
@@ -203,7 +217,8 @@ def main() -> None:
         print(
             f"| `{row['likelihood']}` | `{row['prior']}` | `{row['upsample']}` | "
             f"`{row['sampler']}` | {one} | {row['temperature']:g} | {row['fd']:.1f} | "
-            f"{row['fd'] / row['recon_fd']:.2f}x | {versus_prior} | {row['trained']:.0f} s | "
+            f"{row['fd'] / row['recon_fd']:.2f}x | {versus_prior} | {row['in_64']} | "
+            f"{row['rarest']:.1%} | {row['trained']:.0f} s | "
             f"{row['fitted']:.0f} s |"
         )
 
