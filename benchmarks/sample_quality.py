@@ -16,12 +16,12 @@ the training budget, the time of each cell and a Markdown table with each FD as 
 the cell's reconstructions and to its own `prior` sampler, and the samples' variety as the
 feature file's classifier sees it (classes among the first 64, the rarest class's share of
 all; a classifier names a class even for a blob: look at the grids); saves a 64-image grid
-per cell under `--out`. With several `--temperatures`, each sampler draws at each one and keeps the
-one whose samples lie nearest to as many validation images (held out of training and of the
-fit); its FD to the test images is reported, beside the FD at temperature 1 (the fitted
-density itself) where 1 is among them. A cell whose
-`<out>/<cell>/checkpoints/last.ckpt` has `--steps` steps is not trained again (its train time
-then reads 0); one with fewer (a run cut short) resumes from it.
+per cell under `--out`. With several `--temperatures`, each sampler draws at each one and
+keeps the one whose samples lie nearest to as many validation images (held out of training
+and of the fit); its FD to the test images is reported, beside the FD at temperature 1 (the
+fitted density itself) where 1 is among them. A cell whose `<out>/<cell>/checkpoints/
+last.ckpt` has `--steps` steps is not trained again (its train time then reads 0); one with
+fewer (a run cut short) resumes from it.
 """
 
 from __future__ import annotations
@@ -188,7 +188,10 @@ def main() -> None:
                         at_one = samples if temperature == 1 else at_one
                     val_fd, temperature, samples = picked
                     fd = distance(samples, test)
-                    fd_at_one = distance(at_one, test) if at_one is not None else None
+                    if temperature == 1 or at_one is None:  # the pick itself, or not drawn
+                        fd_at_one = fd if temperature == 1 else None
+                    else:
+                        fd_at_one = distance(at_one, test)
                     prior_fd = fd if name == "prior" else prior_fd
                     visualize_batch(samples[:64], args.out / f"{cell}-{name}.png", nrow=8)
                     in_64, rarest = _variety(features, samples, classes)
