@@ -6,8 +6,8 @@ posteriors do lie and draws from that instead (Ghosh et al. 2020; Dai and Wipf 2
 - `prior`: the model's own prior (`model.prior`), nothing to fit (`build_sampler` gives None:
   `CVAE.sample` draws from its prior);
 - `gmm`: scikit-learn's `GaussianMixture` fitted to the posterior means of training images;
-- `two_stage`: a small second VAE trained on latents drawn from the cached posteriors; its
-  N(0, I) draws are decoded into the first model's latent space.
+- `two_stage`: a small second VAE trained on latents drawn from the cached posteriors (in
+  their top principal directions); its draws are decoded into the first model's latent space.
 
 A fitted sampler is saved beside its checkpoint (`<checkpoint stem>.<name>.pt`, plain tensors
 that `torch.load(weights_only=True)` reads) with the checkpoint's SHA-256, so sampling later
@@ -161,6 +161,45 @@ class LatentSampler:
         return self
 
 
+def check_dims(dims: int | None) -> None:
+    if dims is not None and (not isinstance(dims, int) or dims < 1):
+        raise ValueError(f"sampler.dims must be null or an integer >= 1, got {dims!r}")
+
+
+def principal_directions(mu: torch.Tensor, dims: int | None) -> dict[str, torch.Tensor]:
+    """The top `dims` principal directions of the means `mu` (`centre`, `basis`) and the
+    Cholesky factor of what they leave (`residual_tril`); empty when `dims` is None or not
+    below the latent size: the density is then fitted in all latent dimensions."""
+    if dims is None or dims >= mu.shape[1]:
+        return {}
+    centre = mu.mean(0)
+    _, _, directions = torch.linalg.svd(mu - centre, full_matrices=False)
+    basis = directions[:dims].T  # (latent_dim, dims), orthonormal columns
+    residual = (mu - centre) - (mu - centre) @ basis @ basis.T
+    jitter = 1e-8 * torch.eye(mu.shape[1], dtype=torch.float64)  # it has rank D - dims
+    return {"centre": centre, "basis": basis,
+            "residual_tril": torch.linalg.cholesky(residual.T.cov() + jitter)}  # fmt: skip
+
+
+def to_coordinates(state: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """Latents `z` in the fitted principal directions (unchanged without them)."""
+    return (z - state["centre"]) @ state["basis"] if "basis" in state else z
+
+
+def from_coordinates(
+    state: dict[str, torch.Tensor], coords: torch.Tensor, generator: torch.Generator | None,
+    temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """Latents from coordinates drawn in the principal directions, the rest drawn from the
+    Gaussian of what they leave, its spread scaled by `temperature`."""
+    if "basis" not in state:
+        return coords
+    rest = torch.randn(len(coords), len(state["centre"]), generator=generator,
+                       dtype=torch.float64)  # fmt: skip
+    residual = temperature * rest @ state["residual_tril"].T
+    return state["centre"] + coords.double() @ state["basis"].T + residual
+
+
 class GaussianMixtureSampler(LatentSampler):
     """scikit-learn's `GaussianMixture` of `components` components (`covariance`: full,
     diag, tied or spherical) fitted to posterior means; sampled in torch from the fitted
@@ -182,8 +221,7 @@ class GaussianMixtureSampler(LatentSampler):
         if covariance not in COVARIANCES:
             raise ValueError(f"sampler.covariance={covariance!r} is not one of "
                              f"{', '.join(COVARIANCES)}")  # fmt: skip
-        if dims is not None and (not isinstance(dims, int) or dims < 1):
-            raise ValueError(f"sampler.dims must be null or an integer >= 1, got {dims!r}")
+        check_dims(dims)
         self.components, self.covariance, self.dims = components, covariance, dims
 
     def settings(self) -> dict:
@@ -193,16 +231,8 @@ class GaussianMixtureSampler(LatentSampler):
     def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict[str, torch.Tensor]:
         from sklearn.mixture import GaussianMixture
 
-        state, coords = {}, mu
-        if self.dims is not None and self.dims < mu.shape[1]:
-            centre = mu.mean(0)
-            _, _, directions = torch.linalg.svd(mu - centre, full_matrices=False)
-            basis = directions[: self.dims].T  # (latent_dim, dims), orthonormal columns
-            coords = (mu - centre) @ basis
-            residual = (mu - centre) - coords @ basis.T
-            jitter = 1e-8 * torch.eye(mu.shape[1], dtype=torch.float64)  # it has rank D - dims
-            state = {"centre": centre, "basis": basis,
-                     "residual_tril": torch.linalg.cholesky(residual.T.cov() + jitter)}  # fmt: skip
+        state = principal_directions(mu, self.dims)
+        coords = to_coordinates(state, mu)
         components = min(self.components, len(coords))
         mixture = GaussianMixture(components, covariance_type=self.covariance,
                                   random_state=self.seed, reg_covar=1e-5)  # fmt: skip
@@ -226,12 +256,8 @@ class GaussianMixtureSampler(LatentSampler):
         component = torch.multinomial(state["weights"], n, replacement=True, generator=generator)
         eps = torch.randn(n, state["means"].shape[1], generator=generator, dtype=torch.float64)
         spread = (state["scale_tril"][component] @ eps[..., None]).squeeze(-1)
-        z = state["means"][component] + temperature * spread
-        if "basis" not in state:
-            return z
-        rest = torch.randn(n, len(state["centre"]), generator=generator, dtype=torch.float64)
-        residual = temperature * rest @ state["residual_tril"].T
-        return state["centre"] + z @ state["basis"].T + residual
+        coords = state["means"][component] + temperature * spread
+        return from_coordinates(state, coords, generator, temperature)
 
 
 class LatentVAE(nn.Module):
@@ -247,6 +273,14 @@ class LatentVAE(nn.Module):
                                      nn.Linear(hidden, dims))  # fmt: skip
         self.log_gamma = nn.Parameter(torch.zeros(()))
 
+    @classmethod
+    def of_state(cls, state: dict[str, torch.Tensor]) -> LatentVAE:
+        """The network a fitted state holds, its sizes read from the state."""
+        hidden, latent_dim = state["decoder.0.weight"].shape
+        network = cls(state["decoder.4.weight"].shape[0], latent_dim, hidden)
+        network.load_state_dict({k: v for k, v in state.items() if k in network.state_dict()})
+        return network
+
     def loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Negative ELBO of latents `z` per row, averaged: Gaussian decoder of variance
         gamma^2, KL to N(0, I)."""
@@ -260,16 +294,37 @@ class LatentVAE(nn.Module):
                + dims * (self.log_gamma + 0.5 * math.log(2 * math.pi)))  # fmt: skip
         return (nll + kl_divergence(mu, log_var)).mean()
 
+    def active_units(self, z: torch.Tensor, threshold: float = 0.01) -> int:
+        """Latent dimensions whose posterior mean varies over `z` (variance above
+        `threshold`): 0 means the second VAE collapsed and ignores its input."""
+        with torch.no_grad():
+            mu, _ = self.encoder(z).chunk(2, dim=1)
+        return int((mu.var(0) > threshold).sum())
+
+    def sample(self, n: int, generator: torch.Generator | None, temperature: float) -> torch.Tensor:
+        """Ancestral draws: u ~ N(0, T^2 I), then the decoder's N(mean(u), T^2 gamma^2 I)."""
+        with torch.no_grad():
+            mean = self.decoder(temperature * torch.randn(n, self.decoder[0].in_features,
+                                                          generator=generator))  # fmt: skip
+            noise = torch.randn(mean.shape, generator=generator)
+            return mean + temperature * self.log_gamma.exp() * noise
+
 
 class TwoStageSampler(LatentSampler):
-    """A second VAE (`LatentVAE`, latent size `latent_dim`, null: the model's) trained for
-    `epochs` on latents drawn afresh each epoch from the cached posteriors; sampling decodes
-    its N(0, temperature^2 I) draws to the mean of its decoder."""
+    """A second VAE (`LatentVAE`, latent size `latent_dim`, null: as many as it models)
+    trained for `epochs` on latents drawn afresh each epoch from the cached posteriors, in
+    the top `dims` principal directions of the means (null: all latent dimensions; the rest
+    drawn from one Gaussian, as `gmm` does). Sampling draws from it ancestrally.
+
+    Why the directions: a model that leaves most latents unused gives posteriors that are
+    N(0, 1) noise in those dimensions; a second VAE over all 512 explained everything as
+    noise and ignored its latent (measured: one image 5,000 times, docs/reports/
+    sample-quality.md). A collapse is logged as a warning when the fit ends."""
 
     name = "two_stage"
 
     def __init__(self, latent_dim: int | None = None, hidden: int = 512, epochs: int = 60,
-                 lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
+                 lr: float = 1e-3, batch_size: int = 256, dims: int | None = 64, seed: int = 0,
                  max_images: int | None = None, progress: bool = False) -> None:  # fmt: skip
         super().__init__(seed, max_images)
         for key, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
@@ -278,24 +333,25 @@ class TwoStageSampler(LatentSampler):
         if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
             raise ValueError(f"sampler.latent_dim must be null or an integer >= 1, "
                              f"got {latent_dim!r}")  # fmt: skip
-        self.latent_dim, self.hidden, self.epochs = latent_dim, hidden, epochs
+        check_dims(dims)
+        self.latent_dim, self.hidden, self.epochs, self.dims = latent_dim, hidden, epochs, dims
         self.lr, self.batch_size, self.progress = float(lr), batch_size, progress
 
     def settings(self) -> dict:
         return {**super().settings(), "latent_dim": self.latent_dim, "hidden": self.hidden,
-                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size}  # fmt: skip
-
-    def _network(self, dims: int) -> LatentVAE:
-        return LatentVAE(dims, self.latent_dim or dims, self.hidden)
+                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "dims": self.dims}  # fmt: skip
 
     def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict[str, torch.Tensor]:
         from cvae.metrics import ProgressReport
         from cvae.models.networks import reparameterize
 
+        state = principal_directions(mu, self.dims)
+        dims = state["basis"].shape[1] if state else mu.shape[1]
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the network's initial weights
-            network = self._network(mu.shape[1])
+            network = LatentVAE(dims, self.latent_dim or dims, self.hidden)
         mu, log_var = mu.float(), log_var.float()
         optimizer = torch.optim.Adam(network.parameters(), lr=self.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs)
@@ -303,6 +359,7 @@ class TwoStageSampler(LatentSampler):
         try:
             for _ in range(self.epochs):
                 z = reparameterize(mu, log_var, generator)  # fresh draws every epoch
+                z = to_coordinates(state, z.double()).float()
                 order = torch.randperm(len(z), generator=generator)
                 for start in range(0, len(z), self.batch_size):
                     batch = z[order[start : start + self.batch_size]]
@@ -314,18 +371,19 @@ class TwoStageSampler(LatentSampler):
                 schedule.step()
         finally:
             report.close()
-        return {name: value.detach() for name, value in network.state_dict().items()}
+        active = network.active_units(to_coordinates(state, mu[:5000].double()).float())
+        if active == 0:
+            log.warning("sampler=two_stage: the second VAE collapsed (it uses none of its %d "
+                        "latent dimensions): its samples come from one Gaussian; try "
+                        "sampler=gmm", network.decoder[0].in_features)  # fmt: skip
+        return {**state, **{k: v.detach() for k, v in network.state_dict().items()}}
 
     def _sample_one(
         self, state: dict[str, torch.Tensor], n: int, generator: torch.Generator | None,
         temperature: float,
     ) -> torch.Tensor:  # fmt: skip
-        dims = state["decoder.4.weight"].shape[0]
-        network = self._network(dims)
-        network.load_state_dict(state)
-        latent = state["decoder.0.weight"].shape[1]
-        with torch.no_grad():
-            return network.decoder(temperature * torch.randn(n, latent, generator=generator))
+        coords = LatentVAE.of_state(state).sample(n, generator, temperature)
+        return from_coordinates(state, coords, generator, temperature)
 
 
 def posteriors(

@@ -41,6 +41,7 @@ def _checkpoint(tmp_path: Path) -> Path:
     lambda: GaussianMixtureSampler(components=2),
     lambda: GaussianMixtureSampler(components=2, dims=2),
     lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64),
+    lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64, dims=2, latent_dim=1),
 ])  # fmt: skip
 def test_a_fitted_sampler_survives_a_round_trip(make, tmp_path: Path) -> None:
     mu, log_var, _ = _two_blobs()
@@ -86,6 +87,31 @@ def test_a_mixture_in_principal_directions_keeps_the_rest_as_one_gaussian() -> N
     assert torch.allclose(torch.cov(rest.T), expected, atol=0.02)
 
 
+def test_two_stage_models_the_used_directions_and_keeps_the_rest_as_one_gaussian() -> None:
+    """Posteriors of a model that uses one latent of six (two clusters along it) and leaves
+    the rest at N(0, 1): the second VAE, in that one direction, draws both clusters."""
+    side = (torch.arange(2000) % 2) * 2 - 1.0
+    mu = torch.zeros(2000, 6)
+    mu[:, 0] = 3 * side
+    log_var = torch.zeros_like(mu)
+    log_var[:, 0] = -4.0
+    sampler = TwoStageSampler(hidden=64, epochs=60, batch_size=64, dims=1).fit(mu, log_var)
+    assert sampler.states[-1]["basis"].shape == (6, 1)
+    along = sampler.sample(4000, torch.Generator().manual_seed(1))[:, 0]
+    near = ((along.abs() - 3).abs() < 1).float().mean()
+    between = (along.abs() < 1).float().mean()
+    assert near > 0.5 and between < 0.15  # one Gaussian of variance 9: 0.22 and 0.26
+
+
+def test_a_collapsed_two_stage_fit_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Posteriors that are N(0, I) noise leave the second VAE nothing to encode."""
+    noise = torch.zeros(400, 4)
+    with caplog.at_level("WARNING", logger="cvae.samplers"):
+        TwoStageSampler(hidden=32, epochs=10, batch_size=64).fit(noise, noise)
+    assert "sampler=two_stage: the second VAE collapsed (it uses none of its 4 latent " in (
+        caplog.text)  # fmt: skip
+
+
 def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
     mu, log_var, labels = _two_blobs()
     sampler = GaussianMixtureSampler(components=1).fit(mu, log_var, labels)
@@ -117,6 +143,8 @@ def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=key):
             build_sampler("gmm", **bad)
+    with pytest.raises(ValueError, match="sampler.dims must be null or an integer >= 1"):
+        build_sampler("two_stage", dims=-1)
     with pytest.raises(ValueError, match="sampler='flow' is not one of prior, gmm, two_stage"):
         build_sampler("flow")
     assert build_sampler("prior") is None
