@@ -6,22 +6,22 @@
         [--upsample resize transpose] [--samples 5000] [--temperatures 1.0 1.1 1.2]
 
 Trains the default model on Fashion-MNIST at 64x64 once per (likelihood, prior, up-sampling)
-cell for `--steps` steps of batch 64 (same seed and data order), fits each ex-post sampler to
-its training posteriors (with the settings of `conf/sampler/<name>.yaml`, as `cvae.generate
-mode=fit` does), and measures the Frechet distance (FD) between `--samples` samples
-and as many test images in the features of a Fashion-MNIST classifier (`cvae.train_features`;
-comparable only with FDs of the same feature file). Two floors are measured in the same run:
-real training images against the test images, and reconstructions of the test images. Prints
-the training budget, the time of each cell and a Markdown table with each FD as a ratio to
-the cell's reconstructions and to its own `prior` sampler, and the samples' variety as the
-feature file's classifier sees it (classes among the first 64, the rarest class's share of
-all; a classifier names a class even for a blob: look at the grids); saves a 64-image grid
-per cell under `--out`. With several `--temperatures`, each sampler draws at each one and
-keeps the one whose samples lie nearest to as many validation images (held out of training
-and of the fit); its FD to the test images is reported, beside the FD at temperature 1 (the
-fitted density itself) where 1 is among them. A cell whose `<out>/<cell>/checkpoints/
-last.ckpt` has `--steps` steps is not trained again (its train time then reads 0); one with
-fewer (a run cut short) resumes from it.
+cell for `--steps` steps of batch 64 (same seed, so the same data order), fits each ex-post
+sampler to its training posteriors (with the settings of `conf/sampler/<name>.yaml`, as
+`cvae.generate mode=fit` does), and measures the Frechet distance (FD) between `--samples`
+samples and as many test images in the features of a Fashion-MNIST classifier
+(`cvae.train_features`; comparable only with FDs of the same feature file). Two floors are
+measured in the same run: real training images against the test images, and reconstructions
+of the test images. Prints the training budget, the time of each cell and a Markdown table
+with each FD as a ratio to the cell's reconstructions and to its own `prior` sampler, and
+the samples' variety as the feature file's classifier sees it (classes among the first 64,
+the rarest class's share of all; a classifier names a class even for a blob: look at the
+grids); saves a 64-image grid per cell under `--out`. With several `--temperatures`, each
+sampler draws at each one and keeps the one whose samples lie nearest to as many validation
+images (held out of training and of the fit); its FD to the test images is reported, beside
+the FD at temperature 1 (the fitted density itself) where 1 is among them. A cell whose
+`<out>/<cell>/checkpoints/last.ckpt` has `--steps` steps is not trained again (its train
+time then reads 0); one with fewer (a run cut short) resumes from it.
 """
 
 from __future__ import annotations
@@ -156,8 +156,10 @@ def main() -> None:
                 classes = int(test_labels.max()) + 1
                 validation, _ = _first_images(datamodule.val_dataloader(), args.samples)
                 if not floors:  # the same shuffled training images in every run of the benchmark
+                    fresh = ImageDataModule(**datamodule.hparams)  # not the cell's saved order
+                    fresh.setup("fit")
                     torch.manual_seed(0)
-                    train_images, _ = _first_images(datamodule.train_dataloader(), args.samples)
+                    train_images, _ = _first_images(fresh.train_dataloader(), args.samples)
                     floors["real training images"] = distance(train_images, test)
                 reconstructions = torch.cat([model.reconstruct(b) for b in _batches(test)])
                 recon_fd = distance(reconstructions, test)

@@ -177,6 +177,17 @@ def test_ranks_take_equal_disjoint_shares_of_one_permutation() -> None:
     assert sorted(validation[0] + validation[1]) == list(range(11))  # nothing dropped
 
 
+def test_the_order_depends_on_the_seed_not_on_what_was_drawn_before() -> None:
+    """Jobs of a sweep over model sizes draw different amounts at initialisation."""
+    torch.manual_seed(0)
+    order = list(EpochSampler(20, shuffle=True))
+    torch.manual_seed(0)
+    torch.randn(1000)  # a bigger model's initial weights
+    assert list(EpochSampler(20, shuffle=True)) == order
+    torch.manual_seed(1)
+    assert list(EpochSampler(20, shuffle=True)) != order
+
+
 def test_sampler_orders_depend_on_the_epoch_and_resume_mid_epoch() -> None:
     torch.manual_seed(0)
     sampler = EpochSampler(20, shuffle=True)

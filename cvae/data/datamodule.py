@@ -71,17 +71,19 @@ class EpochSampler(Sampler[int]):
     """Positions of a split in an order fixed by `(seed, epoch)`: this rank's share of it,
     from where an interrupted epoch stopped.
 
-    Every rank draws the same seed (from torch's global generator, seeded alike everywhere)
-    and takes every `world_size`-th position; training shares are cut to equal length, so
-    ranks step together. Lightning calls `set_epoch` before each epoch; a plain loop gets
-    the next epoch's order after each full pass. `resume(epoch, done)` skips the first
-    `done` positions of that epoch once: a checkpoint saved mid-epoch goes on with the
-    batches it had not trained on.
+    The seed is the one torch's global generator was seeded with (`seed`, alike on every
+    rank), not a draw from it: the order does not depend on what ran before the loaders (a
+    model's initialisation, a summary's forward), so jobs of a sweep over model sizes or
+    priors see the same batches. Each rank takes every `world_size`-th position; training
+    shares are cut to equal length, so ranks step together. Lightning calls `set_epoch`
+    before each epoch; a plain loop gets the next epoch's order after each full pass.
+    `resume(epoch, done)` skips the first `done` positions of that epoch once: a checkpoint
+    saved mid-epoch goes on with the batches it had not trained on.
     """
 
     def __init__(self, size: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> None:
         self.size, self.shuffle, self.rank, self.world_size = size, shuffle, rank, world_size
-        self.seed, self.epoch = int(torch.randint(2**62, (1,))), 0
+        self.seed, self.epoch = torch.initial_seed(), 0
         self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
