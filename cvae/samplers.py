@@ -318,8 +318,8 @@ class TwoStageSampler(LatentSampler):
 
     Why the directions: a model that leaves most latents unused gives posteriors that are
     N(0, 1) noise in those dimensions; a second VAE over all 512 explained everything as
-    noise and ignored its latent (measured: one image 5,000 times, docs/reports/
-    sample-quality.md). A collapse is logged as a warning when the fit ends."""
+    noise and ignored its latent (measured: one image 5,000 times, in
+    docs/reports/sample-quality.md). A collapse is logged as a warning when the fit ends."""
 
     name = "two_stage"
 
