@@ -116,6 +116,59 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert _load(tmp_path / "deep.png", channels=1).mean() == pytest.approx(64, abs=1)
 
 
+def test_float_tiff_in_unit_range_is_scaled_to_eight_bit(tmp_path: Path) -> None:
+    """Mode F used to go through Pillow's clipping conversion: [0, 1] came out black."""
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    assert np.all(_load(tmp_path / "float.tif", channels=1) == 128)
+    assert np.all(_load(tmp_path / "float.tif") == 128)  # grey in all three channels
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((8, 8), 300.0, dtype=np.float32),
+         r"float image \(mode F\) with values in \[300, 300\], outside \[0, 1\]"),
+        (np.full((8, 8), np.nan, dtype=np.float32),
+         r"float image \(mode F\) holds NaN or infinite values"),
+        (np.full((8, 8), 70_000, dtype=np.int32),
+         r"32-bit integer image \(mode I\) with values in \[70000, 70000\], outside 0-65535"),
+        (np.full((8, 8), -5, dtype=np.int32),
+         r"32-bit integer image \(mode I\) with values in \[-5, -5\], outside 0-65535"),
+    ],
+    ids=["float_300", "float_nan", "int_70000", "int_negative"],
+)  # fmt: skip
+def test_float_or_wide_integer_tiff_out_of_range_is_refused_naming_it(
+    tmp_path: Path, array: np.ndarray, message: str
+) -> None:
+    """Out of range used to be silently black (floats) or white (integers above 65535)."""
+    Image.fromarray(array).save(tmp_path / "deep.tif")
+    with pytest.raises(ImageDecodeError, match=f"cannot decode image file .*deep.tif: {message}"):
+        _load(tmp_path / "deep.tif")
+
+
+def test_integer_tiff_within_sixteen_bits_is_scaled_as_before(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 16384, dtype=np.int32)).save(tmp_path / "deep.tif")
+    Image.fromarray(np.full((8, 8), 200, dtype=np.int32)).save(tmp_path / "byte.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == "I"
+    assert _load(tmp_path / "deep.tif", channels=1).mean() == pytest.approx(64, abs=1)
+    assert np.all(_load(tmp_path / "byte.tif", channels=1) == 200)
+
+
+def test_a_refused_tiff_is_skipped_and_named_in_the_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_mixed_images(tmp_path, 3)
+    Image.fromarray(np.full((8, 8), 2.0, dtype=np.float32)).save(tmp_path / "depth.tif")
+    dm = ImageDataModule(root=str(tmp_path), image_size=8, val_fraction=0, test_fraction=0)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dm.setup()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert ("1 of 4 files could not be decoded: depth.tif (float image (mode F) with values in "
+            "[2, 2], outside [0, 1]") in message  # fmt: skip
+    assert "3 images used, 1 skipped" in message
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     pixels = np.zeros((16, 32), dtype=np.uint8)
     pixels[:, :16] = 255  # stored: white left half, black right half

@@ -40,12 +40,53 @@ def _rgb(background: int | Sequence[int]) -> tuple[int, int, int]:
     return tuple(values)
 
 
+def _range(array: np.ndarray) -> str:
+    """`[low, high]` of an array, as few digits as tell them apart."""
+    return f"[{array.min():.6g}, {array.max():.6g}]"
+
+
+def _float_to_grey(image: Image.Image) -> Image.Image:
+    """A float image (mode F, as float TIFFs open) as 8-bit grey: intensities in [0, 1]
+    times 255. Anything else is refused: Pillow's own conversion clips, so a [0, 1] image
+    came out black, and no rescaling rule fits every float image (per-image min-max
+    would change each image's brightness differently)."""
+    array = np.asarray(image, dtype=np.float64) * 255.0
+    if not np.isfinite(array).all():
+        raise ValueError("float image (mode F) holds NaN or infinite values")
+    # Values that round into 0-255 are accepted: float arithmetic can overshoot [0, 1].
+    if array.min() < -0.5 or array.max() >= 255.5:
+        raise ValueError(
+            f"float image (mode F) with values in {_range(array / 255.0)}, outside [0, 1]: "
+            "scale it to [0, 1] or save it as 8- or 16-bit integers"
+        )
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+
+
+def _integer_to_grey(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer image as 8-bit grey. `I;16` files are scaled by their 16
+    bits. Mode `I` (32-bit, as integer TIFFs open) is read as 8-bit when its values fit in
+    0-255, as 16-bit when they fit in 0-65535, and refused otherwise: scaling by 32 bits
+    would make any real image black, and clipping made it white."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        peak = 65535.0
+    elif array.min() < 0 or array.max() > 65535:
+        raise ValueError(
+            f"32-bit integer image (mode I) with values in {_range(array)}, outside 0-65535: "
+            "save it as 8- or 16-bit (or as floats in [0, 1])"
+        )
+    else:
+        peak = 65535.0 if array.max() > 255 else 255.0
+    return Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+
+
 def _to_mode(image: Image.Image, mode: str, background: tuple[int, int, int]) -> Image.Image:
-    """Convert any PIL mode to 'RGB' or 'L', keeping 16-bit images' range instead of clipping."""
+    """Convert any PIL mode to 'RGB' or 'L', keeping 16-bit and float images' range instead
+    of clipping it (or refusing one whose range has no 8-bit reading: a `ValueError`)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+        image = _integer_to_grey(image)
+    elif image.mode == "F":
+        image = _float_to_grey(image)
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):  # composite, rather than keep the hidden colours
