@@ -36,7 +36,8 @@ from cvae.errors import human_size
 log = logging.getLogger(__name__)
 
 # Bump when decoding changes what pixels a file gives: old entries are then ignored.
-CACHE_FORMAT = 1
+# 2: float TIFFs scaled from [0, 1], out-of-range float and 32-bit TIFFs skipped.
+CACHE_FORMAT = 2
 CHUNK = 256  # images per decode task: large enough to amortise scheduling
 
 
