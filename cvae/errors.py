@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -131,7 +131,7 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     except KeyboardInterrupt as stop:
         what, status = stopped_by(stop)
         print(f"interrupted ({what})", file=sys.stderr)
-        _remove_empty_run_folder()
+        _remove_empty_run_folder(cfg)
         sys.exit(status)
     except Interrupted as stop:
         print(stop, file=sys.stderr)
@@ -143,7 +143,7 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         print(f"error: {error_line(cause)}", file=sys.stderr)
         if in_multirun():  # let Hydra record this job as failed and go on with the others
             raise
-        _remove_empty_run_folder()
+        _remove_empty_run_folder(cfg)
         sys.exit(1)
 
 
@@ -155,10 +155,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _remove_empty_run_folder() -> None:
+def _remove_empty_run_folder(cfg: DictConfig | None = None) -> None:
     """A run that failed on bad input (or was interrupted before it wrote anything) leaves no
     husk: remove Hydra's run folder if it holds nothing but what Hydra itself put there
-    (`.hydra/` and the job's log)."""
+    (`.hydra/` and the job's log), then the parents Hydra made for it that are now empty
+    (`outputs/train/runs/`), up to the outputs root `paths.log_dir`, which stays."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -168,3 +169,28 @@ def _remove_empty_run_folder() -> None:
     own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
     if folder.is_dir() and all(entry.name in own for entry in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
+        _remove_empty_parents(folder, _log_dir(cfg))
+
+
+def _log_dir(cfg: DictConfig | None) -> Path | None:
+    """The outputs root of `cfg` (`paths.log_dir`), if it has one that resolves."""
+    try:
+        log_dir = OmegaConf.select(cfg, "paths.log_dir") if cfg is not None else None
+    except Exception:  # an interpolation that does not resolve: keep every parent
+        return None
+    return Path(log_dir).resolve() if log_dir else None
+
+
+def _remove_empty_parents(folder: Path, root: Path | None) -> None:
+    """Remove the empty folders between `folder` and `root` (both excluded), innermost
+    first, stopping at the first that holds anything. Nothing outside `root` is touched."""
+    folder = folder.resolve()
+    if root is None or root not in folder.parents:
+        return
+    for parent in folder.parents:
+        if parent == root:
+            return
+        try:
+            parent.rmdir()  # only ever succeeds on an empty folder
+        except OSError:
+            return

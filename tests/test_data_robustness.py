@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,25 @@ from PIL import Image
 
 from cvae.data import ImageDataModule, Preprocess, open_image
 from cvae.data.decode import ImageDecodeError
-from tests.conftest import write_broken_files, write_mixed_images
+from cvae.errors import _remove_empty_parents
+from tests.conftest import TINY, write_broken_files, write_mixed_images
 
 LOGGER = "cvae.data.datamodule"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_cli(outputs: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m cvae.train` with the tiny settings and `outputs` as the outputs root."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "cvae.train", *TINY, f"paths.log_dir={outputs}", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _tree(folder: Path) -> list[str]:
+    """Every path under `folder`, relative: what a failed run must leave unchanged."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
 
 # --- broken files are skipped, counted and named ----------------------------------------------
@@ -222,3 +241,35 @@ def test_upper_case_extensions_are_decoded(tmp_path: Path) -> None:
     dm = ImageDataModule(root=str(tmp_path), image_size=8, val_fraction=0, test_fraction=0)
     dm.setup()
     assert dm.num_images == 2 and dm.skipped == []
+
+
+# --- a run that fails on bad input leaves nothing on disk -------------------------------------
+def test_a_mistyped_objective_leaves_no_empty_run_parents(tmp_path: Path) -> None:
+    """The husk removal removed the run folder but left `outputs/train/runs/` behind."""
+    outputs = tmp_path / "outputs"
+    (outputs / "eval" / "2026-01-01_00-00-00").mkdir(parents=True)  # another task's: kept
+    result = _train_cli(outputs, "objective.metric=val/typo")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: objective.metric='val/typo' is not logged by this run: one of val/neg_elbo"
+        )
+    )
+    assert _tree(outputs) == ["eval", "eval/2026-01-01_00-00-00"]
+
+
+def test_empty_parents_are_removed_up_to_the_root_and_no_further(tmp_path: Path) -> None:
+    root = tmp_path / "outputs"
+    (root / "train" / "runs" / "older").mkdir(parents=True)  # a parent that holds a run
+    (root / "eval" / "runs" / "now").mkdir(parents=True)
+    _remove_empty_parents(root / "train" / "runs" / "now", root)
+    _remove_empty_parents(root / "eval" / "runs" / "now" / "gone", root)
+    assert _tree(root) == ["train", "train/runs", "train/runs/older"]
+    _remove_empty_parents(root / "train" / "runs" / "older" / "gone", root)
+    assert _tree(root) == [] and root.is_dir()  # the outputs root itself stays
+    outside = tmp_path / "elsewhere" / "run"
+    outside.mkdir(parents=True)
+    _remove_empty_parents(outside / "gone", root)  # not under the root: nothing touched
+    assert outside.is_dir()
