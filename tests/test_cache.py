@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from cvae.data.cache import decode_source
 from cvae.data.datamodule import DeviceBatches, EpochSampler
 from cvae.data.decode import Preprocess
 from cvae.data.presets import FileDataset
-from tests.conftest import write_mixed_images
+from tests.conftest import write_broken_files, write_mixed_images
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where on_device puts the data
@@ -146,6 +147,56 @@ def test_scan_without_cache_keeps_no_pixels(tmp_path: Path) -> None:
     decoded = decode_source(source, Preprocess(8), tmp_path / "c", workers=2, with_images=False)
     assert decoded.images is None and decoded.valid.tolist() == [0, 1, 2, 3]
     assert not list((tmp_path / "c").glob("*.npy"))
+
+
+# --- a folder with nothing usable adds nothing to it ------------------------------------------
+def test_an_empty_data_folder_gets_no_cache_folder(tmp_path: Path) -> None:
+    """The writability probe used to leave `.cvae-cache/` in the user's folder."""
+    dm = ImageDataModule(root=str(tmp_path), image_size=8)
+    with pytest.raises(FileNotFoundError, match=f"^data.root={tmp_path} holds no image files"):
+        dm.prepare_data()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_folder_of_only_a_non_image_fails_in_prepare_data_keeping_nothing(
+    tmp_path: Path, cache: bool
+) -> None:
+    """Failing in `prepare_data`, before training writes its config tree and events; the
+    cache entry (of every file skipped) used to stay in the data folder."""
+    (tmp_path / "notes.png").write_text("a text file named like an image")
+    dm = ImageDataModule(root=str(tmp_path), image_size=8, cache=cache)
+    message = (f"no usable images: data.root={tmp_path}: 1 of 1 files could not be decoded: "
+               f"notes.png (cannot identify image file '{tmp_path / 'notes.png'}')")  # fmt: skip
+    with pytest.raises(ValueError) as raised:
+        dm.prepare_data()
+    assert str(raised.value) == message
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.png"]
+
+
+def test_a_cache_dir_made_for_nothing_usable_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    write_broken_files(tmp_path / "images")
+    cache_dir = tmp_path / "made" / "for" / "it"
+    dm = ImageDataModule(root=str(tmp_path / "images"), image_size=8, cache_dir=str(cache_dir))
+    with pytest.raises(ValueError, match="no usable images: .* 5 of 5 files"):
+        dm.prepare_data()
+    assert [path.name for path in tmp_path.iterdir()] == ["images"]
+
+
+def test_the_cache_log_counts_only_the_images_decoded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It said "decoded 8 images" of a folder of 3 images and 5 broken files."""
+    write_mixed_images(tmp_path, 3)
+    write_broken_files(tmp_path)
+    source = FileDataset(tmp_path, sorted(p for p in tmp_path.iterdir() if p.suffix), [-1] * 8)
+    with caplog.at_level(logging.INFO, logger="cvae.data.cache"):
+        decoded = decode_source(source, Preprocess(8), tmp_path / "c", workers=2)
+    assert len(decoded.valid) == 3
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"decoded 3 images from data.root={tmp_path} in ")
+    assert "; 5 skipped: not decodable) into " in message
 
 
 # --- batches on the device -------------------------------------------------------------------

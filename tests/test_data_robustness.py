@@ -260,6 +260,22 @@ def test_a_mistyped_objective_leaves_no_empty_run_parents(tmp_path: Path) -> Non
     assert _tree(outputs) == ["eval", "eval/2026-01-01_00-00-00"]
 
 
+def test_a_data_folder_with_no_image_leaves_no_run_folder_and_no_cache(tmp_path: Path) -> None:
+    """It used to fail in `setup`, after the config tree and TensorBoard events were written:
+    the run folder stayed (listed by TensorBoard), and so did `.cvae-cache/` in the data."""
+    root, outputs = tmp_path / "images", tmp_path / "outputs"
+    root.mkdir()
+    outputs.mkdir()
+    (root / "notes.png").write_text("a text file named like an image")
+    result = _train_cli(outputs, "data=folder", f"data.root={root}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no usable images: data.root={root}: 1 of 1 files could not be decoded: "
+        f"notes.png (cannot identify image file '{root / 'notes.png'}')"
+    )
+    assert _tree(outputs) == [] and _tree(root) == ["notes.png"]
+
+
 def test_empty_parents_are_removed_up_to_the_root_and_no_further(tmp_path: Path) -> None:
     root = tmp_path / "outputs"
     (root / "train" / "runs" / "older").mkdir(parents=True)  # a parent that holds a run

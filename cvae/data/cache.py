@@ -5,7 +5,8 @@ decoded and what was skipped). The stem holds a hash of the source's fingerprint
 preprocessing settings, so a changed folder or setting gets a new entry and an unchanged
 one is never decoded again. The array is written to a `.partial` file that is renamed
 once complete, and the manifest is written last: a killed build leaves nothing that a
-later run would read.
+later run would read. A source with no usable item keeps no entry, and the cache folder
+is removed again if the build made it: a mistyped or empty data folder gets nothing added.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,15 +60,53 @@ def cache_stem(source: ImageSource, preprocess: Preprocess) -> str:
     return f"{source.kind}-{preprocess.image_size}px-{preprocess.channels}ch-{digest}"
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` with its parents; return those that did not exist, innermost first."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"data.cache_dir={folder} cannot be created: {error}") from error
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` that are empty, innermost first (a folder that holds
+    anything, another process's entry included, stays)."""
+    for folder in sorted(set(folders), key=lambda path: len(path.parts), reverse=True):
+        with suppress(OSError):
+            folder.rmdir()
+
+
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder per entry: a second process waits, then finds the entry complete."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _locked(path: Path, created: list[Path]) -> Iterator[None]:
+    """One builder per entry: a second process waits, then finds the entry complete.
+
+    A build that keeps nothing removes its lock file and the folders it made: a process
+    that waited on the removed file takes the lock again on a fresh one (adding to
+    `created` the folders it made in turn).
+    """
+    while True:
+        created.extend(_make_folder(path.parent))
         try:
-            yield
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the folder was removed in between: make it again
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if _is_open(descriptor, path):
+                yield
+                return
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.close(descriptor)  # which releases the lock
+
+
+def _is_open(descriptor: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `descriptor`."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _read_entry(array_path: Path, manifest_path: Path, expected: tuple[int, ...]) -> Decoded | None:
@@ -147,36 +186,47 @@ def decode_source(
     """Decode `source` once into `cache_dir` (or reuse the entry there) and map it.
 
     Without `with_images` only the list of usable items is kept: the scan that lets the
-    decode-per-epoch path skip broken files too.
+    decode-per-epoch path skip broken files too. A source with no usable item is returned
+    (images None, every item skipped) without keeping anything on disk: the caller reports
+    it as an error.
     """
     cache_dir = Path(cache_dir)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"data.cache_dir={cache_dir} cannot be created: {error}") from error
+    created = _make_folder(cache_dir)
     if not os.access(cache_dir, os.W_OK):
+        _remove_empty(created)
         raise PermissionError(f"data.cache_dir={cache_dir} is not writable")
     stem = cache_stem(source, preprocess) + ("" if with_images else "-scan")
     array_path, manifest_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     shape = (len(source), *preprocess.shape)
     lock = cache_dir / f"{stem}.lock"
-    with _locked(lock):
+    with _locked(lock, created):
         entry = _read_entry(array_path, manifest_path, shape)
         if entry is not None:
             return entry
         for stale in (array_path, manifest_path, *cache_dir.glob(f"{stem}.*.partial")):
             stale.unlink(missing_ok=True)
         partial = cache_dir / f"{stem}.{os.getpid()}.partial"
-        try:
-            _build(source, preprocess, partial, array_path, manifest_path, workers, with_images)
-        except OSError as error:
+
+        def discard() -> None:
+            """Remove what this build made: its files, its lock, the folders made for it."""
             partial.unlink(missing_ok=True)
             manifest_path.with_suffix(".json.partial").unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
+            _remove_empty(created)
+
+        try:
+            skipped = _build(
+                source, preprocess, partial, array_path, manifest_path, workers, with_images
+            )
+        except OSError as error:
+            discard()
             if isinstance(error, ImageDecodeError):
                 raise
             needed = int(np.prod(shape)) if with_images else 0
             raise OSError(_build_failure(cache_dir, needed, error)) from error
+        if skipped is not None:  # nothing usable: nothing kept
+            discard()
+            return Decoded(None, np.zeros(0, dtype=np.int64), skipped)
         entry = _read_entry(array_path, manifest_path, shape)
     if entry is None:
         raise OSError(f"cache entry {manifest_path} was written but cannot be read back")
@@ -204,15 +254,19 @@ def _build(
     manifest_path: Path,
     workers: int,
     with_images: bool,
-) -> None:
+) -> list[tuple[str, str]] | None:
     """Decode into `partial`, rename it into place, then write the manifest (last, so that
-    an entry with a manifest is complete)."""
+    an entry with a manifest is complete). When no item decodes, write nothing and return
+    the skipped items (item, reason) instead: an entry no run can use is not kept."""
     if with_images:
         needed = len(source) * int(np.prod(preprocess.shape))
         if needed > shutil.disk_usage(partial.parent).free:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent))
     started = time.perf_counter()
     failures = _decode_all(source, preprocess, partial if with_images else None, workers)
+    skipped = [(source.item_name(i), reason) for i, reason in failures]
+    if len(failures) == len(source):
+        return skipped
     if with_images:
         os.replace(partial, array_path)
     bad = {index for index, _ in failures}
@@ -223,14 +277,15 @@ def _build(
         "source": source.name,
         "preprocess": dataclasses.asdict(preprocess),
         "valid": [i for i in range(len(source)) if i not in bad],
-        "skipped": [(source.item_name(i), reason) for i, reason in failures],
+        "skipped": skipped,
     }
     temporary = manifest_path.with_suffix(".json.partial")
     temporary.write_text(json.dumps(manifest))
     os.replace(temporary, manifest_path)
     seconds = time.perf_counter() - started
     log.info(
-        "decoded %d images from %s in %.1f s (%.0f images/s) into %s",
-        len(source), source.name, seconds, len(source) / max(seconds, 1e-9),
-        array_path if with_images else manifest_path,
+        "decoded %d images from %s in %.1f s (%.0f files/s; %d skipped: not decodable) into %s",
+        len(source) - len(failures), source.name, seconds, len(source) / max(seconds, 1e-9),
+        len(failures), array_path if with_images else manifest_path,
     )  # fmt: skip
+    return None

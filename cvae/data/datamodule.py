@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -193,17 +193,21 @@ def default_cache_dir(root: str | None) -> Path:
 
 
 def _writable(folder: Path) -> bool:
-    """Whether files can be created in `folder` (made if missing). Tried, not inferred from
-    permission bits: root ignores those, but not a read-only mount."""
+    """Whether files can be created in `folder`. Tried, not inferred from permission bits:
+    root ignores those, but not a read-only mount. A folder made for the try is removed
+    again (if still empty): the cache builds it when it has something to keep, so a run
+    that fails first (an empty data folder) adds nothing to the user's data."""
     existed = folder.exists()
     try:
         folder.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             return True
     except OSError:
-        if not existed:
-            shutil.rmtree(folder, ignore_errors=True)
         return False
+    finally:
+        if not existed:
+            with suppress(OSError):
+                folder.rmdir()
 
 
 def _split_size(total: int, fraction: float) -> int:
@@ -337,10 +341,14 @@ class ImageDataModule(pl.LightningDataModule):
         return Decoded(None, np.arange(len(source)), [])
 
     def prepare_data(self) -> None:
-        """Build the cache once per machine; the other ranks wait, then read it."""
+        """Build the cache once per machine; the other ranks wait, then read it. A source
+        without a usable image fails here, before a run writes anything (config tree,
+        TensorBoard events)."""
         for source in self._load_sources():
             if source is not None:
-                self._decode(source)
+                decoded = self._decode(source)
+                if len(decoded.valid) == 0:
+                    self._report(decoded, source)  # the error: no usable images
 
     def _report(self, decoded: Decoded, source: ImageSource) -> None:
         """One line: how many images are used and, naming the first few, which were not."""
