@@ -1,8 +1,8 @@
 """`FastDecoder`: the decoder's logits, the same function, computed faster for evaluation.
 
 An importance-weighted bound decodes thousands of latents per image; on CPU the decoder's
-time goes mostly to memory layouts and to the last transposed convolution, whose one to
-three output channels oneDNN handles poorly. Measured by benchmarks/eval_throughput.py.
+time goes mostly to memory layouts and to the last doubling, whose one to three output
+channels oneDNN handles poorly. Measured by benchmarks/eval_throughput.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from cvae.models.networks import Decoder
+from cvae.models.networks import Decoder, ResizeConv
 
 
 class DoublingTaps(nn.Module):
@@ -69,8 +69,10 @@ class DoublingTaps(nn.Module):
 class FastDecoder(nn.Module):
     """`decoder.logits`, computed by a copy of `decoder` (the original is left as it is):
     the first Linear writes its output channels-last directly (its rows reordered), the
-    convolutions run on channels-last weights, and the last transposed convolution runs as
-    `DoublingTaps`. Equal to `decoder.logits` up to float rounding."""
+    convolutions run on channels-last weights, resize doublings run as the transposed
+    convolutions they equal (`ResizeConv.as_transposed`: the kernel derived once, the
+    weights being frozen), and the last transposed convolution runs as `DoublingTaps`.
+    Equal to `decoder.logits` up to float rounding."""
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
@@ -83,7 +85,10 @@ class FastDecoder(nn.Module):
             linear.weight.copy_(linear.weight[order])
             linear.bias.copy_(linear.bias[order])
         self.project, self.start_shape = decoder.project, decoder.start_shape
-        layers = list(decoder.features)[:-1]  # the network without its Sigmoid
+        layers = [  # the network without its Sigmoid
+            layer.as_transposed() if isinstance(layer, ResizeConv) else layer
+            for layer in list(decoder.features)[:-1]
+        ]
         self.last = DoublingTaps(layers.pop()) if DoublingTaps.applies_to(layers[-1]) else None
         self.body = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 

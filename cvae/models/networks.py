@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DOWNSAMPLING = ("stride", "maxpool")
@@ -113,14 +114,54 @@ class Encoder(nn.Module):
         return self.mu(h), self.log_var(h)
 
 
+class ResizeConv(nn.Sequential):
+    """Nearest-neighbour 2x resizing then a 3x3 convolution (padding 1), computed without
+    the resized map as the stride-2 transposed convolution it equals.
+
+    Output pixel `(2i + a, 2j + b)` sees 2x2 input pixels; per dimension the taps
+    `(w0, w1, w2)` that land on one input pixel are summed first, `(w0, w1 + w2)` for even
+    outputs and `(w0 + w1, w2)` for odd ones. These four 2x2 phase kernels, together, are the
+    4x4 kernel `(w2, w1 + w2, w0 + w1, w0)` of a stride-2 transposed convolution with
+    padding 1, which computes the four phases and interleaves them in one call (no
+    `pixel_shuffle` copy): 16 instead of 36 multiply-adds per input pixel and channel pair,
+    on the primitive the `transpose` decoder runs. The kernel is derived from the 3x3
+    weight on every call, so gradients reach it.
+    The children, applied in turn, are the reference computation and keep the checkpoint
+    keys (`1.weight`, `1.bias`) of the layer from before this class.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(in_channels, out_channels, 3, padding=1))  # fmt: skip
+
+    def transposed_weight(self) -> torch.Tensor:
+        """The equivalent transposed convolution's kernel, `(C_in, C_out, 4, 4)`: the 3x3
+        kernel flipped and summed over 2x2 windows of itself padded by one."""
+        taps = F.pad(self[1].weight.transpose(0, 1).flip(-2, -1), (1, 1, 1, 1))
+        return taps[..., :-1, :-1] + taps[..., 1:, :-1] + taps[..., :-1, 1:] + taps[..., 1:, 1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.transposed_weight(), self[1].bias, stride=2, padding=1)
+
+    def as_transposed(self) -> nn.ConvTranspose2d:
+        """A `ConvTranspose2d` holding a detached copy of the equivalent kernel: for frozen
+        weights, where deriving it once is enough."""
+        conv = self[1]
+        transposed = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, 4, 2, 1)
+        transposed.to(conv.weight)
+        with torch.no_grad():
+            transposed.weight.copy_(self.transposed_weight())
+            transposed.bias.copy_(conv.bias)
+        return transposed
+
+
 def doubling(in_channels: int, out_channels: int, kernel_size: int, upsample: str) -> nn.Module:
     """A layer that doubles the feature map: `transpose`, a stride-2 transposed convolution;
     `resize`, nearest-neighbour resizing then a 3x3 convolution (Odena et al. 2016,
     "Deconvolution and checkerboard artifacts": every output pixel gets the same number of
-    kernel taps, so no checkerboard pattern)."""
+    kernel taps, so no checkerboard pattern), computed as `ResizeConv` explains."""
     if upsample == "resize":
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                             nn.Conv2d(in_channels, out_channels, 3, padding=1))  # fmt: skip
+        return ResizeConv(in_channels, out_channels)
     padding, output_padding = _padding(kernel_size)
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size, 2, padding, output_padding)
 
