@@ -13,7 +13,7 @@ PORT ?= 6006
 TEST_WORKERS ?= auto
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help install fashion-mnist train evaluate generate export features summarize test lint notebook tensorboard \
+.PHONY: help install fashion-mnist train evaluate generate export features summarize test test-fast lint notebook tensorboard \
 	sweep bench-data bench-train bench-quality bench-startup clean
 
 help:  ## list the targets
@@ -55,6 +55,9 @@ summarize: install  ## the table of a sweep; ARGS="outputs/train/multiruns/<time
 
 test: install  ## the test suite (CPU, a few minutes; a pytest-xdist worker per core)
 	$(RUN) pytest -n $(TEST_WORKERS) $(ARGS)
+
+test-fast: install  ## the edit loop's subset: every test not marked slow (about a minute)
+	$(RUN) pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 lint: install  ## ruff check and format check
 	$(RUN) ruff check .

@@ -64,5 +64,6 @@ def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
     without the sampler fit at the end (`sampler=prior`): benchmarks time training, and
     sample_quality fits its samplers itself."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", "sampler=prior",
-                                           *overrides])  # fmt: skip
+        return compose(
+            "train", overrides=[f"paths.output_dir={output_dir}", "sampler=prior", *overrides]
+        )

@@ -48,8 +48,15 @@ def build(variant: str, hp: dict, classes: list[str]) -> CVAE:
         model.conditioning = ZeroPlane(k, size)
     elif variant == "one-hot planes + code":
         model.conditioning = OneHotPlanes(k, size)
-        model.encoder = Encoder(hp["in_channels"] + k, model.hparams.hidden_channels, size,
-                                hp["latent_dim"], 4, "stride", False)  # fmt: skip
+        model.encoder = Encoder(
+            hp["in_channels"] + k,
+            model.hparams.hidden_channels,
+            size,
+            hp["latent_dim"],
+            4,
+            "stride",
+            False,
+        )
     elif variant == "plane + code + decoder FiLM":
         add_film(model, k)
     return model
@@ -98,11 +105,17 @@ class Classifier(nn.Module):
     def __init__(self, channels: int, size: int, classes: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 128), nn.ReLU(),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * (size // 4) ** 2, 128),
+            nn.ReLU(),
             nn.Linear(128, classes),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -131,8 +144,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    datamodule = ImageDataModule(source="fashion_mnist", root="data", image_size=args.image_size,
-                                 channels=1, batch_size=64, num_workers=0)  # fmt: skip
+    datamodule = ImageDataModule(
+        source="fashion_mnist",
+        root="data",
+        image_size=args.image_size,
+        channels=1,
+        batch_size=64,
+        num_workers=0,
+    )
     datamodule.setup()
     classes = datamodule.labelled_classes()
     test = [datamodule.test_set[i] for i in range(args.eval_images)]
@@ -153,8 +172,13 @@ def main() -> None:
     print(f"classifier accuracy on real test images: {judge_accuracy:.3f}", flush=True)
 
     hp = dict(in_channels=1, image_size=args.image_size, latent_dim=args.latent_dim)
-    variants = ("unconditional", "plane + code", "decoder code only", "one-hot planes + code",
-                "plane + code + decoder FiLM")  # fmt: skip
+    variants = (
+        "unconditional",
+        "plane + code",
+        "decoder code only",
+        "one-hot planes + code",
+        "plane + code + decoder FiLM",
+    )
     rows = []
     for variant in variants:
         torch.manual_seed(0)
@@ -190,17 +214,23 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
 
-    print(f"\nFashion-MNIST {args.image_size}x{args.image_size}, default model (latent "
-          f"{args.latent_dim}), {args.steps} steps of batch 64, 1 thread; first "
-          f"{args.eval_images} test images; judge accuracy on real images "
-          f"{judge_accuracy:.3f}\n")  # fmt: skip
-    print("| label enters as | recon MSE per pixel | neg. ELBO (nats) | sample accuracy | "
-          "swap accuracy | train time |")  # fmt: skip
+    print(
+        f"\nFashion-MNIST {args.image_size}x{args.image_size}, default model (latent "
+        f"{args.latent_dim}), {args.steps} steps of batch 64, 1 thread; first "
+        f"{args.eval_images} test images; judge accuracy on real images "
+        f"{judge_accuracy:.3f}\n"
+    )
+    print(
+        "| label enters as | recon MSE per pixel | neg. ELBO (nats) | sample accuracy | "
+        "swap accuracy | train time |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         swap = f"{r['swap_acc']:.3f}" if "swap_acc" in r else "-"
-        print(f"| {r['variant']} | {r['mse']:.4f} | {r['neg_elbo']:.1f} | "
-              f"{r['sample_acc']:.3f} | {swap} | {r['seconds']:.0f} s |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['mse']:.4f} | {r['neg_elbo']:.1f} | "
+            f"{r['sample_acc']:.3f} | {swap} | {r['seconds']:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

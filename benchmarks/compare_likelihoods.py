@@ -32,21 +32,28 @@ def main() -> None:
 
     from cvae import CVAE, ImageDataModule, visualize_batch
     from cvae.metrics import evaluate_model
-    from cvae.runtime import train
+    from cvae.training import train
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.steps} steps of batch 64 each")  # fmt: skip
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {args.steps} steps of batch 64 each"
+    )
     rows = []
     for name in LIKELIHOODS:
         run_dir = args.out / name
         overrides = [
-            f"paths.output_dir={run_dir}", f"model.recon_loss={name}", "test=false",
+            f"paths.output_dir={run_dir}",
+            f"model.recon_loss={name}",
+            "test=false",
             "sampler=prior",  # its grids are prior samples; no fit at the end
-            f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
-            "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
+            f"trainer.max_steps={args.steps}",
+            "trainer.max_epochs=-1",
+            "trainer.limit_val_batches=10",
+            f"+trainer.val_check_interval={args.steps}",
             "trainer.check_val_every_n_epoch=null",  # validate once, at the end
-            "~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false",
-        ]  # fmt: skip
+            "~callbacks.rich_progress_bar",
+            "+trainer.enable_progress_bar=false",
+        ]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         started = time.perf_counter()
@@ -56,8 +63,12 @@ def main() -> None:
         model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
         datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
         datamodule.setup("test")
-        metrics = evaluate_model(model, datamodule.test_dataloader(), iw_samples=args.iw_samples,
-                           max_images=args.eval_images)  # fmt: skip
+        metrics = evaluate_model(
+            model,
+            datamodule.test_dataloader(),
+            iw_samples=args.iw_samples,
+            max_images=args.eval_images,
+        )
         samples = model.sample(64, generator=torch.Generator().manual_seed(0))
         visualize_batch(samples, args.docs / f"{name}_samples.png", nrow=8)
         sigma = ""
@@ -68,10 +79,14 @@ def main() -> None:
         rows.append((name, seconds, metrics, sigma))
         print(f"{name}: trained in {seconds:.0f} s", flush=True)
 
-    print(f"\n{args.steps} steps each, test metrics on the first {args.eval_images} test images, "
-          f"NLL with {args.iw_samples} importance samples\n")  # fmt: skip
-    print("| likelihood | sigma | test bits/dim | MSE per pixel | PSNR | SSIM | active units | "
-          "train time |")  # fmt: skip
+    print(
+        f"\n{args.steps} steps each, test metrics on the first {args.eval_images} test images, "
+        f"NLL with {args.iw_samples} importance samples\n"
+    )
+    print(
+        "| likelihood | sigma | test bits/dim | MSE per pixel | PSNR | SSIM | active units | "
+        "train time |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, seconds, m, sigma in rows:
         bpd = (
@@ -80,8 +95,16 @@ def main() -> None:
             else f"{m['bits_per_dim']:.3f}"
         )
         units = f"{m['active_units']} / {m['latent_dim']}"
-        cells = [f"`{name}`", sigma or "-", bpd, f"{m['mse_per_pixel']:.4f}", f"{m['psnr']:.2f}",
-                 f"{m['ssim']:.3f}", units, f"{seconds:.0f} s"]  # fmt: skip
+        cells = [
+            f"`{name}`",
+            sigma or "-",
+            bpd,
+            f"{m['mse_per_pixel']:.4f}",
+            f"{m['psnr']:.2f}",
+            f"{m['ssim']:.3f}",
+            units,
+            f"{seconds:.0f} s",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 

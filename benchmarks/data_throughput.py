@@ -167,17 +167,35 @@ def main() -> None:
 
     root = ensure_folder(args.root, args.num_images)
     cache_dir = Path(tempfile.mkdtemp(prefix="cvae-bench-cache-"))
-    print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
-          f"python {platform.python_version()}; folder: {root}")  # fmt: skip
-    print(f"{args.num_workers} workers/threads, batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}\n")  # fmt: skip
+    print(
+        f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+        f"python {platform.python_version()}; folder: {root}"
+    )
+    print(
+        f"{args.num_workers} workers/threads, batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}\n"
+    )
     results = {}
     try:
         for phase in ("baseline", "cold", "warm"):
-            command = [sys.executable, __file__, "--phase", phase, "--root", str(root),
-                       "--cache-dir", str(cache_dir), "--image-size", str(args.image_size),
-                       "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                       "--num-workers", str(args.num_workers)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--phase",
+                phase,
+                "--root",
+                str(root),
+                "--cache-dir",
+                str(cache_dir),
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+                "--num-workers",
+                str(args.num_workers),
+            ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[phase] = json.loads(output.strip().splitlines()[-1])
     finally:
@@ -196,13 +214,16 @@ def main() -> None:
     }
     print(f"{'':52} {'images/s':>9} {'x base':>7} {'peak RSS MiB':>13}")
     for phase, rate in rates.items():
-        print(f"{labels[phase]:52} {rate:9.0f} {rate / base:6.1f}x "
-              f"{results[phase]['peak_mib']:13.0f}")  # fmt: skip
+        print(
+            f"{labels[phase]:52} {rate:9.0f} {rate / base:6.1f}x {results[phase]['peak_mib']:13.0f}"
+        )
     warm = results["warm"]
     with_setup = warm["images"] / warm["seconds"]
-    print(f"\nwarm, including setup (walk, stat and hash of {warm['images']} files): "
-          f"{with_setup:.0f} images/s = {with_setup / base:.1f}x baseline "
-          f"(setup {warm['setup_seconds']:.2f} s)")  # fmt: skip
+    print(
+        f"\nwarm, including setup (walk, stat and hash of {warm['images']} files): "
+        f"{with_setup:.0f} images/s = {with_setup / base:.1f}x baseline "
+        f"(setup {warm['setup_seconds']:.2f} s)"
+    )
     print(
         f"cache: {warm['cache_mib']:.0f} MiB on disk; reading it for 4 epochs grew the "
         f"process's anonymous memory by {warm['anon_growth_mib']:.0f} MiB (the pages read "

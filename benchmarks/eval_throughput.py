@@ -96,11 +96,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
-    parser.add_argument("--report-k", type=int, nargs="+", default=None,
-                        help="K of the extrapolated full evaluations (default: 5000 for nll, "
-                             "eval.iw_samples and 5000 for default)")  # fmt: skip
-    parser.add_argument("--inception", action="store_true",
-                        help="also time Inception v3 forward passes (what FID costs)")  # fmt: skip
+    parser.add_argument(
+        "--report-k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="K of the extrapolated full evaluations (default: 5000 for nll, "
+        "eval.iw_samples and 5000 for default)",
+    )
+    parser.add_argument(
+        "--inception",
+        action="store_true",
+        help="also time Inception v3 forward passes (what FID costs)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = parser.parse_args()
     if args.threads:
@@ -114,8 +122,9 @@ def main() -> None:
 
         eval_cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval.yaml")
         report_ks = [int(eval_cfg.eval.iw_samples), 5000]
-    cfg = compose_train(Path(tempfile.mkdtemp(prefix="cvae-eval-bench-")),
-                        [*overrides, *args.overrides])  # fmt: skip
+    cfg = compose_train(
+        Path(tempfile.mkdtemp(prefix="cvae-eval-bench-")), [*overrides, *args.overrides]
+    )
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).eval()
     hp = model.hparams
@@ -136,15 +145,18 @@ def main() -> None:
 
     def iwae() -> None:
         generator, fast = torch.Generator().manual_seed(0), FastDecoder(model.decoder)
-        model.log_likelihood(x, args.k, generator, max_decodes=fast.decodes_per_call(),
-                             decoder=fast)  # fmt: skip
+        model.log_likelihood(
+            x, args.k, generator, max_decodes=fast.decodes_per_call(), decoder=fast
+        )
 
     def evaluator() -> None:
         evaluate_model(model, batches, iw_samples=args.k)
 
-    runs = {"replaced evaluator's IWAE loop (baseline)": legacy,
-            "CVAE.log_likelihood, as evaluated now": iwae,
-            "whole evaluator (cvae.metrics.evaluate_model)": evaluator}  # fmt: skip
+    runs = {
+        "replaced evaluator's IWAE loop (baseline)": legacy,
+        "CVAE.log_likelihood, as evaluated now": iwae,
+        "whole evaluator (cvae.metrics.evaluate_model)": evaluator,
+    }
     best = {name: (math.inf, math.inf) for name in runs}
     for round_ in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives, allocator)
         for name, run in runs.items():
@@ -155,21 +167,28 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     print(f"machine: {machine()}")
-    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-          f"on {os.cpu_count()} cores (above {threads}: shared with other processes)")  # fmt: skip
+    print(
+        f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+        f"on {os.cpu_count()} cores (above {threads}: shared with other processes)"
+    )
     print(f"dense matmul rate (fp32): {peak / 1e9:,.1f} GFLOP/s")
-    print(f"model: {args.preset} ({hp.image_size}x{hp.image_size}x{hp.in_channels}, latent "
-          f"{hp.latent_dim}, widths {list(hp.hidden_channels)}, {hp.recon_loss}); "
-          f"{flops / 1e6:,.2f} MFLOP per decode")  # fmt: skip
-    print(f"timed: {args.images} images x K={args.k} = {decodes:,} decodes, best of "
-          f"{args.rounds} alternating rounds; per CPU-second: decodes over the CPU time of "
-          f"this process's {threads} threads, which other processes do not inflate")  # fmt: skip
-    print(f"{'':44s} {'decodes/s':>9s}  {'GFLOP/s':>7s}  {'of matmul':>9s}  "
-          f"{'per CPU-s':>9s}")  # fmt: skip
+    print(
+        f"model: {args.preset} ({hp.image_size}x{hp.image_size}x{hp.in_channels}, latent "
+        f"{hp.latent_dim}, widths {list(hp.hidden_channels)}, {hp.recon_loss}); "
+        f"{flops / 1e6:,.2f} MFLOP per decode"
+    )
+    print(
+        f"timed: {args.images} images x K={args.k} = {decodes:,} decodes, best of "
+        f"{args.rounds} alternating rounds; per CPU-second: decodes over the CPU time of "
+        f"this process's {threads} threads, which other processes do not inflate"
+    )
+    print(f"{'':44s} {'decodes/s':>9s}  {'GFLOP/s':>7s}  {'of matmul':>9s}  {'per CPU-s':>9s}")
     for name, (wall, cpu) in best.items():
         rate = decodes / wall
-        print(f"{name:44s} {rate:9,.0f}  {rate * flops / 1e9:7.1f}  {rate * flops / peak:9.1%}  "
-              f"{decodes / cpu:9,.0f}")  # fmt: skip
+        print(
+            f"{name:44s} {rate:9,.0f}  {rate * flops / 1e9:7.1f}  {rate * flops / peak:9.1%}  "
+            f"{decodes / cpu:9,.0f}"
+        )
     (baseline, baseline_cpu), (iwae_s, iwae_cpu), (whole_s, whole_cpu) = best.values()
     print(
         f"IWAE loop now / baseline: {baseline / iwae_s:.2f}x wall, "
@@ -181,15 +200,23 @@ def main() -> None:
     )
     # A full evaluation: per image, the evaluator's work besides the importance samples
     # (encoder, ELBO, reconstruction, SSIM, chunk files) plus K decodes at the loop's rate.
-    for label, loop, whole, scale in (("at the measured wall rate", iwae_s, whole_s, 1),
-                                      (f"with {threads} unshared cores (CPU-time rate x "
-                                       f"{threads})", iwae_cpu, whole_cpu, threads)):  # fmt: skip
+    for label, loop, whole, scale in (
+        ("at the measured wall rate", iwae_s, whole_s, 1),
+        (
+            f"with {threads} unshared cores (CPU-time rate x {threads})",
+            iwae_cpu,
+            whole_cpu,
+            threads,
+        ),
+    ):
         per_image = max(0.0, whole - loop) / args.images / scale
         for report_k in report_ks:
             seconds = split_images * (per_image + report_k * loop / scale / decodes)
-            print(f"extrapolated, {label}: K={report_k} over {split_images:,} test images "
-                  f"takes {seconds / 60:,.1f} min ({per_image * 1e3:.1f} ms per image besides "
-                  f"its {report_k} decodes)")  # fmt: skip
+            print(
+                f"extrapolated, {label}: K={report_k} over {split_images:,} test images "
+                f"takes {seconds / 60:,.1f} min ({per_image * 1e3:.1f} ms per image besides "
+                f"its {report_k} decodes)"
+            )
     if args.inception:
         inception_rate(device, args.rounds)
 
@@ -207,9 +234,11 @@ def inception_rate(device: torch.device, rounds: int, batch: int = 32) -> None:
         with FlopCounterMode(display=False) as counter:
             network(images[:1])
         best = min(timed(lambda: network(images), device)[0] for _ in range(rounds))
-    print(f"Inception v3 (299x299, {counter.get_total_flops() / 1e9:.1f} GFLOP per image): "
-          f"{batch / best:,.1f} images/s; FID/KID on 10,000 samples + 10,000 images: "
-          f"{20_000 / (batch / best) / 60:,.0f} min of features")  # fmt: skip
+    print(
+        f"Inception v3 (299x299, {counter.get_total_flops() / 1e9:.1f} GFLOP per image): "
+        f"{batch / best:,.1f} images/s; FID/KID on 10,000 samples + 10,000 images: "
+        f"{20_000 / (batch / best) / 60:,.0f} min of features"
+    )
 
 
 if __name__ == "__main__":

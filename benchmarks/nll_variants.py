@@ -27,14 +27,17 @@ VARIANTS = {
     "baseline (ELBO, latent 40, 4x4 kernels)": [],
     "IWAE k=5": ["model.iw_samples=5"],
     "IWAE k=5, latent 64, 5x5 kernels": [
-        "model.iw_samples=5", "model.latent_dim=64", "model.kernel_size=5",
+        "model.iw_samples=5",
+        "model.latent_dim=64",
+        "model.kernel_size=5",
     ],
     "IWAE k=5, VampPrior (500 pseudo-inputs)": ["model.iw_samples=5", "model/prior=vamp"],
     "IWAE k=5, mixture prior (10 components)": ["model.iw_samples=5", "model/prior=mog"],
     "ELBO, widths 64-128, a residual block per resolution": [
-        "model.hidden_channels=[64,128]", "model.residual_blocks=1",
+        "model.hidden_channels=[64,128]",
+        "model.residual_blocks=1",
     ],
-}  # fmt: skip
+}
 
 
 def step_seconds(model: torch.nn.Module, batch: torch.Tensor, steps: int) -> float:
@@ -57,17 +60,21 @@ def costs(steps: int) -> None:
     baseline = None
     with tempfile.TemporaryDirectory() as scratch:
         for name, overrides in VARIANTS.items():
-            cfg = compose_train(Path(scratch), ["experiment=fashion_mnist_nll", *BASELINE,
-                                                *overrides])  # fmt: skip
+            cfg = compose_train(
+                Path(scratch), ["experiment=fashion_mnist_nll", *BASELINE, *overrides]
+            )
             torch.manual_seed(0)
             model = instantiate(cfg.model)
             params = sum(p.numel() for p in model.parameters())
             flops = training_flops(model, batch, lambda m, b: m.loss_terms(b)["loss"])
             seconds = step_seconds(model, batch, steps)
             baseline = baseline or seconds
-            print(f"| {name} | {params / 1e6:.2f}M | {flops / 1e6:.1f} | "
-                  f"{seconds * 1e3:.0f} ms ({seconds / baseline:.2f}x) | "
-                  f"{seconds * 500:.0f} s |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {params / 1e6:.2f}M | {flops / 1e6:.1f} | "
+                f"{seconds * 1e3:.0f} ms ({seconds / baseline:.2f}x) | "
+                f"{seconds * 500:.0f} s |",
+                flush=True,
+            )
 
 
 def training_minutes(wall_times: list[float]) -> list[float]:
@@ -95,11 +102,15 @@ def curves(runs: list[Path]) -> None:
         times = training_minutes([v.wall_time for v in validations])
         minutes = dict(zip((v.step for v in validations), times, strict=True))
         points = accumulator.Scalars("val/iw_nll")
-        print(f"\n{run}: {len(validations)} epochs, {minutes[validations[-1].step]:.0f} min; "
-              "val/iw_nll (K=100) against training time")  # fmt: skip
+        print(
+            f"\n{run}: {len(validations)} epochs, {minutes[validations[-1].step]:.0f} min; "
+            "val/iw_nll (K=100) against training time"
+        )
         for point in points:
-            print(f"  step {point.step:6d}  {minutes.get(point.step, float('nan')):6.1f} min  "
-                  f"{point.value:.2f}")  # fmt: skip
+            print(
+                f"  step {point.step:6d}  {minutes.get(point.step, float('nan')):6.1f} min  "
+                f"{point.value:.2f}"
+            )
         print(f"  best {min(p.value for p in points):.2f}")
 
 

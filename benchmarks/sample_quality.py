@@ -70,8 +70,12 @@ def _steps(checkpoint: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=Path, required=True,
-                        help="a feature network file written by cvae.train_features")  # fmt: skip
+    parser.add_argument(
+        "--features",
+        type=Path,
+        required=True,
+        help="a feature network file written by cvae.train_features",
+    )
     parser.add_argument("--steps", type=int, default=2400, help="training steps per cell")
     parser.add_argument("--likelihoods", nargs="+", default=["gaussian_fixed", "gaussian_optimal"])
     parser.add_argument("--priors", nargs="+", default=["standard", "mog", "vamp"])
@@ -98,24 +102,28 @@ def main() -> None:
     from cvae import CVAE, ImageDataModule, visualize_batch
     from cvae.errors import Interrupted
     from cvae.fid import feature_network, fid_kid
+    from cvae.loading import sampler as configured_sampler
     from cvae.quiet import quiet_known_noise
-    from cvae.runtime import sampler_of, train
     from cvae.samplers import posteriors
+    from cvae.training import train
 
     quiet_known_noise()  # the warnings the commands silence
     features = feature_network(args.features)
     print(f"machine: {machine()}")
-    print(f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
-          f"against as many test images in the features of {args.features}")  # fmt: skip
+    print(
+        f"budget: {args.steps} steps of batch 64 per cell; FD of {args.samples} samples "
+        f"against as many test images in the features of {args.features}"
+    )
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        samplers = {name: sampler_of(compose("generate", [f"sampler={name}", "ckpt_path=-"]))
-                    for name in args.samplers}  # as cvae.generate mode=fit builds them  # fmt: skip
-    wanted = [s.max_images for s in samplers.values() if s is not None]
+        samplers = {
+            name: configured_sampler(compose("generate", [f"sampler={name}"]))
+            for name in args.samplers
+        }  # as cvae.generate mode=fit builds them
+    wanted = [s.max_images for s in samplers.values() if s.needs_fit]
     fit_images = None if None in wanted or not wanted else max(wanted)
-    for name, sampler in samplers.items():
-        settings = sampler.settings() if sampler is not None else {}
-        print(f"sampler {name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    for sampler in samplers.values():
+        print(sampler.describe())
 
     def distance(fake: torch.Tensor, real: torch.Tensor) -> float:
         return fid_kid(_batches(real), _batches(fake), features)["fid"]
@@ -127,21 +135,29 @@ def main() -> None:
                 cell = f"{likelihood}-{prior}-{upsample}"
                 run_dir = args.out / cell
                 overrides = [
-                    f"model.recon_loss={likelihood}", f"model/prior={prior}",
-                    f"model.upsample={upsample}", "test=false",
-                    f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
-                    "trainer.limit_val_batches=10", f"+trainer.val_check_interval={args.steps}",
-                    "trainer.check_val_every_n_epoch=null", "~callbacks.rich_progress_bar",
+                    f"model.recon_loss={likelihood}",
+                    f"model/prior={prior}",
+                    f"model.upsample={upsample}",
+                    "test=false",
+                    f"trainer.max_steps={args.steps}",
+                    "trainer.max_epochs=-1",
+                    "trainer.limit_val_batches=10",
+                    f"+trainer.val_check_interval={args.steps}",
+                    "trainer.check_val_every_n_epoch=null",
+                    "~callbacks.rich_progress_bar",
                     "+trainer.enable_progress_bar=false",
-                ]  # fmt: skip
+                ]
                 checkpoint = run_dir / "checkpoints" / "last.ckpt"
                 started = time.perf_counter()
                 if _steps(checkpoint) < args.steps:  # a cell cut short resumes from its last.ckpt
                     try:
                         train(compose_train(run_dir, overrides))
                     except Interrupted as stop:  # one line, as the commands print
-                        print(f"{cell} interrupted: saved {stop.checkpoint}; the same "
-                              "benchmark command resumes it", file=sys.stderr)  # fmt: skip
+                        print(
+                            f"{cell} interrupted: saved {stop.checkpoint}; the same "
+                            "benchmark command resumes it",
+                            file=sys.stderr,
+                        )
                         raise SystemExit(stop.exit_status) from None
                 trained = time.perf_counter() - started
                 model = CVAE.load_from_checkpoint(checkpoint, weights_only=True).eval()
@@ -163,13 +179,15 @@ def main() -> None:
                     floors["real training images"] = distance(train_images, test)
                 reconstructions = torch.cat([model.reconstruct(b) for b in _batches(test)])
                 recon_fd = distance(reconstructions, test)
-                if any(sampler is not None for sampler in samplers.values()):
-                    mu, log_var, _ = posteriors(model, datamodule.train_dataloader(), fit_images)
+                if any(sampler.needs_fit for sampler in samplers.values()):
+                    every = datamodule.ordered_dataloader("train")  # as mode=fit reads them
+                    posterior, _ = posteriors(model, every, fit_images)
+                    mu, log_var = posterior.mu, posterior.log_var
                 prior_fd = None
                 for name in args.samplers:
                     started = time.perf_counter()
                     sampler = samplers[name]  # each cell's fit replaces the last one's
-                    if sampler is not None:
+                    if sampler.needs_fit:
                         first = slice(sampler.max_images)  # the first max_images, as mode=fit
                         sampler.fit(mu[first], log_var[first])
                     fitted = time.perf_counter() - started
@@ -177,14 +195,23 @@ def main() -> None:
                     at_one = None  # the samples at temperature 1, the fitted density itself
                     for temperature in args.temperatures:
                         generator = torch.Generator().manual_seed(0)
-                        samples = torch.cat([
-                            model.sample(min(256, args.samples - start), temperature,
-                                         generator, sampler=sampler)
-                            for start in range(0, args.samples, 256)
-                        ])  # fmt: skip
+                        samples = torch.cat(
+                            [
+                                model.sample(
+                                    min(256, args.samples - start),
+                                    temperature,
+                                    generator,
+                                    sampler=sampler,
+                                )
+                                for start in range(0, args.samples, 256)
+                            ]
+                        )
                         val_fd = distance(samples, validation)
-                        print(f"{cell} {name} temperature {temperature:g}: FD {val_fd:.1f} "
-                              "against validation images", flush=True)  # fmt: skip
+                        print(
+                            f"{cell} {name} temperature {temperature:g}: FD {val_fd:.1f} "
+                            "against validation images",
+                            flush=True,
+                        )
                         if picked is None or val_fd < picked[0]:
                             picked = (val_fd, temperature, samples)
                         at_one = samples if temperature == 1 else at_one
@@ -197,11 +224,23 @@ def main() -> None:
                     prior_fd = fd if name == "prior" else prior_fd
                     visualize_batch(samples[:64], args.out / f"{cell}-{name}.png", nrow=8)
                     in_64, rarest = _variety(features, samples, classes)
-                    rows.append(dict(likelihood=likelihood, prior=prior, upsample=upsample,
-                                     sampler=name, at_one=fd_at_one, temperature=temperature,
-                                     fd=fd, recon_fd=recon_fd, prior_fd=prior_fd,
-                                     in_64=in_64, rarest=rarest,
-                                     trained=trained, fitted=fitted))  # fmt: skip
+                    rows.append(
+                        dict(
+                            likelihood=likelihood,
+                            prior=prior,
+                            upsample=upsample,
+                            sampler=name,
+                            at_one=fd_at_one,
+                            temperature=temperature,
+                            fd=fd,
+                            recon_fd=recon_fd,
+                            prior_fd=prior_fd,
+                            in_64=in_64,
+                            rarest=rarest,
+                            trained=trained,
+                            fitted=fitted,
+                        )
+                    )
                     print(
                         f"{cell} {name}: FD {fd:.1f} at temperature {temperature:g} "
                         f"(reconstructions {recon_fd:.1f}); {in_64} classes in the first 64, "
@@ -211,9 +250,21 @@ def main() -> None:
                     )
 
     print("\nfloors: " + ", ".join(f"{k} FD {v:.2f}" for k, v in floors.items()))
-    columns = ["likelihood", "prior", "up-sampling", "sampler", "FD at temperature 1",
-               "picked temperature", "FD there", "/ reconstructions'", "/ its prior sampler's",
-               "classes in 64", "rarest class", "train", "fit"]  # fmt: skip
+    columns = [
+        "likelihood",
+        "prior",
+        "up-sampling",
+        "sampler",
+        "FD at temperature 1",
+        "picked temperature",
+        "FD there",
+        "/ reconstructions'",
+        "/ its prior sampler's",
+        "classes in 64",
+        "rarest class",
+        "train",
+        "fit",
+    ]
     print("\n| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

@@ -40,7 +40,7 @@ from torchvision import datasets, transforms
 from cvae.data.decode import Preprocess
 from cvae.data.presets import load_idx_source
 from cvae.models.losses import kl_divergence
-from cvae.runtime import build
+from cvae.training import build
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 3.0  # cvae's time to the reference's loss, at most a third of the reference's
@@ -53,19 +53,24 @@ class TextbookVAE(nn.Module):
     def __init__(self, latent_dim: int = LATENT) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(1, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2, 1),
+            nn.ReLU(),
             nn.Flatten(),
-        )  # fmt: skip
+        )
         flat = 64 * (IMAGE_SIZE // 4) ** 2
         self.mu = nn.Linear(flat, latent_dim)
         self.log_var = nn.Linear(flat, latent_dim)
         self.project = nn.Linear(latent_dim, flat)
         self.decoder = nn.Sequential(
-            nn.ReLU(), nn.Unflatten(1, (64, IMAGE_SIZE // 4, IMAGE_SIZE // 4)),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Sigmoid(),
-        )  # fmt: skip
+            nn.ReLU(),
+            nn.Unflatten(1, (64, IMAGE_SIZE // 4, IMAGE_SIZE // 4)),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
+            nn.Sigmoid(),
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
@@ -192,15 +197,24 @@ def main() -> None:
 
     reference, seen = train_reference(folder, args.budget, args.workers, args.seed)
     target = test_loss(reference, subset)
-    print(f"reference: {args.budget:.0f} s, {seen:,} images ({seen / args.budget:,.0f} images/s), "
-          f"test loss {target:,.2f} per image")  # fmt: skip
+    print(
+        f"reference: {args.budget:.0f} s, {seen:,} images ({seen / args.budget:,.0f} images/s), "
+        f"test loss {target:,.2f} per image"
+    )
 
     output = Path(tempfile.mkdtemp(prefix="cvae-quality-"))
     cfg = compose_train(
         output,
-        [f"data.root={args.data_root}", "data.download=false", f"data.cache_dir={output / 'cache'}",
-         "trainer.min_epochs=0", "test=false", f"seed={args.seed}", *args.overrides],
-    )  # fmt: skip
+        [
+            f"data.root={args.data_root}",
+            "data.download=false",
+            f"data.cache_dir={output / 'cache'}",
+            "trainer.min_epochs=0",
+            "test=false",
+            f"seed={args.seed}",
+            *args.overrides,
+        ],
+    )
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     probe = QualityProbe(subset, target, args.probe_every, budget=args.budget)
@@ -213,8 +227,10 @@ def main() -> None:
         print(f"cvae did not reach {target:,.2f} within {args.budget:.0f} s: ratio < 1")
         return
     ratio = args.budget / probe.reached
-    print(f"cvae reached {target:,.2f} after {probe.reached:.1f} s of training "
-          f"(data cache build included)")  # fmt: skip
+    print(
+        f"cvae reached {target:,.2f} after {probe.reached:.1f} s of training "
+        f"(data cache build included)"
+    )
     print(f"time to quality: reference / cvae = {ratio:.2f}x (target >= {TARGET:.0f}x)")
 
 

@@ -38,7 +38,7 @@ from common import compose_train, machine, matmul_rate, synchronize, training_fl
 from hydra.utils import instantiate
 
 from cvae.models.networks import UPSAMPLING
-from cvae.runtime import build
+from cvae.training import build
 
 # On the 2-core reference machine; `resize_vs_transpose` in Lightning images/s (issue 32).
 TARGETS = {"utilisation": 0.40, "lightning_vs_bare": 0.90, "resize_vs_transpose": 0.90}

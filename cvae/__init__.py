@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cvae.data import ImageDataModule
     from cvae.models import CVAE
-    from cvae.models.networks import unit_range
+    from cvae.pixels import unit_range
     from cvae.viz import visualize_batch
 
 _HOMES = {
     "CVAE": "cvae.models",
     "ImageDataModule": "cvae.data",
-    "unit_range": "cvae.models.networks",
+    "unit_range": "cvae.pixels",
     "visualize_batch": "cvae.viz",
 }
 __all__ = ["CVAE", "ImageDataModule", "unit_range", "visualize_batch"]

@@ -1,26 +1,29 @@
-"""Training callbacks: what the data looks like, what the model makes of it, and its likelihood."""
+"""Training callbacks: what the data looks like, what the model makes of it, its likelihood,
+progress lines for runs without a terminal, and the sampler fitted when training ends."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
 
-from cvae.metrics import PosteriorStatistics, likelihood_input
+from cvae.metrics import PosteriorStatistics
 from cvae.objective import LOGGED
-from cvae.samplers import fit_command
+from cvae.pixels import dequantize
+from cvae.progress import duration, metrics_text
+from cvae.samplers import LatentSampler, fit_and_save, fit_command
 from cvae.viz import interleave_rows, visualize_batch
-
-if TYPE_CHECKING:
-    from cvae.samplers import LatentSampler
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 MAX_CLASS_ROWS = 10  # a conditional model's val/samples: a row for each of its first classes
+# What a progress line shows of the latest metrics, when logged.
+SHOWN = ("train/loss", "train/loss_epoch", "val/loss", "val/neg_elbo", "val/mse", "val/iw_nll")
+WHEN = ("auto", "always", "never")
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -80,7 +83,7 @@ class ImageLogger(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self.val_images is None:
             return
         inputs, conditional = self.val_images, pl_module.conditional
-        reconstructions = pl_module.reconstruct(inputs, self.val_labels if conditional else None)
+        reconstructions = pl_module.reconstruct(inputs, pl_module.given(self.val_labels))
         pairs = interleave_rows(inputs, reconstructions, self.nrow)
         self._log(trainer, "val/reconstructions", pairs, min(self.nrow, len(inputs)))
         fixed_noise = torch.Generator().manual_seed(self.seed)
@@ -93,43 +96,44 @@ class ImageLogger(pl.Callback):
 
 
 class SamplerFit(pl.Callback):
-    """`cvae.train sampler=gmm|two_stage`: when training ends, fit the sampler to the run's
-    final `checkpoint` (last.ckpt) and show 64 of its samples in TensorBoard,
-    `samples/<sampler>`: at `on_fit_end`, before the loggers close, so they land in the
-    run's one events file. Rank 0 only; a run stopped by an error or an interrupt fits
-    nothing. `fit(model, datamodule, checkpoint)` fits and saves (`runtime.fit_sampler`,
-    bound to the config and the run folder); one that fails (a class with a single image)
-    is a warning that gives the command, not a failed run."""
+    """When training ends, fit `sampler` (`conf/sampler/`, built once by Hydra) to the run's
+    final `checkpoint` (last.ckpt) on every training image, save it beside it, record the fit
+    in `folder/sampler.json` and show 64 of its samples in TensorBoard, `samples/<name>`: at
+    `on_fit_end`, before the loggers close, so they land in the run's one events file. Rank
+    0 only; a run stopped by an error or an interrupt fits nothing, and the prior has nothing
+    to fit. A fit that fails (a class with a single image) is a warning that gives the
+    command, not a failed run."""
 
     def __init__(
-        self,
-        name: str,
-        fit: Callable[..., tuple[LatentSampler, Path]],
-        checkpoint: Path,
-        seed: int = 0,
+        self, sampler: LatentSampler, checkpoint: str | Path, folder: str | Path, seed: int = 0
     ) -> None:
         super().__init__()
-        self.name, self.fit, self.checkpoint, self.seed = name, fit, Path(checkpoint), seed
+        self.sampler, self.checkpoint, self.folder = sampler, Path(checkpoint), Path(folder)
+        self.seed = seed
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.checkpoint.is_file():
+        name = self.sampler.name
+        if not self.sampler.needs_fit or not trainer.is_global_zero:
             return
-        model = (
-            type(pl_module)
-            .load_from_checkpoint(self.checkpoint, map_location=pl_module.device, weights_only=True)
-            .eval()
-        )
+        if not self.checkpoint.is_file():
+            return
+        checkpoint = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        model = type(pl_module).from_checkpoint(checkpoint, pl_module.device)
+        batches = trainer.datamodule.ordered_dataloader("train")
         try:
-            sampler, _ = self.fit(model, trainer.datamodule, self.checkpoint)
+            fit_and_save(self.sampler, model, batches, self.checkpoint, self.folder)
         except ValueError as error:  # e.g. a class with one image: the run itself succeeded
-            command = fit_command(self.checkpoint, self.name)
-            log.warning("sampler=%s was not fitted (%s); the checkpoints are kept, fit it "
-                        "with: %s", self.name, error, command)  # fmt: skip
+            log.warning(
+                "sampler=%s was not fitted (%s); the checkpoints are kept, fit it with: %s",
+                name,
+                error,
+                fit_command(self.checkpoint, name),
+            )
             return
         generator = torch.Generator().manual_seed(self.seed)
         labels = torch.arange(64) % len(model.class_names) if model.conditional else None
-        images = model.sample(64, generator=generator, labels=labels, sampler=sampler)
-        log_grid(trainer, f"samples/{self.name}", images)
+        images = model.sample(64, generator=generator, labels=labels, sampler=self.sampler)
+        log_grid(trainer, f"samples/{name}", images)
 
 
 class LatentMonitor(pl.Callback):
@@ -158,8 +162,8 @@ class LatentMonitor(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         with torch.no_grad():
-            labels = batch[1] if pl_module.conditional else None
-            self.statistics.update(*pl_module.encode(batch[0], labels), pl_module.prior)
+            posterior = pl_module.encode(batch[0], pl_module.given(batch[1]))
+            self.statistics.update(posterior, pl_module.kl_per_dimension)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.statistics.count == 0:
@@ -167,6 +171,9 @@ class LatentMonitor(pl.Callback):
         if trainer.world_size > 1:
             self.statistics.sum_over_ranks(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         pl_module.log("val/active_units", float(self.statistics.active_units()))
+        levels = self.statistics.active_units_per_level()
+        for level, active in enumerate(levels if len(levels) > 1 else []):
+            pl_module.log(f"val/active_units_level_{level}", float(active))
         if not trainer.is_global_zero:
             return
         kl = self.statistics.kl_per_dim().float().cpu()
@@ -176,8 +183,11 @@ class LatentMonitor(pl.Callback):
 
     def _update_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics  # the metrics a sweep objective can name
-        values = {f"hp/{key.replace('/', '_')}": float(metrics[key])
-                  for key in (*LOGGED, "val/iw_nll") if key in metrics}  # fmt: skip
+        values = {
+            f"hp/{key.replace('/', '_')}": float(metrics[key])
+            for key in (*LOGGED, "val/iw_nll")
+            if key in metrics
+        }
         values["hp/val_active_units"] = float(self.statistics.active_units())
         for logger in trainer.loggers:
             if not hasattr(logger.experiment, "add_scalar"):
@@ -237,8 +247,70 @@ class LikelihoodMonitor(pl.Callback):
         generator = torch.Generator().manual_seed(self.seed)
         total = torch.zeros((), device=pl_module.device)
         for images, labels in self.batches:
-            x = likelihood_input(images, pl_module.likelihood.continuous, generator)
-            labels = labels if pl_module.conditional else None
-            total += -pl_module.log_likelihood(x, labels, k=self.iw_samples,
-                                               generator=generator).sum()  # fmt: skip
+            x = dequantize(images, pl_module.likelihood.continuous, generator)
+            total += -pl_module.log_likelihood(
+                x, pl_module.given(labels), k=self.iw_samples, generator=generator
+            ).sum()
         pl_module.log("val/iw_nll", total / self.collected, sync_dist=True)
+
+
+class TextProgress(pl.Callback):
+    """A log line at least every `every_minutes` and at each epoch end: epoch, step,
+    images/s, elapsed and time left, the latest train and val metrics. `when`: `auto` (only
+    when stdout is not a terminal), `always` or `never`."""
+
+    def __init__(self, every_minutes: float = 2.0, when: str = "auto") -> None:
+        super().__init__()
+        if when not in WHEN:
+            raise ValueError(
+                f"callbacks.text_progress.when={when!r} is not one of {', '.join(WHEN)}"
+            )
+        if not every_minutes > 0:
+            raise ValueError(
+                f"callbacks.text_progress.every_minutes must be > 0, got {every_minutes!r}"
+            )
+        self.every = every_minutes * 60
+        self.enabled = when == "always" or (when == "auto" and not sys.stdout.isatty())
+        self.started = self.last_line = 0.0
+        self.first_step = 0
+        self.images = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = self.last_line = time.monotonic()
+        self.first_step, self.images = trainer.global_step, 0  # a resumed run: from here
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+    ) -> None:
+        self.images += len(batch[0]) * trainer.world_size
+        if self.enabled and time.monotonic() - self.last_line >= self.every:
+            self._line(trainer, "")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after validation, so the line carries this epoch's val metrics
+        if self.enabled:
+            self._line(trainer, "epoch end: ")
+
+    def _line(self, trainer: pl.Trainer, what: str) -> None:
+        now = time.monotonic()
+        self.last_line = now
+        if not trainer.is_global_zero:
+            return
+        elapsed, steps = now - self.started, trainer.global_step - self.first_step
+        total = trainer.estimated_stepping_batches
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        text = f"{what}epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step:,}"
+        if total and total != float("inf"):
+            text += f"/{int(total):,}"
+        text += f", {self.images / elapsed:.0f} images/s" if elapsed > 0 else ""
+        text += f", {duration(elapsed)} elapsed"
+        if steps > 0 and total and total != float("inf"):
+            left = (total - trainer.global_step) * elapsed / steps
+            text += f", about {duration(left)} left"
+        shown = metrics_text(trainer.callback_metrics, SHOWN)
+        log.info("%s%s", text, f"; {shown}" if shown else "")

@@ -1,13 +1,13 @@
-"""What a checkpoint must get right: written whole or not at all (`AtomicCheckpointIO`), the
-random generators' states, so a resumed run draws what the first one would have, written
-when the user interrupts (`SaveOnInterrupt`), and a one-line error for any file that is not
-a cvae checkpoint (`read_checkpoint`)."""
+"""What a checkpoint must get right: written whole or not at all (`AtomicCheckpointIO`),
+written when the user interrupts (`SaveOnInterrupt`), and a one-line error for any file that
+is not a cvae checkpoint (`read_checkpoint`). The random generators' states it carries are
+`cvae.rng`'s."""
 
 from __future__ import annotations
 
 import errno
+import io
 import os
-import random
 import shutil
 import signal
 import threading
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -25,16 +24,19 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from cvae.errors import CheckpointError, Interrupted, human_size
+from cvae.files import atomic_write, why_unreadable
 
 # What every checkpoint written by `cvae.train` holds (Lightning's keys plus our model's).
 REQUIRED_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes `<name>.partial` beside the target, syncs it to disk, then renames it over the
-    target: a run killed mid-save leaves the previous `last.ckpt` whole. (Lightning's own
-    save writes to the system temp folder and moves from there, which is a copy, so not
-    atomic, when that is another file system.) Remote paths keep Lightning's way."""
+    """Serialises the checkpoint in memory, checks that the disk has room for it, then
+    writes it through `files.atomic_write` (a temporary file of its own beside the target,
+    synced, renamed over it): a run killed mid-save, or two processes saving at once, leave
+    the previous `last.ckpt` whole. (Lightning's own save writes to the system temp folder
+    and moves from there, which is a copy, so not atomic, when that is another file system.)
+    Remote paths keep Lightning's way."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -43,24 +45,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        needed, free = buffer.tell(), shutil.disk_usage(path.parent).free
+        if needed > free:
+            raise OSError(
+                _save_failure(
+                    path,
+                    f"no space left on the device (it needs "
+                    f"{human_size(needed)}, {human_size(free)} free)",
+                )
+            )
         try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as either
-            partial.unlink(missing_ok=True)
-            raise OSError(_save_failure(path, error)) from error
-        os.replace(partial, path)
+            with atomic_write(path, sync=True) as handle:
+                handle.write(buffer.getbuffer())
+        except OSError as error:
+            reason = error.strerror or str(error)
+            if error.errno == errno.ENOSPC:
+                reason = f"no space left on the device (it needs {human_size(needed)})"
+            raise OSError(_save_failure(path, reason)) from error
 
 
-def _save_failure(path: Path, error: BaseException) -> str:
-    """The one line for a checkpoint that could not be written; the previous one is intact."""
-    free = human_size(shutil.disk_usage(path.parent).free)
-    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-    reason = f"no space left on the device ({free} free)" if full else str(error)
-    return f"cannot write checkpoint {path}: {reason}; the previous checkpoint there is intact"
+def _save_failure(path: Path, reason: str) -> str:
+    """The one line for a checkpoint that could not be written, and what is left there."""
+    left = (
+        "the previous checkpoint there is intact"
+        if path.is_file()
+        else "no checkpoint was written there"
+    )
+    return f"cannot write checkpoint {path}: {reason}; {left}"
 
 
 def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
@@ -74,7 +87,7 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = _why(path, error)
+        reason = why_unreadable(path, error)
         raise CheckpointError(f"{key}={path} is not a cvae checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise CheckpointError(
@@ -82,41 +95,6 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str
             "cvae.train: no model and training state in it)"
         )
     return checkpoint
-
-
-def _why(path: Path, error: BaseException) -> str:
-    """Why torch could not load a file, in words, judged by how the file starts: torch
-    writes zip archives (older versions a pickle stream)."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if not head:
-        return "the file is empty"
-    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
-        return "not a PyTorch file"
-    if "Weights only load failed" in str(error):
-        return "it holds Python objects that cvae.train never writes, not loaded for safety"
-    return f"the file is damaged or truncated: {str(error).splitlines()[0]}"
-
-
-def capture_rng_states() -> dict[str, Any]:
-    """Python's, NumPy's and torch's (CPU and CUDA) generator states, as plain values and
-    tensors: loadable with `torch.load(weights_only=True)`, as Lightning loads checkpoints."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.copy()), int(position), int(has_gauss), cached),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def requeue_signal() -> int | None:
@@ -135,7 +113,7 @@ class SaveOnInterrupt(Callback):
     time limit (and on preemption, where the cluster says so), and submitit's handler for it
     requeues the job at once, mid-step. This callback takes that signal over too, saves the
     step first, then hands the signal to submitit's handler (requeue, or the reason why not);
-    the requeued job resumes from that `last.ckpt` (`runtime.build`).
+    the requeued job resumes from that `last.ckpt` (`training.build`).
 
     Under data-parallel training every rank learns of the signal at the same step (one
     small all-reduce per step), so all of them save and stop together.

@@ -13,7 +13,7 @@ callback that, before anything is submitted,
   launcher polled forever. `QueueWatcher` asks `squeue` whenever `sacct` cannot answer.
 
 What happens inside a job (time limit, requeue, resume) is in `checkpointing.SaveOnInterrupt`
-and `runtime.build`.
+and `training.build`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 log = logging.getLogger(__name__)
 
 # squeue states after which a job never runs again; others mean it is still in the queue.
-FINAL = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-         "OUT_OF_MEMORY", "TIMEOUT"}  # fmt: skip
+FINAL = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "TIMEOUT",
+}
 # What submitit's `is_done` reads as "not finished" (submitit.core.core.InfoWatcher).
 UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
 LEFT_QUEUE = "LEFT_QUEUE"  # no longer known to squeue (ended longer than MinJobAge ago)
@@ -71,8 +79,10 @@ class QueueWatcher(SlurmInfoWatcher):
         if done.returncode != 0:
             if "accounting storage is disabled" in done.stderr:
                 self.accounting = False
-                log.warning("SLURM accounting is disabled here (sacct: %s): following the "
-                            "jobs with squeue", done.stderr.strip())  # fmt: skip
+                log.warning(
+                    "SLURM accounting is disabled here (sacct: %s): following the jobs with squeue",
+                    done.stderr.strip(),
+                )
             else:
                 log.warning("sacct failed (%s): asking squeue", done.stderr.strip())
             return None
@@ -82,11 +92,15 @@ class QueueWatcher(SlurmInfoWatcher):
     def _squeue(self) -> dict[str, dict[str, str]] | None:
         """The registered jobs' states as squeue lists them (all states, this user's jobs);
         a job it no longer lists has left the queue."""
-        command = ["squeue", "--noheader", "--states=all", f"--user={getpass.getuser()}",
-                   "--format=%i|%T|%N"]  # fmt: skip
+        command = [
+            "squeue",
+            "--noheader",
+            "--states=all",
+            f"--user={getpass.getuser()}",
+            "--format=%i|%T|%N",
+        ]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                                  check=True)  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
         except (OSError, subprocess.SubprocessError) as error:
             log.warning("squeue failed too (%s): job states may be stale", error)
             return None

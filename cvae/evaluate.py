@@ -19,7 +19,7 @@ from cvae.quiet import quiet_known_noise
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()
     # imports torch: after --help, after Hydra's checks
-    from cvae.runtime import evaluate_checkpoint
+    from cvae.evaluation import evaluate_checkpoint
 
     run_or_report(evaluate_checkpoint, cfg)
 

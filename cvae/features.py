@@ -42,8 +42,14 @@ class Classifier(nn.Module):
     training images), so their scale is the data's, not the training's: KID's cubic kernel
     (x.y / F + 1)^3 needs features of order one, as Inception's are."""
 
-    def __init__(self, channels: int, num_classes: int, input_size: int = 32, width: int = 32,
-                 feature_dim: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        input_size: int = 32,
+        width: int = 32,
+        feature_dim: int = 128,
+    ) -> None:
         super().__init__()
         if input_size < 8:
             raise ValueError(f"classifier.input_size must be >= 8, got {input_size}")
@@ -68,8 +74,9 @@ class Classifier(nn.Module):
         image, so no feature has zero variance by construction)."""
         size = self.input_size
         if images.shape[-2] != size or images.shape[-1] != size:
-            images = F.interpolate(images, size=[size, size], mode="bilinear",
-                                   align_corners=False, antialias=True)  # fmt: skip
+            images = F.interpolate(
+                images, size=[size, size], mode="bilinear", align_corners=False, antialias=True
+            )
         return self.embed(self.trunk(images * 2 - 1).flatten(1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,8 +131,7 @@ def train_classifier(
     """A `Classifier` trained with Adam (cosine decay of `lr`) for `epochs` passes over the
     training split of `datamodule` (an `ImageDataModule` whose images have classes), and what
     was measured: validation accuracy per epoch, test accuracy, time. Seed torch first."""
-    from cvae.metrics import ProgressReport
-    from cvae.progress import duration
+    from cvae.progress import ProgressReport, duration
 
     if epochs < 1:
         raise ValueError(f"classifier.epochs must be >= 1, got {epochs}")
@@ -143,8 +149,9 @@ def train_classifier(
     train_loader = datamodule.train_dataloader()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train_loader))
-    report = ProgressReport(epochs * len(datamodule.train_set), "classifier training",
-                            enabled=progress)  # fmt: skip
+    report = ProgressReport(
+        epochs * len(datamodule.train_set), "classifier training", enabled=progress
+    )
     started, val_accuracy = time.monotonic(), []
     try:
         for epoch in range(epochs):
@@ -162,25 +169,41 @@ def train_classifier(
                 loss_sum, seen = loss_sum + float(loss.detach()) * len(images), seen + len(images)
                 report.advance(len(images))
             val_accuracy.append(accuracy(model, datamodule.val_dataloader(), device))
-            log.info("epoch %d/%d: train loss %.4f, val accuracy %.4f, %s elapsed", epoch + 1,
-                     epochs, loss_sum / seen, val_accuracy[-1],
-                     duration(time.monotonic() - started))  # fmt: skip
+            log.info(
+                "epoch %d/%d: train loss %.4f, val accuracy %.4f, %s elapsed",
+                epoch + 1,
+                epochs,
+                loss_sum / seen,
+                val_accuracy[-1],
+                duration(time.monotonic() - started),
+            )
     finally:
         report.close()
     train_seconds = time.monotonic() - started
     standardized = model.standardize(train_loader, STANDARDIZE_IMAGES, device)
     test_accuracy = accuracy(model, datamodule.test_dataloader(), device)
     info = {
-        "test_accuracy": test_accuracy, "test_images": len(datamodule.test_set),
-        "val_accuracy": val_accuracy, "train_images": len(datamodule.train_set),
-        "epochs": epochs, "lr": lr, "train_seconds": round(train_seconds, 2),
+        "test_accuracy": test_accuracy,
+        "test_images": len(datamodule.test_set),
+        "val_accuracy": val_accuracy,
+        "train_images": len(datamodule.train_set),
+        "epochs": epochs,
+        "lr": lr,
+        "train_seconds": round(train_seconds, 2),
         "standardized_on_train_images": standardized,
-        "threads": torch.get_num_threads(), "device": device.type,
-        "data": {k: v for k, v in dict(hp).items() if k in ("source", "root", "image_size",
-                                                           "channels", "crop_size")},
-        "classes": list(classes), "channels": hp.channels, "image_size": hp.image_size,
-        "input_size": model.input_size, "feature_dim": model.embed.out_features,
-    }  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "data": {
+            k: v
+            for k, v in dict(hp).items()
+            if k in ("source", "root", "image_size", "channels", "crop_size")
+        },
+        "classes": list(classes),
+        "channels": hp.channels,
+        "image_size": hp.image_size,
+        "input_size": model.input_size,
+        "feature_dim": model.embed.out_features,
+    }
     return model.eval(), info
 
 
@@ -212,21 +235,34 @@ def run(cfg: DictConfig) -> dict:
     folder, print the test accuracy and the override that uses the file."""
     from hydra.utils import instantiate
 
+    from cvae.loading import device
     from cvae.progress import duration
-    from cvae.runtime import _device
 
     torch.manual_seed(int(cfg.seed))  # the weights and the training order
     datamodule = instantiate(cfg.data)
     c = cfg.classifier
     model, info = train_classifier(
-        datamodule, epochs=int(c.epochs), lr=float(c.lr), device=_device(cfg.device),
-        progress=bool(cfg.get("progress", True)), input_size=int(c.input_size),
-        width=int(c.width), feature_dim=int(c.feature_dim),
-    )  # fmt: skip
+        datamodule,
+        epochs=int(c.epochs),
+        lr=float(c.lr),
+        device=device(cfg.device),
+        progress=bool(cfg.get("progress", True)),
+        input_size=int(c.input_size),
+        width=int(c.width),
+        feature_dim=int(c.feature_dim),
+    )
     path = save_feature_network(model, cfg.paths.output_dir, info)
-    log.info("test accuracy %.4f (%d images) after %s of training; wrote %s and %s",
-             info["test_accuracy"], info["test_images"], duration(info["train_seconds"]), path,
-             path.with_suffix(".json").name)  # fmt: skip
-    log.info("use it: .venv/bin/python -m cvae.evaluate ckpt_path=... eval.fid=true "
-             "eval.fid_features=%s", path.resolve())  # fmt: skip
+    log.info(
+        "test accuracy %.4f (%d images) after %s of training; wrote %s and %s",
+        info["test_accuracy"],
+        info["test_images"],
+        duration(info["train_seconds"]),
+        path,
+        path.with_suffix(".json").name,
+    )
+    log.info(
+        "use it: .venv/bin/python -m cvae.evaluate ckpt_path=... eval.fid=true "
+        "eval.fid_features=%s",
+        path.resolve(),
+    )
     return {**info, "path": str(path)}

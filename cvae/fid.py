@@ -23,16 +23,14 @@ import socket
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cvae.models import CVAE
-
-if TYPE_CHECKING:
-    from cvae.samplers import LatentSampler
-from cvae.models.networks import unit_range
+from cvae.models.user_api import LatentSource
+from cvae.pixels import unit_range
+from cvae.progress import ProgressReport
 
 log = logging.getLogger(__name__)
 WEIGHTS_URL = (
@@ -122,10 +120,14 @@ def inception(weights: str | os.PathLike | None = None) -> nn.Module:
 
     path = inception_weights(weights)
     try:
-        return Inception(NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"],
-            feature_extractor_weights_path=str(path) if path else None, antialias=False,
-        ))  # fmt: skip
+        return Inception(
+            NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(path) if path else None,
+                antialias=False,
+            )
+        )
     except Exception as error:  # unpickling, a wrong state dict, a short file: one line
         if path is None:
             raise
@@ -147,8 +149,9 @@ class FeatureNetwork(nn.Module):
     the file's `path` and `meta` (what `cvae.train_features` stored: test accuracy, data,
     ...; empty for files from elsewhere)."""
 
-    def __init__(self, network: nn.Module, num_features: int, channels: int, path: Path,
-                 meta: dict) -> None:  # fmt: skip
+    def __init__(
+        self, network: nn.Module, num_features: int, channels: int, path: Path, meta: dict
+    ) -> None:
         super().__init__()
         self.network, self.num_features, self.channels = network, num_features, channels
         self.path, self.meta = path, meta
@@ -211,9 +214,14 @@ def feature_network(
         raise ValueError(
             f"{key}={path} fails on float32 images {shape} in [0, 1] ({_reason(error)})"
         ) from None
-    if not (isinstance(features, torch.Tensor) and features.is_floating_point()
-            and features.dim() == 2 and features.shape[0] == 2 and features.shape[1] >= 1
-            and bool(features.isfinite().all())):  # fmt: skip
+    if not (
+        isinstance(features, torch.Tensor)
+        and features.is_floating_point()
+        and features.dim() == 2
+        and features.shape[0] == 2
+        and features.shape[1] >= 1
+        and bool(features.isfinite().all())
+    ):
         got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
         raise ValueError(
             f"{key}={path} returns {got} for images {shape}, not finite float features (2, F)"
@@ -287,8 +295,13 @@ def fid_kid(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-            "fid_real_images": len(real_features), "fid_samples": len(fake_features)}  # fmt: skip
+    return {
+        "fid": float(fid.compute()),
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+        "fid_real_images": len(real_features),
+        "fid_samples": len(fake_features),
+    }
 
 
 def _real_images(
@@ -311,7 +324,7 @@ def _samples(
     batch_size: int,
     generator: torch.Generator,
     real_labels: list[torch.Tensor],
-    sampler: LatentSampler | None = None,
+    sampler: LatentSource | None = None,
 ) -> Iterator[torch.Tensor]:
     """`count` samples (latents from `sampler`, None: the prior); a conditional model draws
     the real images' classes (read once the real images are done), repeated as needed: the
@@ -322,8 +335,9 @@ def _samples(
         labels = seen.repeat(math.ceil(count / len(seen)))[:count]
     for start in range(0, count, batch_size):
         part = None if labels is None else labels[start : start + batch_size]
-        yield model.sample(min(batch_size, count - start), generator=generator,
-                           labels=part, sampler=sampler).cpu()  # fmt: skip
+        yield model.sample(
+            min(batch_size, count - start), generator=generator, labels=part, sampler=sampler
+        ).cpu()
 
 
 def sample_quality(
@@ -335,7 +349,7 @@ def sample_quality(
     extractor: nn.Module | None = None,
     batch_size: int = 64,
     progress: bool = False,
-    sampler: LatentSampler | None = None,
+    sampler: LatentSource | None = None,
 ) -> dict[str, float]:
     """FID and KID between `samples` samples (decoded means of latents from `sampler`, a
     fitted `cvae.samplers` one, or None: the model's prior) and as many images of
@@ -344,8 +358,6 @@ def sample_quality(
     Inception network (a module from float images in [0, 1] to features, such as
     `feature_network(path)`'s); otherwise it is loaded from `weights` or the torch hub cache
     (see `inception_weights`)."""
-    from cvae.metrics import ProgressReport
-
     if samples < 2:
         raise ValueError(f"eval.fid_samples must be >= 2, got {samples}")
     if extractor is None:
@@ -361,8 +373,11 @@ def sample_quality(
     generator = torch.Generator().manual_seed(seed)
     labels: list[torch.Tensor] = []  # filled by the real pass, which `fid_kid` runs first
     try:
-        return fid_kid(counted(_real_images(loader, samples, labels)),
-                       counted(_samples(model, samples, batch_size, generator, labels, sampler)),
-                       extractor, seed)  # fmt: skip
+        return fid_kid(
+            counted(_real_images(loader, samples, labels)),
+            counted(_samples(model, samples, batch_size, generator, labels, sampler)),
+            extractor,
+            seed,
+        )
     finally:
         report.close()

@@ -20,12 +20,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
+from cvae.loading import fitted_sampler, load_checkpoint
+from cvae.loading import sampler as configured_sampler
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
-from cvae.models.networks import unit_range
-from cvae.runtime import fit_sampler, fitted_sampler, load_checkpoint
-from cvae.samplers import LatentSampler, posteriors
+from cvae.pixels import unit_range
+from cvae.samplers import LatentSampler, fit_and_save, posteriors, principal_axes
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,7 @@ def pick_images(
     test_set = datamodule.test_set
     chosen = torch.randperm(len(test_set), generator=generator)[:count]
     images, labels = zip(*(test_set[int(i)] for i in chosen), strict=True)
-    labels = torch.tensor(labels) if model.conditional else None
-    return torch.stack(images), labels
+    return torch.stack(images), model.given(torch.tensor(labels))
 
 
 class Directions(NamedTuple):
@@ -112,13 +112,13 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 def latent_kl(model: CVAE, batches: Batches, max_images: int = 1024) -> torch.Tensor:
     """Mean KL of each latent dimension over (up to `max_images` of) `batches`."""
-    mu, log_var, _ = posteriors(model, batches, max_images)
+    posterior, _ = posteriors(model, batches, max_images)
     statistics = PosteriorStatistics()
-    statistics.update(mu.to(model.device), log_var.to(model.device), model.prior)
-    return statistics.kl_per_dim()
+    statistics.update(posterior.map(lambda t: t.to(model.device)), model.kl_per_dimension)
+    return statistics.kl_per_dim()[: posterior.mu.shape[1]]  # the top level's
 
 
-def latent_directions(model: CVAE, batches: Batches, count: int) -> Directions:
+def along_latents(model: CVAE, batches: Batches, count: int) -> Directions:
     """The `count` latents with the most KL over `batches` (images, labels), each in its prior
     standard deviations around the prior's mean: what one latent alone encodes."""
     kl = latent_kl(model, batches)
@@ -128,24 +128,26 @@ def latent_directions(model: CVAE, batches: Batches, count: int) -> Directions:
     return Directions(torch.eye(len(kl))[dims], centre, spread[dims], names)
 
 
-def principal_directions(
+def along_principal_axes(
     model: CVAE, batches: Batches, count: int, max_images: int = 1024
 ) -> Directions:
     """The top `count` principal directions of the posterior means of (up to `max_images` of)
     `batches` (images, labels), each in the means' standard deviation along it around their
     average: the factors the model varies most, even where it spreads each over hundreds of
     latents."""
-    mu, _, _ = posteriors(model, batches, max_images)
-    centre = mu.mean(0)
-    _, singular, vectors = torch.linalg.svd(mu - centre, full_matrices=False)
+    mu = posteriors(model, batches, max_images)[0].mu
+    centre, singular, vectors = principal_axes(mu)
     share = singular.square() / singular.square().sum()
     spreads = singular / max(len(mu) - 1, 1) ** 0.5
-    names = [f"principal direction {i + 1} ({100 * share[i]:.1f}% of the posterior means' "
-             f"variance, sd {spreads[i]:.3g})" for i in range(min(count, len(share)))]  # fmt: skip
+    names = [
+        f"principal direction {i + 1} ({100 * share[i]:.1f}% of the posterior means' "
+        f"variance, sd {spreads[i]:.3g})"
+        for i in range(min(count, len(share)))
+    ]
     return Directions(vectors[:count], centre, spreads[:count], names)
 
 
-DIRECTIONS = {"principal": principal_directions, "latents": latent_directions}
+DIRECTIONS = {"principal": along_principal_axes, "latents": along_latents}
 
 
 def traverse(
@@ -165,7 +167,7 @@ def traverse(
     )
     values = torch.linspace(-span, span, steps, device=model.device)
     with torch.no_grad():
-        mu, _ = model.encode(image[None].to(model.device), label)
+        mu = model.encode(image[None].to(model.device), label).mu
         along = (centre - mu) @ vectors.T  # (1, rows): from the image's mean to the centre
         shift = along.T + spreads[:, None] * values  # (rows, steps)
         z = mu + (shift[..., None] * vectors[:, None, :]).reshape(-1, mu.shape[1])
@@ -179,9 +181,11 @@ def generate(cfg: DictConfig) -> Path:
     if cfg.mode in ("traverse", "showcase") and cfg.directions not in DIRECTIONS:
         raise ValueError(f"directions={cfg.directions!r} is not one of {', '.join(DIRECTIONS)}")
     model, datamodule = load_checkpoint(cfg)
-    model.eval()
     if cfg.mode == "fit":
-        return fit_sampler(cfg, model, datamodule, cfg.ckpt_path, Path(cfg.paths.output_dir))[1]
+        batches = datamodule.ordered_dataloader("train")  # every training image
+        return fit_and_save(
+            configured_sampler(cfg), model, batches, cfg.ckpt_path, cfg.paths.output_dir
+        )
     sampler = fitted_sampler(cfg)  # before any image: an unfitted one is a one-line error
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def _sample(
     cfg: DictConfig,
     generator: torch.Generator,
     out: Path,
-    sampler: LatentSampler | None,
+    sampler: LatentSampler,
 ) -> None:
     label, temperature = plain(cfg.get("label")), float(cfg.temperature)
     if model.conditional and label in (None, "all"):
@@ -230,13 +234,16 @@ def _reconstruct(
         paths = None
     else:
         raise ValueError("mode=reconstruct needs input=DIR, a folder of images")
-    outputs = torch.cat([
-        model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])
-        for i in range(0, len(inputs), 256)
-    ]).cpu()  # fmt: skip
+    outputs = torch.cat(
+        [
+            model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])
+            for i in range(0, len(inputs), 256)
+        ]
+    ).cpu()
     columns = min(cfg.nrow, len(inputs))
-    visualize_batch(interleave_rows(inputs, outputs, columns), out / "reconstructions.png",
-                    nrow=columns)  # fmt: skip
+    visualize_batch(
+        interleave_rows(inputs, outputs, columns), out / "reconstructions.png", nrow=columns
+    )
     if paths is not None:
         side_by_side = torch.cat([unit_range(inputs), outputs], dim=-1)
         root = Path(cfg.input).expanduser()  # the files were found under it as given
@@ -257,8 +264,7 @@ def _interpolate(
         z = model.sample_latents(1, temperature, generator)
         frames = model.interpolate_classes(first, second, z, int(cfg.steps))
     else:
-        (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model,
-                                              label)  # fmt: skip
+        (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model, label)
         frames = model.interpolate(first, second, int(cfg.steps), bool(cfg.spherical), labels)
     visualize_batch(frames, out / "interpolation.png", nrow=len(frames))
     save_gif(frames, out / "interpolation.gif")
@@ -283,8 +289,12 @@ def _traverse(
     )
 
 
-RENDER = {"sample": _sample, "reconstruct": _reconstruct, "interpolate": _interpolate,
-          "traverse": _traverse}  # fmt: skip
+RENDER = {
+    "sample": _sample,
+    "reconstruct": _reconstruct,
+    "interpolate": _interpolate,
+    "traverse": _traverse,
+}
 # mode=showcase: what a README's results section shows, from any checkpoint, in one folder.
 SHOWCASE = ("sample", "reconstruct", "interpolate", "traverse")
 
@@ -295,13 +305,13 @@ def sample_every_class(
     temperature: float,
     generator: torch.Generator,
     out: Path,
-    sampler: LatentSampler | None = None,
+    sampler: LatentSampler,
 ) -> None:
     """`samples.png`: a row of `per_class` samples for every class, named at its left (from
     the prior: the same latents in every row; an ex-post sampler: each class's own density),
     and each image as `samples/<class>/0000.png, ...`."""
     names = model.class_names
-    if sampler is None:
+    if sampler.shared_across_classes:
         images = model.sample_classes(per_class, temperature=temperature, generator=generator)
     else:
         labels = torch.arange(len(names)).repeat_interleave(per_class)
@@ -314,6 +324,8 @@ def sample_every_class(
 
 def _class_pair(label: object) -> tuple[int | str, int | str]:
     if not isinstance(label, list) or len(label) != 2:
-        raise ValueError(f"label={label!r}: mode=interpolate walks between two classes, "
-                         "give label=[first,second]")  # fmt: skip
+        raise ValueError(
+            f"label={label!r}: mode=interpolate walks between two classes, "
+            "give label=[first,second]"
+        )
     return label[0], label[1]

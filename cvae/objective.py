@@ -11,6 +11,7 @@ first job starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,11 +49,13 @@ class Objective:
         found = tuple(float(metrics[name]) for name in self.metrics)
         return found[0] if len(found) == 1 else found
 
-    def sort_key(self, value: float | None) -> float | None:
-        """`value` of the first metric, negated when it is maximised: lower sorts first."""
-        if value is None:
-            return None
-        return value if self.directions[0] == "minimize" else -value
+
+def rank_key(value: float | None, direction: str) -> tuple[int, float]:
+    """How a run with objective `value` sorts among others (lower first): by `value`,
+    negated when it is maximised; a run without a finite value after every run that has one."""
+    if value is None or not math.isfinite(value):
+        return (1, math.inf)
+    return (0, value if direction == "minimize" else -value)
 
 
 def _as_tuple(value: object) -> tuple:
@@ -83,8 +86,10 @@ def check_objective(cfg: DictConfig) -> Objective:
                 callback, setting = LOGGED_BY_CALLBACK[metric]
                 needs = f"callbacks.{callback}" + (f".{setting} > 0" if setting else "")
                 hint = f" (it needs {needs})"
-            raise ValueError(f"objective.metric={metric!r} is not logged by this run{hint}: "
-                             f"one of {', '.join(logged)}")  # fmt: skip
+            raise ValueError(
+                f"objective.metric={metric!r} is not logged by this run{hint}: "
+                f"one of {', '.join(logged)}"
+            )
     bad = [d for d in directions if d not in DIRECTIONS]
     if bad:
         raise ValueError(f"objective.direction={bad[0]!r} is not one of {', '.join(DIRECTIONS)}")

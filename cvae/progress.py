@@ -1,22 +1,21 @@
-"""Progress a person can follow from a log file: runs without a terminal (nohup, SLURM, any
-`> run.log`) get a line every few minutes and at every epoch end, where a terminal gets the
-rich progress bar. The lines go through `logging`, so they reach the console and the run
-folder's `<task>.log` (Hydra's two handlers)."""
+"""Progress a person can follow, on a terminal or in a log file: images done, time spent and
+time left, in one way of writing a time. A terminal gets a rich progress bar; runs without
+one (nohup, SLURM, any `> run.log`) get a log line every so often. The lines go through
+`logging`, so they reach the console and the run folder's log (Hydra's two handlers).
+Training's own lines come from `callbacks.TextProgress`, which writes them with these
+helpers. No Lightning here: samplers, metrics and FID report progress too.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-import lightning.pytorch as pl
 import torch
 
 log = logging.getLogger(__name__)
-# What a training line shows of the latest metrics, when logged.
-SHOWN = ("train/loss", "train/loss_epoch", "val/loss", "val/neg_elbo", "val/mse", "val/iw_nll")
-WHEN = ("auto", "always", "never")
 
 
 def duration(seconds: float) -> str:
@@ -33,62 +32,74 @@ def metrics_text(metrics: Mapping[str, torch.Tensor | float], names: tuple[str, 
     return ", ".join(f"{name} {float(metrics[name]):.4g}" for name in names if name in metrics)
 
 
-class TextProgress(pl.Callback):
-    """A log line at least every `every_minutes` and at each epoch end: epoch, step,
-    images/s, elapsed and time left, the latest train and val metrics. `when`: `auto` (only
-    when stdout is not a terminal), `always` or `never`."""
+def count_images(batches: Iterable, max_images: int | None = None) -> int | None:
+    """How many images `batches` holds (a DataLoader, our device batches or a list), if known."""
+    total = None
+    for source in (getattr(batches, "dataset", None), getattr(batches, "sampler", None)):
+        if source is not None and hasattr(source, "__len__"):
+            total = len(source)
+            break
+    if total is None and isinstance(batches, (list, tuple)):
+        total = sum(len(batch[0]) for batch in batches)
+    if total is not None and max_images is not None:
+        total = min(total, max_images)
+    return total
 
-    def __init__(self, every_minutes: float = 2.0, when: str = "auto") -> None:
-        super().__init__()
-        if when not in WHEN:
-            raise ValueError(f"callbacks.text_progress.when={when!r} is not one of "
-                             f"{', '.join(WHEN)}")  # fmt: skip
-        if not every_minutes > 0:
-            raise ValueError(
-                f"callbacks.text_progress.every_minutes must be > 0, got {every_minutes!r}"
-            )
-        self.every = every_minutes * 60
-        self.enabled = when == "always" or (when == "auto" and not sys.stdout.isatty())
-        self.started = self.last_line = 0.0
-        self.first_step = 0
-        self.images = 0
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.started = self.last_line = time.monotonic()
-        self.first_step, self.images = trainer.global_step, 0  # a resumed run: from here
+class ProgressReport:
+    """Images done, with an ETA: a rich progress bar on a terminal (stderr), else a log line
+    at most every `every` seconds (batch jobs, pipes). `done` images count as finished
+    before this process started (a resumed evaluation): they do not enter the rate."""
 
-    def on_train_batch_end(
+    def __init__(
         self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: object,
-        batch: tuple[torch.Tensor, torch.Tensor],
-        batch_idx: int,
+        total: int | None,
+        label: str,
+        done: int = 0,
+        enabled: bool = True,
+        every: float = 30.0,
     ) -> None:
-        self.images += len(batch[0]) * trainer.world_size
-        if self.enabled and time.monotonic() - self.last_line >= self.every:
-            self._line(trainer, "")
+        self.total, self.label, self.done, self.enabled = total, label, done, enabled
+        self.started, self.start_done, self.every = time.monotonic(), done, every
+        self.last_line = self.started
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich import progress as bars
+            from rich.console import Console
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after validation, so the line carries this epoch's val metrics
-        if self.enabled:
-            self._line(trainer, "epoch end: ")
+            self.bar = bars.Progress(
+                bars.TextColumn(f"{label}: images"),
+                bars.MofNCompleteColumn(),
+                bars.BarColumn(),
+                bars.TimeElapsedColumn(),
+                bars.TextColumn("ETA"),
+                bars.TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, completed=done)
 
-    def _line(self, trainer: pl.Trainer, what: str) -> None:
-        now = time.monotonic()
-        self.last_line = now
-        if not trainer.is_global_zero:
+    def advance(self, images: int) -> None:
+        self.done += images
+        if self.bar is not None:
+            self.bar.update(self.task, advance=images)
             return
-        elapsed, steps = now - self.started, trainer.global_step - self.first_step
-        total = trainer.estimated_stepping_batches
-        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        text = f"{what}epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step:,}"
-        if total and total != float("inf"):
-            text += f"/{int(total):,}"
-        text += f", {self.images / elapsed:.0f} images/s" if elapsed > 0 else ""
-        text += f", {duration(elapsed)} elapsed"
-        if steps > 0 and total and total != float("inf"):
-            left = (total - trainer.global_step) * elapsed / steps
-            text += f", about {duration(left)} left"
-        shown = metrics_text(trainer.callback_metrics, SHOWN)
-        log.info("%s%s", text, f"; {shown}" if shown else "")
+        now = time.monotonic()
+        if self.enabled and (now - self.last_line >= self.every or self.done == self.total):
+            self.last_line = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        """`<label>: 1,200 of 10,000 images, 2.3 min, about 17.0 min left`."""
+        elapsed = now - self.started
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        of = f" of {self.total:,}" if self.total else ""
+        text = f"{self.label}: {self.done:,}{of} images, {duration(elapsed)}"
+        if self.total and rate > 0:
+            text += f", about {duration((self.total - self.done) / rate)} left"
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -3,24 +3,28 @@
 A VAE's posteriors rarely fill its prior: N(0, I) draws land where no training image's
 posterior lies, and decode to blobs. An ex-post sampler fits a density to where the
 posteriors do lie and draws from that instead (Ghosh et al. 2020; Dai and Wipf 2019):
-- `prior`: the model's own prior (`model.prior`), nothing to fit (`build_sampler` gives None:
-  `CVAE.sample` draws from its prior);
+- `prior` (`PriorSampler`): the model's own prior (`model.prior`), nothing to fit;
 - `gmm`: scikit-learn's `GaussianMixture` fitted to the posterior means of training images;
 - `two_stage`: a small second VAE trained on latents drawn from the cached posteriors (in
   their top principal directions); its draws are decoded into the first model's latent space.
 
-A fitted sampler is saved beside its checkpoint (`<checkpoint stem>.<name>.pt`, plain tensors
-that `torch.load(weights_only=True)` reads) with the checkpoint's SHA-256, so sampling later
-needs no data and no network, and a sampler fitted to an older `last.ckpt` is refused. A
-conditional model gets one density per class. Every sampler draws on the CPU with a
-`torch.Generator`: the same seed gives the same latents.
+Each is an object Hydra instantiates from `conf/sampler/<name>.yaml` (`_target_`), once per
+command. Samplers read the top latent level of a model's typed posterior
+(`cvae.models.latents`); a model with lower levels completes them when it decodes.
+`fit_and_save` fits one to a model's training images and saves it beside the checkpoint
+(`<checkpoint stem>.<name>.pt`: its settings, the checkpoint's SHA-256 and plain tensors that
+`torch.load(weights_only=True)` reads); `loaded_for(checkpoint)` reads that fit back with
+the settings it was made with, so sampling later needs no data and no network, and a fit of
+an older `last.ckpt` is refused. A conditional model gets one density per class. Every
+sampler draws on the CPU with a `torch.Generator`: the same seed gives the same latents.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import math
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,11 +32,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cvae.files import atomic_write, sha256, why_unreadable
+from cvae.models.latents import Posterior
+from cvae.progress import ProgressReport, count_images
+
 if TYPE_CHECKING:
     from cvae.models import CVAE
 
 log = logging.getLogger(__name__)
-SAMPLERS = ("prior", "gmm", "two_stage")
 COVARIANCES = ("full", "diag", "tied", "spherical")  # scikit-learn's covariance_type
 
 
@@ -42,41 +49,46 @@ def sampler_path(checkpoint: str | Path, name: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.{name}.pt")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fit_command(checkpoint: str | Path, name: str) -> str:
     return f".venv/bin/python -m cvae.generate mode=fit sampler={name} ckpt_path={checkpoint}"
 
 
 class LatentSampler:
-    """Base of the ex-post samplers: `fit` on posteriors, `sample` latents, `save`/`load`.
+    """Base of the samplers: `fit` on posteriors, `latents` for new images, `save`, and
+    `loaded_for` a checkpoint.
 
-    Subclasses implement `_fit_one` (one density from `(mu, log_var)` rows) and
+    Fitted subclasses implement `_fit_one` (one density from `(mu, log_var)` rows) and
     `_sample_one` (latents from one fitted state); the base handles classes, files and the
     generator."""
 
     name = ""
+    needs_fit = True  # False: nothing to fit or save (the prior)
 
     def __init__(self, seed: int = 0, max_images: int | None = None) -> None:
         if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
-            raise ValueError(f"sampler.max_images must be null or an integer >= 2, "
-                             f"got {max_images!r}")  # fmt: skip
+            raise ValueError(
+                f"sampler.max_images must be null or an integer >= 2, got {max_images!r}"
+            )
         self.seed, self.max_images = int(seed), max_images
         self.states: dict[int, dict[str, torch.Tensor]] = {}  # class index (-1: all) -> state
 
     @property
     def fitted(self) -> bool:
-        return bool(self.states)
+        return bool(self.states) or not self.needs_fit
+
+    @property
+    def shared_across_classes(self) -> bool:
+        """Whether its latents ignore the class (then a grid of classes shares them)."""
+        return False
 
     def settings(self) -> dict:
         """The plain settings saved with the fit (what the file says it is)."""
         return {"seed": self.seed, "max_images": self.max_images}
+
+    def describe(self) -> str:
+        """`sampler=gmm (components=100, ...)`: for log lines."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings().items())
+        return f"sampler={self.name}" + (f" ({settings})" if settings else "")
 
     # --- fitting -------------------------------------------------------------------------
     def fit(
@@ -85,13 +97,18 @@ class LatentSampler:
         """Fit to posteriors `(mu, log_var)`, `(N, latent_dim)`; with `labels` (a conditional
         model's class indices) one density per class."""
         mu, log_var = mu.detach().double().cpu(), log_var.detach().double().cpu()
-        groups = {-1: torch.arange(len(mu))} if labels is None else {
-            int(c): (labels == c).nonzero().flatten() for c in labels.unique()}  # fmt: skip
+        groups = (
+            {-1: torch.arange(len(mu))}
+            if labels is None
+            else {int(c): (labels == c).nonzero().flatten() for c in labels.unique()}
+        )
         self.states = {}
         for index, rows in groups.items():
             if len(rows) < 2:
-                raise ValueError(f"sampler={self.name}: class {index} has {len(rows)} image(s); "
-                                 "a density needs at least 2")  # fmt: skip
+                raise ValueError(
+                    f"sampler={self.name}: class {index} has {len(rows)} image(s); "
+                    "a density needs at least 2"
+                )
             self.states[index] = self._fit_one(mu[rows], log_var[rows])
         return self
 
@@ -99,16 +116,29 @@ class LatentSampler:
         raise NotImplementedError
 
     # --- sampling ------------------------------------------------------------------------
-    def sample(
+    def latents(
+        self,
+        model: CVAE,
+        n: int,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """`n` top-level latents `(n, latent_dim)` on the CPU for `model` (what
+        `CVAE.sample` asks): a fitted sampler's `draw`."""
+        return self.draw(n, generator, labels, temperature)
+
+    def draw(
         self,
         n: int,
         generator: torch.Generator | None = None,
         labels: torch.Tensor | None = None,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """`n` latents `(n, latent_dim)` on the CPU; a conditional model's from the density of
-        each row's class (`labels`, class indices), drawn class by class in index order."""
-        if not self.fitted:
+        """`n` latents `(n, latent_dim)` from the fitted density, on the CPU; a conditional
+        model's from the density of each row's class (`labels`, class indices), drawn class
+        by class in index order."""
+        if not self.states:
             raise ValueError(f"sampler={self.name} is not fitted (fit it, or load a fit)")
         if labels is None:
             if -1 not in self.states:
@@ -126,38 +156,117 @@ class LatentSampler:
         return out if out is not None else torch.empty(0, 0)
 
     def _sample_one(
-        self, state: dict[str, torch.Tensor], n: int, generator: torch.Generator | None,
+        self,
+        state: dict[str, torch.Tensor],
+        n: int,
+        generator: torch.Generator | None,
         temperature: float,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # --- files ---------------------------------------------------------------------------
     def save(self, checkpoint: str | Path) -> Path:
-        """Write the fit beside `checkpoint` (to a partial file, then renamed over)."""
+        """Write the fit, with its settings and the checkpoint's digest, beside
+        `checkpoint` (whole or not at all: `files.atomic_write`)."""
         path = sampler_path(checkpoint, self.name)
-        contents = {"sampler": self.name, "settings": self.settings(),
-                    "checkpoint_sha256": file_sha256(checkpoint),
-                    "states": {str(k): v for k, v in self.states.items()}}  # fmt: skip
-        partial = path.with_suffix(".partial")
-        torch.save(contents, partial)
-        partial.replace(path)
+        contents = {
+            "sampler": self.name,
+            "settings": self.settings(),
+            "checkpoint_sha256": sha256(checkpoint),
+            "states": {str(k): v for k, v in self.states.items()},
+        }
+        with atomic_write(path) as handle:
+            torch.save(contents, handle)
         return path
 
-    def load(self, checkpoint: str | Path) -> LatentSampler:
-        """The fit saved beside `checkpoint`: a one-line error saying how to fit it when
-        there is none, or when the checkpoint changed since (a `last.ckpt` trained on)."""
+    def loaded_for(self, checkpoint: str | Path) -> LatentSampler:
+        """This kind of sampler as fitted to `checkpoint` and saved beside it, built with
+        the settings it was fitted with (said when they differ from this one's: those are
+        for fitting). A one-line error naming the file and the fit command when there is
+        no fit, the file is not one, or the checkpoint changed since (a `last.ckpt` trained
+        on)."""
         path = sampler_path(checkpoint, self.name)
+        again = f"fit it again with: {fit_command(checkpoint, self.name)}"
         if not path.is_file():
-            raise FileNotFoundError(f"sampler={self.name} is not fitted for {checkpoint} (no "
-                                    f"{path.name} beside it): fit it with: "
-                                    f"{fit_command(checkpoint, self.name)} (or draw from the "
-                                    "model's prior: sampler=prior)")  # fmt: skip
-        contents = torch.load(path, map_location="cpu", weights_only=True)
-        if contents.get("checkpoint_sha256") != file_sha256(checkpoint):
-            raise ValueError(f"{path} was fitted to another version of {checkpoint} (it has "
-                             f"changed since): fit it again with: "
-                             f"{fit_command(checkpoint, self.name)}")  # fmt: skip
-        self.states = {int(k): v for k, v in contents["states"].items()}
+            raise FileNotFoundError(
+                f"sampler={self.name} is not fitted for {checkpoint} (no "
+                f"{path.name} beside it): fit it with: "
+                f"{fit_command(checkpoint, self.name)} (or draw from the "
+                "model's prior: sampler=prior)"
+            )
+        try:
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"{path} is not a sampler fit ({why_unreadable(path, error)}); {again}"
+            ) from None
+        if not isinstance(contents, dict) or not {"sampler", "states", "settings"} <= set(contents):
+            raise ValueError(
+                f"{path} is not a sampler fit (a torch file, but not one cvae wrote); {again}"
+            )
+        if contents["sampler"] != self.name:
+            raise ValueError(f"{path} holds a {contents['sampler']} fit, not {self.name}; {again}")
+        if contents.get("checkpoint_sha256") != sha256(checkpoint):
+            raise ValueError(
+                f"{path} was fitted to another version of {checkpoint} (it has "
+                f"changed since): {again}"
+            )
+        try:
+            loaded = type(self)(**contents["settings"])
+            loaded.states = {int(k): dict(v) for k, v in contents["states"].items()}
+            loaded.draw(1, torch.Generator(), _any_label(loaded.states))
+        except Exception as error:
+            raise ValueError(f"{path} is a damaged {self.name} fit ({error}); {again}") from None
+        differ = {k: v for k, v in self.settings().items() if loaded.settings().get(k) != v}
+        if differ:
+            log.info(
+                "sampler=%s: drawing from the fit beside %s, made with %s (the settings "
+                "given here are for fitting: mode=fit refits)",
+                self.name,
+                checkpoint,
+                ", ".join(f"{k}={loaded.settings().get(k)}" for k in differ),
+            )
+        return loaded
+
+
+def _any_label(states: dict[int, dict]) -> torch.Tensor | None:
+    """A label that a fit of `states` draws (None: fitted to all images at once)."""
+    return None if -1 in states else torch.tensor([min(states)])
+
+
+class PriorSampler(LatentSampler):
+    """The model's own prior p(z) (`model.prior`), at a temperature: nothing to fit or save.
+    Its latents are the same for every class (the class enters the decoder only)."""
+
+    name = "prior"
+    needs_fit = False
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def shared_across_classes(self) -> bool:
+        return True
+
+    def settings(self) -> dict:
+        return {}
+
+    def latents(
+        self,
+        model: CVAE,
+        n: int,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        return model.sample_latents(n, temperature, generator)
+
+    def save(self, checkpoint: str | Path) -> Path:
+        raise ValueError(
+            "sampler=prior has nothing to fit: mode=fit takes sampler=gmm or sampler=two_stage"
+        )
+
+    def loaded_for(self, checkpoint: str | Path) -> LatentSampler:
         return self
 
 
@@ -166,19 +275,30 @@ def check_dims(dims: int | None) -> None:
         raise ValueError(f"sampler.dims must be null or an integer >= 1, got {dims!r}")
 
 
-def principal_directions(mu: torch.Tensor, dims: int | None) -> dict[str, torch.Tensor]:
+def principal_axes(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(centre, singular values, directions)` of the rows `mu`: their mean, and the
+    singular value decomposition of the centred rows (directions as rows, the largest
+    first). Sampler fits and traversals (`cvae.generation`) both start here."""
+    centre = mu.mean(0)
+    _, singular, directions = torch.linalg.svd(mu - centre, full_matrices=False)
+    return centre, singular, directions
+
+
+def principal_subspace(mu: torch.Tensor, dims: int | None) -> dict[str, torch.Tensor]:
     """The top `dims` principal directions of the means `mu` (`centre`, `basis`) and the
     Cholesky factor of what they leave (`residual_tril`); empty when `dims` is None or not
     below the latent size: the density is then fitted in all latent dimensions."""
     if dims is None or dims >= mu.shape[1]:
         return {}
-    centre = mu.mean(0)
-    _, _, directions = torch.linalg.svd(mu - centre, full_matrices=False)
+    centre, _, directions = principal_axes(mu)
     basis = directions[:dims].T  # (latent_dim, dims), orthonormal columns
     residual = (mu - centre) - (mu - centre) @ basis @ basis.T
     jitter = 1e-8 * torch.eye(mu.shape[1], dtype=torch.float64)  # it has rank D - dims
-    return {"centre": centre, "basis": basis,
-            "residual_tril": torch.linalg.cholesky(residual.T.cov() + jitter)}  # fmt: skip
+    return {
+        "centre": centre,
+        "basis": basis,
+        "residual_tril": torch.linalg.cholesky(residual.T.cov() + jitter),
+    }
 
 
 def to_coordinates(state: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
@@ -187,15 +307,16 @@ def to_coordinates(state: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Ten
 
 
 def from_coordinates(
-    state: dict[str, torch.Tensor], coords: torch.Tensor, generator: torch.Generator | None,
+    state: dict[str, torch.Tensor],
+    coords: torch.Tensor,
+    generator: torch.Generator | None,
     temperature: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Latents from coordinates drawn in the principal directions, the rest drawn from the
     Gaussian of what they leave, its spread scaled by `temperature`."""
     if "basis" not in state:
         return coords
-    rest = torch.randn(len(coords), len(state["centre"]), generator=generator,
-                       dtype=torch.float64)  # fmt: skip
+    rest = torch.randn(len(coords), len(state["centre"]), generator=generator, dtype=torch.float64)
     residual = temperature * rest @ state["residual_tril"].T
     return state["centre"] + coords.double() @ state["basis"].T + residual
 
@@ -207,35 +328,47 @@ class GaussianMixtureSampler(LatentSampler):
 
     `dims`: fit the mixture in the top `dims` principal directions of the means (None: in
     all latent dimensions) and draw the rest from one Gaussian fitted to what those
-    directions leave. A calibrated decoder's 512-d means keep 99.5% of their variance in 64
-    directions, where a 100-component mixture fits in minutes instead of hours (measured in
-    docs/evaluation.md, "Samplers")."""
+    directions leave. A calibrated decoder's means keep nearly all their variance in a few
+    dozen directions, where a mixture of many components fits in minutes instead of hours
+    (docs/evaluation.md, "Samplers")."""
 
     name = "gmm"
 
-    def __init__(self, components: int = 100, covariance: str = "full", dims: int | None = 64,
-                 seed: int = 0, max_images: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        components: int = 100,
+        covariance: str = "full",
+        dims: int | None = 64,
+        seed: int = 0,
+        max_images: int | None = None,
+    ) -> None:
         super().__init__(seed, max_images)
         if not isinstance(components, int) or components < 1:
             raise ValueError(f"sampler.components must be an integer >= 1, got {components!r}")
         if covariance not in COVARIANCES:
-            raise ValueError(f"sampler.covariance={covariance!r} is not one of "
-                             f"{', '.join(COVARIANCES)}")  # fmt: skip
+            raise ValueError(
+                f"sampler.covariance={covariance!r} is not one of {', '.join(COVARIANCES)}"
+            )
         check_dims(dims)
         self.components, self.covariance, self.dims = components, covariance, dims
 
     def settings(self) -> dict:
-        return {**super().settings(), "components": self.components,
-                "covariance": self.covariance, "dims": self.dims}  # fmt: skip
+        return {
+            **super().settings(),
+            "components": self.components,
+            "covariance": self.covariance,
+            "dims": self.dims,
+        }
 
     def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict[str, torch.Tensor]:
         from sklearn.mixture import GaussianMixture
 
-        state = principal_directions(mu, self.dims)
+        state = principal_subspace(mu, self.dims)
         coords = to_coordinates(state, mu)
         components = min(self.components, len(coords))
-        mixture = GaussianMixture(components, covariance_type=self.covariance,
-                                  random_state=self.seed, reg_covar=1e-5)  # fmt: skip
+        mixture = GaussianMixture(
+            components, covariance_type=self.covariance, random_state=self.seed, reg_covar=1e-5
+        )
         mixture.fit(coords.numpy())
         dims = coords.shape[1]
         covariances = torch.as_tensor(mixture.covariances_, dtype=torch.float64)
@@ -245,14 +378,20 @@ class GaussianMixtureSampler(LatentSampler):
             covariances = torch.diag_embed(covariances)
         elif self.covariance == "spherical":
             covariances = covariances[:, None, None] * torch.eye(dims, dtype=torch.float64)
-        return {**state, "weights": torch.as_tensor(mixture.weights_, dtype=torch.float64),
-                "means": torch.as_tensor(mixture.means_, dtype=torch.float64),
-                "scale_tril": torch.linalg.cholesky(covariances)}  # fmt: skip
+        return {
+            **state,
+            "weights": torch.as_tensor(mixture.weights_, dtype=torch.float64),
+            "means": torch.as_tensor(mixture.means_, dtype=torch.float64),
+            "scale_tril": torch.linalg.cholesky(covariances),
+        }
 
     def _sample_one(
-        self, state: dict[str, torch.Tensor], n: int, generator: torch.Generator | None,
+        self,
+        state: dict[str, torch.Tensor],
+        n: int,
+        generator: torch.Generator | None,
         temperature: float,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         component = torch.multinomial(state["weights"], n, replacement=True, generator=generator)
         eps = torch.randn(n, state["means"].shape[1], generator=generator, dtype=torch.float64)
         spread = (state["scale_tril"][component] @ eps[..., None]).squeeze(-1)
@@ -266,11 +405,20 @@ class LatentVAE(nn.Module):
 
     def __init__(self, dims: int, latent_dim: int, hidden: int) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(dims, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                     nn.ReLU(), nn.Linear(hidden, 2 * latent_dim))  # fmt: skip
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, dims))  # fmt: skip
+        self.encoder = nn.Sequential(
+            nn.Linear(dims, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 2 * latent_dim),
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, dims),
+        )
         self.log_gamma = nn.Parameter(torch.zeros(()))
 
     @classmethod
@@ -290,8 +438,9 @@ class LatentVAE(nn.Module):
         mu, log_var = self.encoder(z).chunk(2, dim=1)
         mean = self.decoder(reparameterize(mu, log_var, generator))
         dims = z.shape[1]
-        nll = ((z - mean).pow(2).sum(1) / (2 * torch.exp(2 * self.log_gamma))
-               + dims * (self.log_gamma + 0.5 * math.log(2 * math.pi)))  # fmt: skip
+        nll = (z - mean).pow(2).sum(1) / (2 * torch.exp(2 * self.log_gamma)) + dims * (
+            self.log_gamma + 0.5 * math.log(2 * math.pi)
+        )
         return (nll + kl_divergence(mu, log_var)).mean()
 
     def active_units(self, z: torch.Tensor, threshold: float = 0.01) -> int:
@@ -304,8 +453,9 @@ class LatentVAE(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None, temperature: float) -> torch.Tensor:
         """Ancestral draws: u ~ N(0, T^2 I), then the decoder's N(mean(u), T^2 gamma^2 I)."""
         with torch.no_grad():
-            mean = self.decoder(temperature * torch.randn(n, self.decoder[0].in_features,
-                                                          generator=generator))  # fmt: skip
+            mean = self.decoder(
+                temperature * torch.randn(n, self.decoder[0].in_features, generator=generator)
+            )
             noise = torch.randn(mean.shape, generator=generator)
             return mean + temperature * self.log_gamma.exp() * noise
 
@@ -318,35 +468,50 @@ class TwoStageSampler(LatentSampler):
 
     Why the directions: a model that leaves most latents unused gives posteriors that are
     N(0, 1) noise in those dimensions; a second VAE over all 512 explained everything as
-    noise and ignored its latent (measured: one image 5,000 times, in
-    docs/reports/sample-quality.md). A collapse is logged as a warning when the fit ends."""
+    noise and ignored its latent (docs/reports/sample-quality.md). A collapse is logged as a
+    warning when the fit ends."""
 
     name = "two_stage"
 
-    def __init__(self, latent_dim: int | None = None, hidden: int = 512, epochs: int = 60,
-                 lr: float = 1e-3, batch_size: int = 256, dims: int | None = 64, seed: int = 0,
-                 max_images: int | None = None, progress: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        latent_dim: int | None = None,
+        hidden: int = 512,
+        epochs: int = 60,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        dims: int | None = 64,
+        seed: int = 0,
+        max_images: int | None = None,
+        progress: bool = False,
+    ) -> None:
         super().__init__(seed, max_images)
         for key, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"sampler.{key} must be an integer >= 1, got {value!r}")
         if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
-            raise ValueError(f"sampler.latent_dim must be null or an integer >= 1, "
-                             f"got {latent_dim!r}")  # fmt: skip
+            raise ValueError(
+                f"sampler.latent_dim must be null or an integer >= 1, got {latent_dim!r}"
+            )
         check_dims(dims)
         self.latent_dim, self.hidden, self.epochs, self.dims = latent_dim, hidden, epochs, dims
         self.lr, self.batch_size, self.progress = float(lr), batch_size, progress
 
     def settings(self) -> dict:
-        return {**super().settings(), "latent_dim": self.latent_dim, "hidden": self.hidden,
-                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "dims": self.dims}  # fmt: skip
+        return {
+            **super().settings(),
+            "latent_dim": self.latent_dim,
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "dims": self.dims,
+        }
 
     def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict[str, torch.Tensor]:
-        from cvae.metrics import ProgressReport
         from cvae.models.networks import reparameterize
 
-        state = principal_directions(mu, self.dims)
+        state = principal_subspace(mu, self.dims)
         dims = state["basis"].shape[1] if state else mu.shape[1]
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
@@ -373,39 +538,43 @@ class TwoStageSampler(LatentSampler):
             report.close()
         active = network.active_units(to_coordinates(state, mu[:5000].double()).float())
         if active == 0:
-            log.warning("sampler=two_stage: the second VAE collapsed (it uses none of its %d "
-                        "latent dimensions): its samples come from one Gaussian; try "
-                        "sampler=gmm", network.decoder[0].in_features)  # fmt: skip
+            log.warning(
+                "sampler=two_stage: the second VAE collapsed (it uses none of its %d "
+                "latent dimensions): its samples come from one Gaussian; try "
+                "sampler=gmm",
+                network.decoder[0].in_features,
+            )
         return {**state, **{k: v.detach() for k, v in network.state_dict().items()}}
 
     def _sample_one(
-        self, state: dict[str, torch.Tensor], n: int, generator: torch.Generator | None,
+        self,
+        state: dict[str, torch.Tensor],
+        n: int,
+        generator: torch.Generator | None,
         temperature: float,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         coords = LatentVAE.of_state(state).sample(n, generator, temperature)
         return from_coordinates(state, coords, generator, temperature)
 
 
 def posteriors(
-    model: CVAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    max_images: int | None = None, progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """`(mu, log_var, labels)` of (up to `max_images` of) `batches`, on the CPU; labels only
-    for a conditional model."""
-    from cvae.metrics import ProgressReport, count_images
-
+    model: CVAE,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    max_images: int | None = None,
+    progress: bool = False,
+) -> tuple[Posterior, torch.Tensor | None]:
+    """The posterior of (up to `max_images` of) `batches`, every level, on the CPU, and
+    their labels (a conditional model's only)."""
     report = ProgressReport(count_images(batches, max_images), "posteriors", enabled=progress)
-    mus, log_vars, labels, seen = [], [], [], 0
+    parts, labels, seen = [], [], 0
     try:
         for images, batch_labels in batches:
             if max_images is not None:
                 left = max_images - seen
                 images, batch_labels = images[:left], batch_labels[:left]
-            given = batch_labels if model.conditional else None
             with torch.no_grad():
-                mu, log_var = model.encode(images.to(model.device), given)
-            mus.append(mu.cpu())
-            log_vars.append(log_var.cpu())
+                posterior = model.encode(images.to(model.device), model.given(batch_labels))
+            parts.append(posterior.map(torch.Tensor.cpu))
             labels.append(batch_labels.cpu())
             seen += len(images)
             report.advance(len(images))
@@ -413,15 +582,44 @@ def posteriors(
                 break
     finally:
         report.close()
-    return torch.cat(mus), torch.cat(log_vars), torch.cat(labels) if model.conditional else None
+    return Posterior.cat(parts), torch.cat(labels) if model.conditional else None
 
 
-def build_sampler(name: str, **settings: object) -> LatentSampler | None:
-    """The unfitted sampler `name` with its `settings` (config group `sampler`); None for
-    `prior`, the model's own. A one-line error naming the key for anything else."""
-    if name == "prior":
-        return None
-    kinds = {"gmm": GaussianMixtureSampler, "two_stage": TwoStageSampler}
-    if name not in kinds:
-        raise ValueError(f"sampler={name!r} is not one of {', '.join(SAMPLERS)}")
-    return kinds[name](**settings)
+def fit_and_save(
+    sampler: LatentSampler,
+    model: CVAE,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    checkpoint: str | Path,
+    record_folder: str | Path,
+) -> Path:
+    """Fit `sampler` to the posteriors of `batches` (a model's training images, every one
+    of them in a fixed order) and save it beside `checkpoint`; `record_folder/sampler.json`
+    records the fit. The end of training (`callbacks.SamplerFit`) and `cvae.generate
+    mode=fit` both come here."""
+    if not sampler.needs_fit:
+        sampler.save(checkpoint)  # the one-line refusal
+    posterior, labels = posteriors(model, batches, sampler.max_images, progress=True)
+    log.info(
+        "%s: fitting to the posteriors of %d training images; no progress lines until it ends",
+        sampler.describe(),
+        len(posterior),
+    )
+    started = time.perf_counter()
+    path = sampler.fit(posterior.mu, posterior.log_var, labels).save(checkpoint)
+    record = {
+        "sampler": sampler.name,
+        "settings": sampler.settings(),
+        "fit": str(path),
+        "images": len(posterior),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    with atomic_write(Path(record_folder) / "sampler.json", "w") as handle:
+        handle.write(json.dumps(record, indent=2) + "\n")
+    log.info(
+        "sampler=%s fitted in %.0f s: %s (cvae.generate and eval.fid draw from it with sampler=%s)",
+        sampler.name,
+        record["seconds"],
+        path,
+        sampler.name,
+    )
+    return path

@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, NotADirectoryError) as error:
         sys.exit(f"error: {error}")
     print((Path(args.sweep_dir) / "summary.md").read_text(), end="")
-    print(f"{len(rows)} jobs: {sum(r['status'] == 'completed' for r in rows)} completed, "
-          f"{sum(r['status'] == 'failed' for r in rows)} failed")  # fmt: skip
+    print(
+        f"{len(rows)} jobs: {sum(r['status'] == 'completed' for r in rows)} completed, "
+        f"{sum(r['status'] == 'failed' for r in rows)} failed"
+    )
 
 
 if __name__ == "__main__":

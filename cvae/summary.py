@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,37 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cvae.errors import error_line, user_error
-from cvae.objective import check_objective
+from cvae.objective import check_objective, rank_key
 
-COLUMNS = ("job", "status", "objective", "rate_kl", "distortion_recon", "mse_per_pixel",
-           "neg_elbo", "bits_per_dim", "active_units", "beta", "latent_dim", "overrides",
-           "best_val_loss", "epochs", "steps", "wall_seconds", "checkpoint", "error")  # fmt: skip
+COLUMNS = (
+    "job",
+    "status",
+    "objective",
+    "rate_kl",
+    "distortion_recon",
+    "mse_per_pixel",
+    "neg_elbo",
+    "bits_per_dim",
+    "active_units",
+    "beta",
+    "latent_dim",
+    "overrides",
+    "best_val_loss",
+    "epochs",
+    "steps",
+    "wall_seconds",
+    "checkpoint",
+    "error",
+)
 # Columns taken from a completed job's final validation metrics.
-FINAL = {"rate_kl": "val/kl", "distortion_recon": "val/recon", "mse_per_pixel": "val/mse",
-         "neg_elbo": "val/neg_elbo", "bits_per_dim": "val/bits_per_dim",
-         "active_units": "val/active_units"}  # fmt: skip
+FINAL = {
+    "rate_kl": "val/kl",
+    "distortion_recon": "val/recon",
+    "mse_per_pixel": "val/mse",
+    "neg_elbo": "val/neg_elbo",
+    "bits_per_dim": "val/bits_per_dim",
+    "active_units": "val/active_units",
+}
 RESULT, FAILURE, PICTURE = "result.json", "failure.json", "rate_distortion.png"
 DEFAULT_OBJECTIVE = {"metric": ["val/neg_elbo"], "direction": ["minimize"]}
 
@@ -59,8 +80,11 @@ def _model_settings(job: Path) -> dict[str, Any]:
 def _row(job: Path, shared: set[str]) -> dict[str, Any]:
     """A job's results; its overrides without those every job of the sweep shares."""
     overrides = [o for o in _overrides(job) if o not in shared]
-    row: dict[str, Any] = {"job": job.name, "overrides": " ".join(overrides),
-                           **_model_settings(job)}  # fmt: skip
+    row: dict[str, Any] = {
+        "job": job.name,
+        "overrides": " ".join(overrides),
+        **_model_settings(job),
+    }
     if (job / RESULT).is_file():
         result = json.loads((job / RESULT).read_text())
         final = result.get("final", {})
@@ -85,11 +109,8 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
 
 
 def _sort_key(row: dict[str, Any]) -> tuple[int, float]:
-    value = row.get("objective")
-    ok = row["status"] == "completed" and value is not None and math.isfinite(value)
-    if not ok:
-        return (1, math.inf)
-    return (0, value if row["objective_direction"] == "minimize" else -value)
+    value = row.get("objective") if row["status"] == "completed" else None
+    return rank_key(value, row.get("objective_direction", "minimize"))
 
 
 def _cell(value: Any) -> str:
@@ -130,8 +151,9 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     """The rate-distortion plane of the completed jobs: rate (KL) across, distortion
     (-log p(x | z)) up, each job a point labelled with its beta and latent size. Returns the
     number of points; 0 (and no file) while no job has both numbers."""
-    points = [r for r in rows if r.get("rate_kl") is not None
-              and r.get("distortion_recon") is not None]  # fmt: skip
+    points = [
+        r for r in rows if r.get("rate_kl") is not None and r.get("distortion_recon") is not None
+    ]
     if not points:
         return 0
     import matplotlib
@@ -156,8 +178,11 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     axes.set_xlabel("rate: KL(q(z|x) || p(z)), nats per image")
     axes.set_ylabel("distortion: -log p(x|z), nats per image")
     metric = best.get("objective_metric", "")
-    axes.set_title(f"{len(points)} of {len(rows)} jobs; red: best by {metric}\ndashed: rate + "
-                   f"distortion = {total:.1f}, its negative ELBO", fontsize=9)  # fmt: skip
+    axes.set_title(
+        f"{len(points)} of {len(rows)} jobs; red: best by {metric}\ndashed: rate + "
+        f"distortion = {total:.1f}, its negative ELBO",
+        fontsize=9,
+    )
     axes.grid(alpha=0.3)
     figure.tight_layout()
     partial = path.with_suffix(".partial.png")

@@ -17,7 +17,7 @@ from cvae.quiet import quiet_known_noise
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the sweep objective (`objective.metric`): what a sweeper ranks this run by."""
     quiet_known_noise()
-    from cvae.runtime import train  # imports Lightning: after --help, after Hydra's checks
+    from cvae.training import train  # imports Lightning: after --help, after Hydra's checks
 
     metrics = run_or_report(train, cfg)  # checks the objective before any work
     return check_objective(cfg).values(metrics)

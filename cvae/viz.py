@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
-from cvae.models.networks import unit_range
+from cvae.pixels import unit_range
 
 
 def visualize_batch(

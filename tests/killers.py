@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
+from contextlib import contextmanager
 
-import torch
 from lightning.pytorch import Callback
 
 
@@ -26,7 +25,8 @@ class KillAt(Callback):
 
 
 class KillDuringSave(Callback):
-    """SIGKILL halfway through writing the checkpoint saved after step `step`."""
+    """SIGKILL halfway through writing the checkpoint saved after step `step` to disk (into
+    the temporary file `files.atomic_write` opened for it)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -34,16 +34,24 @@ class KillDuringSave(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step != self.step:  # checkpoint callbacks run after this one
             return
-        save = torch.save
+        from cvae import checkpointing
 
-        def write_half_then_die(obj, handle, *args, **kwargs):
-            buffer = io.BytesIO()
-            save(obj, buffer, *args, **kwargs)
-            handle.write(buffer.getvalue()[: buffer.tell() // 2])
-            handle.flush()
-            _kill()
+        real = checkpointing.atomic_write
 
-        torch.save = write_half_then_die
+        @contextmanager
+        def half_then_die(path, *args, **kwargs):
+            with real(path, *args, **kwargs) as handle:
+                write = handle.write
+
+                def write_half(data):
+                    write(bytes(data)[: len(data) // 2])
+                    handle.flush()
+                    _kill()
+
+                handle.write = write_half
+                yield handle
+
+        checkpointing.atomic_write = half_then_die
 
 
 class SignalAt(Callback):

@@ -19,7 +19,7 @@ from cvae.data.cache import decode_source
 from cvae.data.datamodule import DeviceBatches, EpochSampler
 from cvae.data.decode import Preprocess
 from cvae.data.presets import FileDataset
-from tests.conftest import write_broken_files, write_mixed_images
+from tests.helpers import write_broken_files, write_mixed_images
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where on_device puts the data
@@ -114,6 +114,7 @@ ImageDataModule(root=sys.argv[1], image_size=8, cache_workers=1).setup()
 """
 
 
+@pytest.mark.slow
 def test_a_build_killed_mid_way_leaves_nothing_that_is_read(tmp_path: Path) -> None:
     write_mixed_images(tmp_path, 300)
     process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(tmp_path)], cwd=REPO)
@@ -166,8 +167,10 @@ def test_a_folder_of_only_a_non_image_fails_in_prepare_data_keeping_nothing(
     cache entry (of every file skipped) used to stay in the data folder."""
     (tmp_path / "notes.png").write_text("a text file named like an image")
     dm = ImageDataModule(root=str(tmp_path), image_size=8, cache=cache)
-    message = (f"no usable images: data.root={tmp_path}: 1 of 1 files could not be decoded: "
-               f"notes.png (cannot identify image file '{tmp_path / 'notes.png'}')")  # fmt: skip
+    message = (
+        f"no usable images: data.root={tmp_path}: 1 of 1 files could not be decoded: "
+        f"notes.png (cannot identify image file '{tmp_path / 'notes.png'}')"
+    )
     with pytest.raises(ValueError) as raised:
         dm.prepare_data()
     assert str(raised.value) == message

@@ -21,16 +21,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from cvae.errors import Interrupted
-from cvae.runtime import resume_command, train
-from tests.conftest import CONF_DIR, compose_train
-from tests.test_first_hour import _checkpoint, _same_weights
-from tests.test_long_runs import LONG_RUN
-from tests.test_train import run_cli
+from cvae.training import resume_command, train
+from tests.helpers import CONF_DIR, LONG_RUN, compose_train, load_checkpoint, run_cli, same_weights
+
+pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
 
 def _stop_at(step: int, signum: int) -> list[str]:
-    return ["+callbacks.stop._target_=tests.killers.SignalAt", f"+callbacks.stop.step={step}",
-            f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
+    return [
+        "+callbacks.stop._target_=tests.killers.SignalAt",
+        f"+callbacks.stop.step={step}",
+        f"+callbacks.stop.signum={int(signum)}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
     folder = tmp_path_factory.mktemp("whole")
     train(compose_train(folder, *LONG_RUN))
-    return _checkpoint(folder / "checkpoints" / "last.ckpt")
+    return load_checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
 def test_a_run_started_again_in_its_folder_resumes_from_its_last_ckpt(
@@ -47,14 +49,14 @@ def test_a_run_started_again_in_its_folder_resumes_from_its_last_ckpt(
     """What a requeued SLURM job does: the same config in the same folder, ckpt_path null."""
     with pytest.raises(Interrupted):
         train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGTERM)))
-    assert _checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
-    caplog.set_level("INFO", logger="cvae.runtime")
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+    caplog.set_level("INFO", logger="cvae.training")
     train(compose_train(tmp_path, *LONG_RUN))
     own = tmp_path / "checkpoints" / "last.ckpt"
     assert f"already holds {own} (epoch 0, step 5) from an earlier start" in caplog.text
-    final = _checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    final = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 14
-    assert _same_weights(uninterrupted, final)  # continued exactly, not started over
+    assert same_weights(uninterrupted, final)  # continued exactly, not started over
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_sigusr2_saves_the_step_then_hands_the_signal_to_submitit(
     with pytest.raises(SystemExit):
         train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGUSR2)))
     assert submitit_handler == [signal.SIGUSR2]  # called once, after the save
-    assert _checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
 def test_a_job_submitit_does_not_requeue_stops_with_the_reason_and_a_resume_line(
@@ -102,12 +104,17 @@ def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
 ) -> None:
     """submitit_local requeues the way SLURM does: the same pickled job started again."""
     sweep = tmp_path / "sweep"
-    run_cli(*LONG_RUN, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
-            *_stop_at(4, signal.SIGUSR2), multirun=True)  # fmt: skip
+    run_cli(
+        *LONG_RUN,
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={sweep}",
+        *_stop_at(4, signal.SIGUSR2),
+        multirun=True,
+    )
     job = sweep / "0"
-    final = _checkpoint(job / "checkpoints" / "last.ckpt")
+    final = load_checkpoint(job / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 14
-    assert _same_weights(uninterrupted, final)
+    assert same_weights(uninterrupted, final)
     log = (job / "train.log").read_text()
     assert "handing SIGUSR2 to submitit to requeue the job" in log
     assert "(epoch 0, step 5) from an earlier start" in log
@@ -117,8 +124,13 @@ def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
 @pytest.fixture
 def launcher_job(tmp_path: Path) -> Iterator[DictConfig]:
     """The config of job 3 of a `-m hydra/launcher=slurm_cpu` sweep, as the job sees it."""
-    overrides = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu",
-                 "hydra.sweep.dir=/scratch/sweep", "trainer=ddp_cpu", "model.beta=2"]  # fmt: skip
+    overrides = [
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.partition=cpu",
+        "hydra.sweep.dir=/scratch/sweep",
+        "trainer=ddp_cpu",
+        "model.beta=2",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg.hydra):
@@ -136,8 +148,12 @@ def test_the_resume_line_of_a_launcher_job_resubmits_it_into_its_folder(
     checkpoint = tmp_path / "sweep" / "3" / "checkpoints" / "last.ckpt"
     words = shlex.split(resume_command(launcher_job, checkpoint))
     assert words[1:4] == ["-m", "cvae.train", "-m"]  # a sweep of one job, through the launcher
-    assert {"hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu", "trainer=ddp_cpu",
-            "model.beta=2"} <= set(words)  # fmt: skip
+    assert {
+        "hydra/launcher=slurm_cpu",
+        "hydra.launcher.partition=cpu",
+        "trainer=ddp_cpu",
+        "model.beta=2",
+    } <= set(words)
     assert f"hydra.sweep.dir={tmp_path / 'sweep'}" in words
     assert "hydra.sweep.dir=/scratch/sweep" not in words
     assert words[-2:] == ["hydra.sweep.subdir=3", f"ckpt_path={checkpoint}"]
@@ -151,11 +167,13 @@ def _launcher_config(*overrides: str) -> DictConfig:
 
 @pytest.mark.parametrize(
     ("overrides", "gpus", "tasks"),
-    [(["hydra/launcher=slurm", "trainer=gpu"], 1, 1),
-     (["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"], 4, 4),
-     (["hydra/launcher=slurm_cpu", "trainer=ddp_cpu"], None, 2),
-     (["hydra/launcher=slurm_cpu", "trainer=cpu"], None, 1)],
-)  # fmt: skip
+    [
+        (["hydra/launcher=slurm", "trainer=gpu"], 1, 1),
+        (["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"], 4, 4),
+        (["hydra/launcher=slurm_cpu", "trainer=ddp_cpu"], None, 2),
+        (["hydra/launcher=slurm_cpu", "trainer=cpu"], None, 1),
+    ],
+)
 def test_the_slurm_launchers_ask_for_what_the_trainer_uses(
     overrides: list[str], gpus: int | None, tasks: int
 ) -> None:
@@ -171,11 +189,13 @@ def test_the_slurm_launchers_ask_for_what_the_trainer_uses(
 
 @pytest.mark.parametrize(
     ("overrides", "said"),
-    [(["hydra/launcher=slurm", "trainer=ddp_cpu"], "use hydra/launcher=slurm_cpu"),
-     (["hydra/launcher=slurm_cpu", "trainer=gpu"], "the job would get no GPU"),
-     (["hydra/launcher=slurm", "trainer=ddp"], "give it as a number, e.g. trainer.devices=4"),
-     (["hydra/launcher=slurm_cpu"], "it is auto")],
-)  # fmt: skip
+    [
+        (["hydra/launcher=slurm", "trainer=ddp_cpu"], "use hydra/launcher=slurm_cpu"),
+        (["hydra/launcher=slurm_cpu", "trainer=gpu"], "the job would get no GPU"),
+        (["hydra/launcher=slurm", "trainer=ddp"], "give it as a number, e.g. trainer.devices=4"),
+        (["hydra/launcher=slurm_cpu"], "it is auto"),
+    ],
+)
 def test_a_request_slurm_cannot_give_the_trainer_is_one_line(
     overrides: list[str], said: str
 ) -> None:
@@ -199,8 +219,11 @@ def test_without_accounting_jobs_are_followed_with_squeue(
     from cvae.cluster import LEFT_QUEUE, QueueWatcher
 
     _fake_command(tmp_path, "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1\n")
-    _fake_command(tmp_path, "squeue", "printf '7|CANCELLED|vm\\n8_0|RUNNING|vm\\n"
-                  "8_[1-2]|PENDING|\\n10|CONFIGURING|vm\\n'\n")  # fmt: skip
+    _fake_command(
+        tmp_path,
+        "squeue",
+        "printf '7|CANCELLED|vm\\n8_0|RUNNING|vm\\n8_[1-2]|PENDING|\\n10|CONFIGURING|vm\\n'\n",
+    )
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     watcher = QueueWatcher()
     for job in ("7", "8_0", "8_1", "9", "10"):

@@ -15,7 +15,7 @@ from cvae.data import ImageDataModule, Preprocess, SyntheticShapes, index_folder
 from cvae.data.decode import ImageDecodeError
 from cvae.errors import error_line, user_error
 from cvae.viz import visualize_batch
-from tests.conftest import write_mixed_images
+from tests.helpers import write_mixed_images
 
 
 # --- folder walk -----------------------------------------------------------------------------
@@ -108,8 +108,15 @@ def test_file_broken_after_the_scan_names_itself_even_from_a_worker(
     tmp_path: Path, workers: int
 ) -> None:
     files = write_mixed_images(tmp_path, 3)
-    dm = ImageDataModule(root=str(tmp_path), image_size=8, batch_size=8, val_fraction=0,
-                         test_fraction=0, cache=False, num_workers=workers)  # fmt: skip
+    dm = ImageDataModule(
+        root=str(tmp_path),
+        image_size=8,
+        batch_size=8,
+        val_fraction=0,
+        test_fraction=0,
+        cache=False,
+        num_workers=workers,
+    )
     dm.setup()
     files[0].write_bytes(b"not an image any more")  # changed while training
     with pytest.raises(ImageDecodeError) as caught:
@@ -257,8 +264,9 @@ def test_splits_are_deterministic_disjoint_and_complete() -> None:
 
 
 def test_train_loader_shuffles_and_val_loader_does_not() -> None:
-    dm = ImageDataModule(source="synthetic", synthetic_images=64, image_size=8, batch_size=64,
-                         num_workers=0)  # fmt: skip
+    dm = ImageDataModule(
+        source="synthetic", synthetic_images=64, image_size=8, batch_size=64, num_workers=0
+    )
     dm.setup()
     first, second = (next(iter(dm.train_dataloader()))[0] for _ in range(2))
     assert not torch.equal(first, second)
@@ -269,8 +277,9 @@ def test_train_loader_shuffles_and_val_loader_does_not() -> None:
 def test_worker_processes_deliver_the_same_batches() -> None:
     batches = []
     for workers in (0, 1):
-        dm = ImageDataModule(source="synthetic", synthetic_images=32, image_size=8,
-                             cache=False, num_workers=workers)  # fmt: skip
+        dm = ImageDataModule(
+            source="synthetic", synthetic_images=32, image_size=8, cache=False, num_workers=workers
+        )
         dm.setup()
         loader = dm.val_dataloader()
         assert loader.num_workers == workers

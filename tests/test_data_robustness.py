@@ -16,7 +16,7 @@ from PIL import Image
 from cvae.data import ImageDataModule, Preprocess, open_image
 from cvae.data.decode import ImageDecodeError
 from cvae.errors import _remove_empty_parents
-from tests.conftest import TINY, write_broken_files, write_mixed_images
+from tests.helpers import TINY, write_broken_files, write_mixed_images
 
 LOGGER = "cvae.data.datamodule"
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,12 @@ def _train_cli(outputs: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "cvae.train", *TINY, f"paths.log_dir={outputs}", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _tree(folder: Path) -> list[str]:
@@ -52,8 +56,14 @@ def test_broken_files_are_skipped_with_one_warning_that_counts_them(
 ) -> None:
     write_mixed_images(tmp_path / "images", 7)
     broken = write_broken_files(tmp_path / "images" / "sub")
-    dm = ImageDataModule(root=str(tmp_path / "images"), image_size=8, batch_size=64,
-                         val_fraction=0, test_fraction=0, cache=cache)  # fmt: skip
+    dm = ImageDataModule(
+        root=str(tmp_path / "images"),
+        image_size=8,
+        batch_size=64,
+        val_fraction=0,
+        test_fraction=0,
+        cache=cache,
+    )
     with caplog.at_level(logging.INFO, logger=LOGGER):
         dm.setup()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -146,17 +156,25 @@ def test_float_tiff_in_unit_range_is_scaled_to_eight_bit(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("array", "message"),
     [
-        (np.full((8, 8), 300.0, dtype=np.float32),
-         r"float image \(mode F\) with values in \[300, 300\], outside \[0, 1\]"),
-        (np.full((8, 8), np.nan, dtype=np.float32),
-         r"float image \(mode F\) holds NaN or infinite values"),
-        (np.full((8, 8), 70_000, dtype=np.int32),
-         r"32-bit integer image \(mode I\) with values in \[70000, 70000\], outside 0-65535"),
-        (np.full((8, 8), -5, dtype=np.int32),
-         r"32-bit integer image \(mode I\) with values in \[-5, -5\], outside 0-65535"),
+        (
+            np.full((8, 8), 300.0, dtype=np.float32),
+            r"float image \(mode F\) with values in \[300, 300\], outside \[0, 1\]",
+        ),
+        (
+            np.full((8, 8), np.nan, dtype=np.float32),
+            r"float image \(mode F\) holds NaN or infinite values",
+        ),
+        (
+            np.full((8, 8), 70_000, dtype=np.int32),
+            r"32-bit integer image \(mode I\) with values in \[70000, 70000\], outside 0-65535",
+        ),
+        (
+            np.full((8, 8), -5, dtype=np.int32),
+            r"32-bit integer image \(mode I\) with values in \[-5, -5\], outside 0-65535",
+        ),
     ],
     ids=["float_300", "float_nan", "int_70000", "int_negative"],
-)  # fmt: skip
+)
 def test_float_or_wide_integer_tiff_out_of_range_is_refused_naming_it(
     tmp_path: Path, array: np.ndarray, message: str
 ) -> None:
@@ -183,8 +201,10 @@ def test_a_refused_tiff_is_skipped_and_named_in_the_warning(
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         dm.setup()
     (message,) = [r.getMessage() for r in caplog.records]
-    assert ("1 of 4 files could not be decoded: depth.tif (float image (mode F) with values in "
-            "[2, 2], outside [0, 1]") in message  # fmt: skip
+    assert (
+        "1 of 4 files could not be decoded: depth.tif (float image (mode F) with values in "
+        "[2, 2], outside [0, 1]"
+    ) in message
     assert "3 images used, 1 skipped" in message
 
 
@@ -244,6 +264,7 @@ def test_upper_case_extensions_are_decoded(tmp_path: Path) -> None:
 
 
 # --- a run that fails on bad input leaves nothing on disk -------------------------------------
+@pytest.mark.slow
 def test_a_mistyped_objective_leaves_no_empty_run_parents(tmp_path: Path) -> None:
     """The husk removal removed the run folder but left `outputs/train/runs/` behind."""
     outputs = tmp_path / "outputs"
@@ -260,6 +281,7 @@ def test_a_mistyped_objective_leaves_no_empty_run_parents(tmp_path: Path) -> Non
     assert _tree(outputs) == ["eval", "eval/2026-01-01_00-00-00"]
 
 
+@pytest.mark.slow
 def test_a_data_folder_with_no_image_leaves_no_run_folder_and_no_cache(tmp_path: Path) -> None:
     """It used to fail in `setup`, after the config tree and TensorBoard events were written:
     the run folder stayed (listed by TensorBoard), and so did `.cvae-cache/` in the data."""

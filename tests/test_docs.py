@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONF_DIR
-from tests.test_readme import PAGES, README, REPO, page_name
+from tests.helpers import CONF_DIR, PAGES, README, REPO, page_name
 
 DOCS = REPO / "docs"
 # Pages that are maps, not guides: they need not open with commands.
@@ -104,10 +103,20 @@ def _modules() -> dict[str, object]:
 # Short module names that are also entry points or parameter names (`train.log`,
 # `conditioning.plane.weight`), like those that are also config keys (`data.root`,
 # `objective.metric`): only checked with their `cvae.` prefix.
-AMBIGUOUS = {"models", "train", "evaluate", "generate", "export", "summarize", "cvae",
-             "conditioning"}  # fmt: skip
-FILES = re.compile(r"\.(py|ya?ml|json|npy|ckpt|pt|onnx|md|csv|png|gif|log|lock|partial|txt"
-                   r"|ipynb|gz)$")  # fmt: skip
+AMBIGUOUS = {
+    "models",
+    "train",
+    "evaluate",
+    "generate",
+    "export",
+    "summarize",
+    "cvae",
+    "conditioning",
+}
+FILES = re.compile(
+    r"\.(py|ya?ml|json|npy|ckpt|pt|onnx|md|csv|png|gif|log|lock|partial|txt"
+    r"|ipynb|gz)$"
+)
 NAME = re.compile(r"([A-Za-z_]\w*(?:\.\w+)+)(?:\(.*\))?")
 
 
@@ -143,8 +152,12 @@ def namespace(configs: list) -> tuple[dict[str, object], dict[str, object], dict
     keys = {key for cfg in configs for key in cfg}  # data, model, objective, ...
     short = {n.rsplit(".", 1)[-1]: m for n, m in modules.items()}
     short = {n: m for n, m in short.items() if n not in AMBIGUOUS | keys}
-    classes = {name: obj for module in modules.values() for name, obj in vars(module).items()
-               if inspect.isclass(obj) and obj.__module__.startswith("cvae")}  # fmt: skip
+    classes = {
+        name: obj
+        for module in modules.values()
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and obj.__module__.startswith("cvae")
+    }
     return modules, short, classes
 
 
@@ -202,9 +215,13 @@ def _config_has(configs: list, key: str) -> bool:
     from omegaconf import OmegaConf
 
     missing = object()
-    return any(OmegaConf.select(cfg, key, default=missing, throw_on_missing=False,
-                                throw_on_resolution_failure=False) is not missing
-               for cfg in configs)  # fmt: skip
+    return any(
+        OmegaConf.select(
+            cfg, key, default=missing, throw_on_missing=False, throw_on_resolution_failure=False
+        )
+        is not missing
+        for cfg in configs
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_name)
@@ -218,13 +235,22 @@ def test_every_config_key_and_option_exists(page: Path, configs: list) -> None:
     # `trainer.save_checkpoint`) or of the cvae module of that name (`callbacks.ImageLogger`,
     # `objective.check_objective`).
     builds = {"model": CVAE, "trainer": pl.Trainer}
-    builds |= {n: importlib.import_module(f"cvae.{n}") for n in CITED_GROUPS
-               if importlib.util.find_spec(f"cvae.{n}") is not None}  # fmt: skip
-    missing = [key for key in sorted(keys) if not _config_has(configs, key)
-               and not (key.count(".") == 1 and hasattr(builds.get(key.split(".")[0]),
-                                                        key.split(".")[1]))]  # fmt: skip
-    missing += [f"{group}={option}" for group, option in sorted(options)
-                if not (CONF_DIR / group / f"{option}.yaml").is_file()]  # fmt: skip
+    builds |= {
+        n: importlib.import_module(f"cvae.{n}")
+        for n in CITED_GROUPS
+        if importlib.util.find_spec(f"cvae.{n}") is not None
+    }
+    missing = [
+        key
+        for key in sorted(keys)
+        if not _config_has(configs, key)
+        and not (key.count(".") == 1 and hasattr(builds.get(key.split(".")[0]), key.split(".")[1]))
+    ]
+    missing += [
+        f"{group}={option}"
+        for group, option in sorted(options)
+        if not (CONF_DIR / group / f"{option}.yaml").is_file()
+    ]
     assert not missing, f"{page_name(page)} cites config that does not exist: {missing}"
 
 

@@ -20,11 +20,14 @@ from PIL import Image
 
 from cvae import CVAE, ImageDataModule
 from cvae.errors import Interrupted, run_or_report
-from cvae.generation import generate, principal_directions, traverse
-from cvae.metrics import PosteriorStatistics, evaluate_model, likelihood_input
+from cvae.evaluation import evaluate_checkpoint, evaluate_model
+from cvae.generation import along_principal_axes, generate, traverse
+from cvae.metrics import PosteriorStatistics
+from cvae.models.latents import Gaussian, Posterior
 from cvae.models.likelihoods import gaussian_log_density
-from cvae.runtime import evaluate_checkpoint
-from tests.conftest import compose_tool, write_mixed_images
+from cvae.models.losses import kl_per_dimension
+from cvae.pixels import dequantize
+from tests.helpers import compose_tool, write_mixed_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,11 +49,12 @@ def _linear_gaussian(model: CVAE, exact_posterior: bool, n: int = 5) -> torch.Te
     # W has orthogonal columns, so the exact posterior has a diagonal covariance.
     posterior_var = 1 / (1 + (w * w).sum(0) / noise)
 
-    def encode(images: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(images: torch.Tensor, labels=None) -> Posterior:
         if not exact_posterior:  # the prior: a poor proposal, fixed by many samples
-            return torch.zeros(len(images), latent), torch.zeros(len(images), latent)
+            zeros = torch.zeros(len(images), latent)
+            return Posterior.one_level(zeros, zeros)
         mean = posterior_var * ((images.flatten(1) - b) @ w) / noise
-        return mean, posterior_var.log().expand(len(images), -1)
+        return Posterior.one_level(mean, posterior_var.log().expand(len(images), -1))
 
     model.encode = encode
     # Means outside [0, 1]: the decoder outputs them directly, scored by an identity-link
@@ -89,15 +93,22 @@ def test_log_likelihood_takes_the_fast_decoder_by_default() -> None:
     from cvae.models.inference import FastDecoder
 
     torch.manual_seed(0)
-    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4, 8],
-                 recon_loss="bce")  # fmt: skip
+    model = CVAE(
+        in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4, 8], recon_loss="bce"
+    )
     x = (torch.rand(5, 1, 8, 8) > 0.5).float()
     fast = FastDecoder(model.decoder)
     per_call = fast.decodes_per_call()
-    slow = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0),
-                                max_decodes=per_call, decoder=model.decoder.logits)  # fmt: skip
-    explicit = model.log_likelihood(x, k=50, generator=torch.Generator().manual_seed(0),
-                                    max_decodes=per_call, decoder=fast)  # fmt: skip
+    slow = model.log_likelihood(
+        x,
+        k=50,
+        generator=torch.Generator().manual_seed(0),
+        max_decodes=per_call,
+        decoder=model.decoder.logits,
+    )
+    explicit = model.log_likelihood(
+        x, k=50, generator=torch.Generator().manual_seed(0), max_decodes=per_call, decoder=fast
+    )
 
     def refuse(z: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the slow decoder was called")
@@ -120,12 +131,16 @@ def test_trained_model_bound_tightens_and_k_one_is_the_elbo(trained_run: Path) -
     assert abs(-elbo - nll[0]) < 0.05 * abs(nll[0])  # both one-sample estimates
 
 
+def _standard_kl(posterior: Posterior) -> tuple[torch.Tensor, ...]:
+    return (kl_per_dimension(posterior.mu, posterior.log_var),)
+
+
 def test_active_units_count_latents_whose_mean_varies() -> None:
     statistics = PosteriorStatistics()
     mu = torch.zeros(100, 3)
     mu[:, 0] = torch.linspace(-1, 1, 100)  # variance 0.34: active
     mu[:, 1] = torch.linspace(-0.05, 0.05, 100)  # variance 0.0009: inactive
-    statistics.update(mu, torch.zeros(100, 3))
+    statistics.update(Posterior.one_level(mu, torch.zeros(100, 3)), _standard_kl)
     assert statistics.active_units() == 1
     expected_kl = 0.5 * mu.pow(2).mean(0)
     torch.testing.assert_close(statistics.kl_per_dim().float(), expected_kl)
@@ -136,24 +151,37 @@ def test_kl_images_caps_the_kl_average_not_the_active_units() -> None:
     mu[:, 0] = torch.linspace(-1, 1, 200)
     capped, full = PosteriorStatistics(kl_images=150), PosteriorStatistics()
     for rows in mu.split(100):
-        capped.update(rows, torch.zeros_like(rows))
-        full.update(rows, torch.zeros_like(rows))
+        capped.update(Posterior.one_level(rows, torch.zeros_like(rows)), _standard_kl)
+        full.update(Posterior.one_level(rows, torch.zeros_like(rows)), _standard_kl)
     assert (capped.count, capped.kl_count) == (200, 150)
     assert capped.active_units() == full.active_units() == 1
     torch.testing.assert_close(capped.kl_per_dim().float(), 0.5 * mu[:150].pow(2).mean(0))
-    # a chunk state saved before `kl_count` existed averaged its KL over all its images
-    old = {k: v for k, v in full.state().items() if k != "kl_count"}
-    merged = PosteriorStatistics()
-    merged.merge(old)
-    torch.testing.assert_close(merged.kl_per_dim(), full.kl_per_dim())
+    merged = PosteriorStatistics()  # a chunk's saved state adds up to the same statistics
+    merged.merge(capped.state())
+    torch.testing.assert_close(merged.kl_per_dim(), capped.kl_per_dim())
+    assert merged.active_units() == 1
+
+
+def test_statistics_of_two_levels_count_each_level() -> None:
+    """A posterior with two latent levels: active units per level and a KL per latent of
+    each (what a hierarchy reports), through the same statistics as one level."""
+    top, lower = torch.zeros(50, 2), torch.zeros(50, 3)
+    top[:, 1] = torch.linspace(-1, 1, 50)
+    lower[:, :2] = torch.linspace(-1, 1, 50)[:, None]
+    posterior = Posterior((Gaussian(top, torch.zeros(50, 2)), Gaussian(lower, torch.zeros(50, 3))))
+    statistics = PosteriorStatistics()
+    statistics.update(posterior, lambda q: tuple(kl_per_dimension(*level) for level in q.levels))
+    assert statistics.active_units_per_level() == [1, 2]
+    assert statistics.active_units() == 3
+    assert statistics.kl_per_dim().shape == (5,)
 
 
 def test_dequantisation_keeps_each_value_in_its_bin() -> None:
     images = torch.tensor([[[[0, 1, 254, 255]]]], dtype=torch.uint8)
-    x = likelihood_input(images, continuous=True, generator=torch.Generator().manual_seed(0))
+    x = dequantize(images, continuous=True, generator=torch.Generator().manual_seed(0))
     assert torch.all(x * 256 >= images.float()) and torch.all(x * 256 < images.float() + 1)
     binary = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
-    assert likelihood_input(binary, continuous=False).tolist() == [[[[0.0, 1.0]]]]
+    assert dequantize(binary, continuous=False).tolist() == [[[[0.0, 1.0]]]]
 
 
 def test_evaluate_reports_every_metric(trained_run: Path) -> None:
@@ -173,8 +201,9 @@ def test_evaluate_reports_every_metric(trained_run: Path) -> None:
 
 
 def test_bernoulli_nll_is_reported_only_on_binary_data() -> None:
-    model = CVAE(in_channels=1, image_size=16, latent_dim=4, hidden_channels=[4],
-                 recon_loss="bernoulli")  # fmt: skip
+    model = CVAE(
+        in_channels=1, image_size=16, latent_dim=4, hidden_channels=[4], recon_loss="bernoulli"
+    )
     grey = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     binary = (grey > 127).to(torch.uint8) * 255
     on_grey = evaluate_model(model, [(grey, torch.zeros(4))], iw_samples=2)
@@ -184,13 +213,24 @@ def test_bernoulli_nll_is_reported_only_on_binary_data() -> None:
     assert on_binary["bits_per_dim"] == pytest.approx(on_binary["iw_nll"] / (256 * math.log(2)))
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cvae.evaluate", f"ckpt_path={_checkpoint(trained_run)}",
-         "eval.iw_samples=4", "eval.split=val", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cvae.evaluate",
+            f"ckpt_path={_checkpoint(trained_run)}",
+            "eval.iw_samples=4",
+            "eval.split=val",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (folder,) = [p.parent for p in tmp_path.glob("*/metrics.json")]
     assert folder.name.startswith("last-val-k4-")
@@ -204,8 +244,15 @@ def test_evaluate_command_prints_and_writes_metrics(trained_run: Path, tmp_path:
 
 
 def _evaluation(trained_run: Path, out: Path, *overrides: str) -> DictConfig:
-    return compose_tool("eval", out, f"ckpt_path={_checkpoint(trained_run)}", "eval.seed=3",
-                        "eval.chunk_images=2", "eval.progress=false", *overrides)  # fmt: skip
+    return compose_tool(
+        "eval",
+        out,
+        f"ckpt_path={_checkpoint(trained_run)}",
+        "eval.seed=3",
+        "eval.chunk_images=2",
+        "eval.progress=false",
+        *overrides,
+    )
 
 
 def _run_evaluation(trained_run: Path, out: Path, *overrides: str) -> dict:
@@ -213,17 +260,19 @@ def _run_evaluation(trained_run: Path, out: Path, *overrides: str) -> dict:
 
 
 def _chunk_values(folder: Path) -> list[dict]:
-    return [torch.load(path, weights_only=True)["values"]
-            for path in sorted((folder / "chunks").glob("*.pt"))]  # fmt: skip
+    return [
+        torch.load(path, weights_only=True)["values"]
+        for path in sorted((folder / "chunks").glob("*.pt"))
+    ]
 
 
 def test_interrupted_evaluation_resumes_with_the_same_numbers(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cvae.metrics
+    import cvae.evaluation
 
     whole = _run_evaluation(trained_run, tmp_path / "whole", "eval.iw_samples=5")
-    evaluate_chunk, calls = cvae.metrics.evaluate_chunk, []
+    evaluate_chunk, calls = cvae.evaluation.image_metrics, []
 
     def interrupted_after_two(*args, **kwargs):
         calls.append(1)
@@ -231,7 +280,7 @@ def test_interrupted_evaluation_resumes_with_the_same_numbers(
             raise KeyboardInterrupt  # Ctrl-C in the middle of the third chunk
         return evaluate_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", interrupted_after_two)
+    monkeypatch.setattr(cvae.evaluation, "image_metrics", interrupted_after_two)
     with pytest.raises(
         Interrupted,
         match=r"^Ctrl-C: 2 finished chunks of 2 images kept in .*; the same command continues",
@@ -253,10 +302,10 @@ def test_interrupted_evaluation_resumes_with_the_same_numbers(
 def test_sigterm_keeps_the_finished_chunks_and_says_so_in_one_line(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    import cvae.metrics
+    import cvae.evaluation
 
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # as in a command's process
-    evaluate_chunk, calls = cvae.metrics.evaluate_chunk, []
+    evaluate_chunk, calls = cvae.evaluation.image_metrics, []
 
     def terminated_in_the_third(*args, **kwargs):
         calls.append(1)
@@ -264,7 +313,7 @@ def test_sigterm_keeps_the_finished_chunks_and_says_so_in_one_line(
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill, mid-chunk
         return evaluate_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", terminated_in_the_third)
+    monkeypatch.setattr(cvae.evaluation, "image_metrics", terminated_in_the_third)
     cfg = _evaluation(trained_run, tmp_path, "eval.iw_samples=5")
     with pytest.raises(SystemExit) as stopped:
         run_or_report(evaluate_checkpoint, cfg)
@@ -272,7 +321,9 @@ def test_sigterm_keeps_the_finished_chunks_and_says_so_in_one_line(
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and re.fullmatch(
         r"SIGTERM: 2 finished chunks of 2 images kept in .*; the same command continues "
-        r"from there", said[0])  # fmt: skip
+        r"from there",
+        said[0],
+    )
     (folder,) = tmp_path.iterdir()
     assert len(_chunk_values(folder)) == 2
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
@@ -297,8 +348,14 @@ def test_evaluating_a_folder_uses_every_image_at_the_model_s_size(
     images = tmp_path / "images"
     write_mixed_images(images, 7)
     (images / "broken.png").write_bytes(b"")  # skipped, not counted
-    common = ("data=folder", f"data.root={images}", "data.channels=1", "data.image_size=32",
-              f"data.cache_dir={tmp_path / 'cache'}", "eval.iw_samples=2")  # fmt: skip
+    common = (
+        "data=folder",
+        f"data.root={images}",
+        "data.channels=1",
+        "data.image_size=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "eval.iw_samples=2",
+    )
     every = _run_evaluation(trained_run, tmp_path / "all", *common)
     assert every["images"] == 7 and every["split"] == "all"
     test_split = _run_evaluation(trained_run, tmp_path / "test", *common, "eval.split=test")
@@ -306,9 +363,9 @@ def test_evaluating_a_folder_uses_every_image_at_the_model_s_size(
 
 
 def test_progress_is_a_log_line_when_not_on_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
-    from cvae.metrics import ProgressReport
+    from cvae.progress import ProgressReport
 
-    with caplog.at_level("INFO", logger="cvae.metrics"):
+    with caplog.at_level("INFO", logger="cvae.progress"):
         report = ProgressReport(100, "IW NLL, K=5", done=20, every=0.0)
         report.advance(30)
         report.close()
@@ -317,16 +374,22 @@ def test_progress_is_a_log_line_when_not_on_a_terminal(caplog: pytest.LogCapture
 
 
 def test_evaluate_on_data_that_does_not_fit_names_the_key(trained_run: Path, tmp_path) -> None:
-    cfg = compose_tool("eval", tmp_path, f"ckpt_path={_checkpoint(trained_run)}",
-                       "data=synthetic", "data.image_size=32")  # fmt: skip
+    cfg = compose_tool(
+        "eval",
+        tmp_path,
+        f"ckpt_path={_checkpoint(trained_run)}",
+        "data=synthetic",
+        "data.image_size=32",
+    )
     with pytest.raises(ValueError, match="data.image_size=32 does not fit"):
         evaluate_checkpoint(cfg)
 
 
 def test_binarized_data_is_fixed_for_evaluation_and_fresh_for_training() -> None:
     def datamodule() -> ImageDataModule:
-        dm = ImageDataModule(source="synthetic", synthetic_images=40, image_size=8,
-                             binarize=True, batch_size=40)  # fmt: skip
+        dm = ImageDataModule(
+            source="synthetic", synthetic_images=40, image_size=8, binarize=True, batch_size=40
+        )
         dm.setup()
         return dm
 
@@ -370,8 +433,7 @@ def test_reconstruct_decodes_a_folder_like_training_data(trained_run: Path, tmp_
 
 @pytest.mark.parametrize("spherical", [False, True])
 def test_interpolate_writes_grid_and_gif(trained_run: Path, tmp_path, spherical: bool) -> None:
-    out = _generate(trained_run, tmp_path, "mode=interpolate", "steps=5",
-                    f"spherical={spherical}")  # fmt: skip
+    out = _generate(trained_run, tmp_path, "mode=interpolate", "steps=5", f"spherical={spherical}")
     gif = Image.open(out / "interpolation.gif")
     assert gif.n_frames == 8  # 5 forwards, 3 back
     assert Image.open(out / "interpolation.png").size[0] > 5 * 16
@@ -392,8 +454,15 @@ def test_traverse_sweeps_the_chosen_directions(
 ) -> None:
     image = tmp_path / "one.png"
     Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(image)
-    out = _generate(trained_run, tmp_path / "out", "mode=traverse", f"input={image}",
-                    "dims=3", "steps=4", f"directions={directions}")  # fmt: skip
+    out = _generate(
+        trained_run,
+        tmp_path / "out",
+        "mode=traverse",
+        f"input={image}",
+        "dims=3",
+        "steps=4",
+        f"directions={directions}",
+    )
     rows = (out / "traversal.txt").read_text().splitlines()
     assert [row.split(":")[0] for row in rows] == ["row 1", "row 2", "row 3"]
     if directions == "latents":
@@ -411,14 +480,15 @@ def test_a_traversal_moves_only_along_its_direction(trained_run: Path) -> None:
     asked spreads around the centre; a latent's unit vector moves that latent alone."""
     model = CVAE.load_from_checkpoint(_checkpoint(trained_run), weights_only=True).eval()
     images = torch.rand(40, 3, 16, 16)
-    directions = principal_directions(model, [(images, torch.zeros(40))], 2)
-    torch.testing.assert_close(directions.vectors @ directions.vectors.T, torch.eye(2),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    directions = along_principal_axes(model, [(images, torch.zeros(40))], 2)
+    torch.testing.assert_close(
+        directions.vectors @ directions.vectors.T, torch.eye(2), atol=1e-5, rtol=0
+    )
     decoded = []
     model.decode = lambda z, label=None: decoded.append(z) or z  # the latents, not images
     traverse(model, images[0], directions, 3, 2.0)
     z = decoded[0].reshape(2, 3, -1)
-    mu, _ = model.encode(images[:1])
+    mu = model.encode(images[:1]).mu
     for row, vector in enumerate(directions.vectors):
         moved = z[row] - mu
         along = moved @ vector
@@ -443,9 +513,14 @@ def test_unknown_traversal_directions_are_an_error_before_any_image(
 
 @pytest.mark.parametrize(
     "options",
-    [{"kernel_size": 4}, {"kernel_size": 3}, {"kernel_size": 5}, {"kernel_size": 2},
-     {"kernel_size": 4, "batch_norm": True, "residual_blocks": 1}],
-)  # fmt: skip
+    [
+        {"kernel_size": 4},
+        {"kernel_size": 3},
+        {"kernel_size": 5},
+        {"kernel_size": 2},
+        {"kernel_size": 4, "batch_norm": True, "residual_blocks": 1},
+    ],
+)
 def test_fast_decoder_computes_the_decoder_s_logits(options: dict) -> None:
     from cvae.models.inference import FastDecoder
 

@@ -13,26 +13,35 @@ import pytest
 import torch
 from torch import nn
 
+import cvae.evaluation
 import cvae.fid
-import cvae.metrics
 from cvae.errors import run_or_report
+from cvae.evaluation import evaluate_checkpoint
 from cvae.features import run
 from cvae.fid import feature_network, fid_kid
-from cvae.runtime import evaluate_checkpoint
-from tests.conftest import compose_tool, write_mixed_images
-from tests.test_train import REPO
+from tests.helpers import REPO, compose_tool, write_mixed_images
 
 # A narrow network for one epoch over 96 synthetic shapes at 16 px (3 classes): a second.
-TINY_CLASSIFIER = ["data.image_size=16", "data.batch_size=16", "data.num_workers=0",
-                   "classifier.epochs=1", "classifier.input_size=16", "classifier.width=8",
-                   "classifier.feature_dim=16", "progress=false"]  # fmt: skip
+TINY_CLASSIFIER = [
+    "data.image_size=16",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "classifier.epochs=1",
+    "classifier.input_size=16",
+    "classifier.width=8",
+    "classifier.feature_dim=16",
+    "progress=false",
+]
 
 
 @pytest.fixture(scope="module")
 def feature_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("features")
-    result = run(compose_tool("train_features", folder, "data=synthetic",
-                              "data.synthetic_images=96", *TINY_CLASSIFIER))  # fmt: skip
+    result = run(
+        compose_tool(
+            "train_features", folder, "data=synthetic", "data.synthetic_images=96", *TINY_CLASSIFIER
+        )
+    )
     assert result["path"] == str(folder / "features.pt")
     return folder / "features.pt"
 
@@ -42,8 +51,9 @@ def _shapes(brightness: int = 200, count: int = 64, seed: int = 0) -> torch.Tens
     squares and ground for every `brightness`."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 60, (count, 3, 16, 16), generator=generator, dtype=torch.uint8)
-    for image, corner in zip(images, torch.randint(0, 8, (count, 2), generator=generator),
-                             strict=True):  # fmt: skip
+    for image, corner in zip(
+        images, torch.randint(0, 8, (count, 2), generator=generator), strict=True
+    ):
         y, x = corner.tolist()
         image[:, y : y + 8, x : x + 8] = brightness
     return images
@@ -51,8 +61,11 @@ def _shapes(brightness: int = 200, count: int = 64, seed: int = 0) -> torch.Tens
 
 def test_the_classifier_file_keeps_the_contract_and_measures_fid(feature_file: Path) -> None:
     info = json.loads(feature_file.with_name("features.json").read_text())
-    assert info["channels"] == 3 and info["num_features"] == 16 and info["classes"] == [
-        "circle", "square", "triangle"]  # fmt: skip
+    assert (
+        info["channels"] == 3
+        and info["num_features"] == 16
+        and info["classes"] == ["circle", "square", "triangle"]
+    )
     assert 0 <= info["test_accuracy"] <= 1 and info["train_seconds"] >= 0
     assert info["standardized_on_train_images"] == info["train_images"]  # fewer than 10,000
     network = feature_network(feature_file)  # channels from the file's own metadata
@@ -63,8 +76,10 @@ def test_the_classifier_file_keeps_the_contract_and_measures_fid(feature_file: P
     images = _shapes()
     same = fid_kid(images.split(16), images.split(16), network)
     assert abs(same["fid"]) < 1e-9
-    fids = [fid_kid(images.split(16), _shapes(dimmer).split(16), network)["fid"]
-            for dimmer in (170, 120)]  # fmt: skip
+    fids = [
+        fid_kid(images.split(16), _shapes(dimmer).split(16), network)["fid"]
+        for dimmer in (170, 120)
+    ]
     assert 1e-6 < fids[0] < fids[1]  # small numbers: the features' scale is the network's
 
 
@@ -121,17 +136,28 @@ def test_files_that_do_not_fit_are_one_line_naming_the_key_and_file(
 
 
 def test_evaluate_with_a_feature_file(
-    feature_file: Path, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    feature_file: Path,
+    trained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     def no_inception(*args, **kwargs):
         raise AssertionError("Inception was loaded")
 
     monkeypatch.setattr(cvae.fid, "inception", no_inception)
     checkpoint = f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"
-    cfg = compose_tool("eval", tmp_path, checkpoint, "eval.fid=true", "eval.fid_samples=20",
-                       f"eval.fid_features={feature_file}", "eval.iw_samples=2",
-                       "eval.split=val", "eval.progress=false")  # fmt: skip
+    cfg = compose_tool(
+        "eval",
+        tmp_path,
+        checkpoint,
+        "eval.fid=true",
+        "eval.fid_samples=20",
+        f"eval.fid_features={feature_file}",
+        "eval.iw_samples=2",
+        "eval.split=val",
+        "eval.progress=false",
+    )
     metrics = evaluate_checkpoint(cfg)
     assert metrics["fid"] > 0 and metrics["fid_samples"] == 20 and "kid" in metrics
     assert metrics["fid_features"] == str(feature_file)
@@ -141,7 +167,7 @@ def test_evaluate_with_a_feature_file(
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the evaluation started before the feature network was checked")
 
-    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", no_evaluation)
+    monkeypatch.setattr(cvae.evaluation, "image_metrics", no_evaluation)
     missing = tmp_path / "nope.pt"
     for overrides, expected in (
         ([f"eval.fid_features={missing}"], f"error: eval.fid_features={missing} is not a file"),
@@ -155,16 +181,20 @@ def test_evaluate_with_a_feature_file(
 def test_images_without_classes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     flat = tmp_path / "flat"
     write_mixed_images(flat, 4)
-    cfg = compose_tool("train_features", tmp_path / "out", "data=folder", f"data.root={flat}",
-                       *TINY_CLASSIFIER)  # fmt: skip
+    cfg = compose_tool(
+        "train_features", tmp_path / "out", "data=folder", f"data.root={flat}", *TINY_CLASSIFIER
+    )
     line = _one_line_error(capsys, lambda: run_or_report(run, cfg))
     assert "trains a classifier on the data's classes" in line and str(flat) in line
     assert not (tmp_path / "out" / "features.pt").exists()
 
 
 def test_the_door_answers_help_without_torch() -> None:
-    code = ("import sys, cvae.train_features; "
-            "print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    code = (
+        "import sys, cvae.train_features; "
+        "print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"

@@ -8,29 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import cvae.fid
 from cvae import CVAE
 from cvae.errors import run_or_report
+from cvae.evaluation import evaluate_checkpoint
 from cvae.fid import WEIGHTS_FILE, fid_kid, inception_weights, sample_quality
-from cvae.runtime import evaluate_checkpoint
-from tests.conftest import compose_tool
-
-
-class TinyFeatures(nn.Module):
-    """A fixed random convolution and pooling: 32 features of images of any channels, under
-    the feature network contract (float32 in [0, 1])."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(1, 8, 3, stride=2)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
-        h = torch.relu(self.conv(images.mean(1, keepdim=True)))
-        return 10 * nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+from tests.helpers import TinyFeatures, compose_tool
 
 
 def _images(n: int = 300, seed: int = 0) -> torch.Tensor:
@@ -122,12 +106,12 @@ def test_weights_from_the_hub_cache_or_a_path(offline: Path, tmp_path: Path) -> 
 def test_evaluate_stops_at_once_with_one_line_when_offline(
     trained_run: Path, tmp_path: Path, offline: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    import cvae.metrics
+    import cvae.evaluation
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the evaluation started before the weights were found")
 
-    monkeypatch.setattr(cvae.metrics, "evaluate_chunk", no_evaluation)
+    monkeypatch.setattr(cvae.evaluation, "image_metrics", no_evaluation)
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
     cfg = compose_tool("eval", tmp_path / "out", f"ckpt_path={checkpoint}", "eval.fid=true")
     with pytest.raises(SystemExit) as exit_status:
@@ -141,9 +125,16 @@ def test_evaluate_reports_fid_and_kid(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cvae.fid, "inception", lambda weights=None: TinyFeatures())
-    cfg = compose_tool("eval", tmp_path, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
-                       "eval.fid=true", "eval.fid_samples=20", "eval.iw_samples=2",
-                       "eval.split=val", "eval.progress=false")  # fmt: skip
+    cfg = compose_tool(
+        "eval",
+        tmp_path,
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "eval.fid=true",
+        "eval.fid_samples=20",
+        "eval.iw_samples=2",
+        "eval.split=val",
+        "eval.progress=false",
+    )
     metrics = evaluate_checkpoint(cfg)
     assert metrics["fid"] > 0 and "kid" in metrics and metrics["fid_samples"] == 20
     assert metrics["fid_real_images"] == 6  # the validation split has 6 images

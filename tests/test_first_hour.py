@@ -7,7 +7,9 @@ import errno
 import gzip
 import logging
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,21 +26,18 @@ from PIL import Image
 from cvae import ImageDataModule
 from cvae.data import cache, datamodule, presets
 from cvae.errors import run_or_report
-from cvae.runtime import evaluate_checkpoint, train
-from tests.conftest import compose_tool, compose_train, write_mixed_images
-from tests.test_long_runs import LONG_RUN
-from tests.test_train import REPO, run_cli
-
-
-def _checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    return all(
-        torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6)
-        for k, v in a["state_dict"].items()
-    )
+from cvae.evaluation import evaluate_checkpoint
+from cvae.training import train
+from tests.helpers import (
+    LONG_RUN,
+    REPO,
+    compose_tool,
+    compose_train,
+    load_checkpoint,
+    run_cli,
+    same_weights,
+    write_mixed_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
     folder = tmp_path_factory.mktemp("whole")
     train(compose_train(folder, *LONG_RUN))
-    return _checkpoint(folder / "checkpoints" / "last.ckpt")
+    return load_checkpoint(folder / "checkpoints" / "last.ckpt")
 
 
 def _stopped_run(
@@ -54,15 +53,20 @@ def _stopped_run(
 ) -> tuple[str, str, dict]:
     """The LONG_RUN on the command line, sent `signum` by `tests.killers.<killer>` at step
     `step`: the last line it printed, all it printed, and the checkpoint it left."""
-    stop = [f"+callbacks.stop._target_=tests.killers.{killer}", f"+callbacks.stop.step={step}",
-            f"+callbacks.stop.signum={int(signum)}"]  # fmt: skip
+    stop = [
+        f"+callbacks.stop._target_=tests.killers.{killer}",
+        f"+callbacks.stop.step={step}",
+        f"+callbacks.stop.signum={int(signum)}",
+    ]
     result = run_cli(*LONG_RUN, f"hydra.run.dir={run}", *stop, check=False)
     assert result.returncode == 128 + signum
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    return last_line, result.stdout + result.stderr, _checkpoint(run / "checkpoints" / "last.ckpt")
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    return last_line, result.stdout + result.stderr, last
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactly(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
@@ -73,18 +77,20 @@ def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactl
     assert saved["global_step"] == 12  # the step that was running finished, then it saved
     command = last_line.split("resume with: ", 1)[1]
     assert f"hydra.run.dir={run}" in command  # the folder the user chose: it goes on there
-    resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)  # warnings shown, as a user sees them  # fmt: skip
+    resumed = subprocess.run(
+        command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=300
+    )  # warnings shown, as a user sees them
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     said = resumed.stdout + resumed.stderr
     assert "your dataloader is not resumable" not in said  # false here: it resumes exactly
     assert "The dirpath has changed" not in said
-    final = _checkpoint(run / "checkpoints" / "last.ckpt")
+    final = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 14
-    assert _same_weights(uninterrupted, final)
+    assert same_weights(uninterrupted, final)
 
 
-def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
+@pytest.mark.slow
+def test_sigterm_saves_and_the_resumed_run_ends_with_thesame_weights(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
     last_line, printed, saved = _stopped_run(tmp_path / "run", signal.SIGTERM, 4)
@@ -93,30 +99,34 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_weights(
     assert last_line.startswith("SIGTERM: training stopped at epoch 0, step 5; saved ")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
-    resumed = _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert _same_weights(uninterrupted, resumed)
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert same_weights(uninterrupted, resumed)
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_last_validation_stops_before_what_follows_training(
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
     last_line, printed, saved = _stopped_run(run, signal.SIGTERM, 14, "SignalAtValidation")
     assert "SIGTERM: saving last.ckpt after this step" in printed
-    assert last_line.startswith("SIGTERM: training finished (step 14); what follows it (test, "
-                                "sampler fit) did not run; saved ")  # fmt: skip
+    assert last_line.startswith(
+        "SIGTERM: training finished (step 14); what follows it (test, "
+        "sampler fit) did not run; saved "
+    )
     assert saved["global_step"] == 14
     assert not (run / "result.json").exists()  # the run did not pass for finished
     command = last_line.split("resume with: ", 1)[1]
-    resumed = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run / "result.json").is_file()  # what followed training ran on resuming
-    assert _checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 14
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 14
 
 
 def test_a_resumed_run_logs_what_the_first_one_did(trained_run: Path, tmp_path: Path) -> None:
-    from tests.test_train import event_tags
+    from tests.helpers import event_tags
 
     last = trained_run / "checkpoints" / "last.ckpt"
     train(compose_train(tmp_path, f"ckpt_path={last}", "trainer.max_epochs=3", "test=false"))
@@ -172,6 +182,7 @@ def test_every_kind_of_bad_checkpoint_is_one_line_in_every_command(
         assert REASONS[kind] in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_bad_checkpoint_leaves_no_traceback_and_no_run_folder(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -337,28 +348,38 @@ def test_a_full_disk_during_the_cache_build_leaves_nothing_and_keeps_the_old_cac
     assert sorted(caches.iterdir()) == old
 
 
-def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.slow
+@pytest.mark.parametrize("saves_that_fit", [0, 2])
+def test_a_full_disk_while_saving_a_checkpoint_names_the_cause_and_keeps_the_previous_one(
+    saves_that_fit: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from cvae import checkpointing
 
-    saves, real = [], torch.save
+    saves, real = [], shutil.disk_usage
 
-    def fill_up(obj, handle, *args, **kwargs):
-        saves.append(handle)
-        if len(saves) > 2:  # the first two step checkpoints fit; then the disk is full
-            handle.write(b"x" * 100)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(obj, handle, *args, **kwargs)
+    def filling_up(path):
+        usage = real(path)
+        if Path(path).name != "checkpoints":  # the data cache has room
+            return usage
+        saves.append(path)
+        if len(saves) > saves_that_fit:  # then the disk is full
+            return usage._replace(free=1000)
+        return usage
 
-    monkeypatch.setattr(checkpointing.torch, "save", fill_up)
-    with pytest.raises(
-        OSError, match=r"cannot write checkpoint .*last.ckpt: no space left on the device"
-    ):
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", filling_up)
+    left = "the previous checkpoint there is intact" if saves_that_fit else "no checkpoint was"
+    with pytest.raises(OSError) as error:
         train(compose_train(tmp_path, *LONG_RUN))
+    assert re.fullmatch(
+        r"cannot write checkpoint \S*last.ckpt: no space left on the device \(it needs "
+        rf"\d+ KiB, 1000 B free\); {left}.*",
+        str(error.value),
+    )
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no .partial
-    assert _checkpoint(folder / "last.ckpt")["global_step"] == 4
+    kept = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert kept == (["last.ckpt"] if saves_that_fit else [])  # no temporary file left
+    if saves_that_fit:
+        assert load_checkpoint(folder / "last.ckpt")["global_step"] == 4
 
 
 # --- start-up --------------------------------------------------------------------------------
@@ -373,7 +394,7 @@ def test_import_cvae_and_help_do_not_import_lightning() -> None:
 
 
 def test_resume_command_quotes_what_the_shell_would_split(tmp_path: Path) -> None:
-    from cvae.runtime import resume_command
+    from cvae.training import resume_command
 
     cfg = compose_train(tmp_path)
     command = resume_command(cfg, tmp_path / "a b" / "last.ckpt")
@@ -395,8 +416,14 @@ def test_make_notebook_runs_as_root_too() -> None:
     # JupyterLab refuses to start as root without --allow-root; `make train` installs with
     # apt as root, so a new user may well be root.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # not make's child
-    printed = subprocess.run(["make", "--no-print-directory", "-n", "notebook"], cwd=REPO,
-                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    printed = subprocess.run(
+        ["make", "--no-print-directory", "-n", "notebook"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     printed = printed.stdout
     (command,) = [line for line in printed.splitlines() if "jupyter lab notebooks/" in line]
     assert command.endswith("--allow-root") == (os.getuid() == 0)

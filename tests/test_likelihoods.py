@@ -49,14 +49,20 @@ def test_bernoulli_is_exact_for_confident_logits(logit: float) -> None:
 
 def test_a_decoder_that_outputs_50_scores_50_nats_a_pixel_on_a_black_image() -> None:
     """The issue's example: the last layer outputs +50 everywhere, the image is black."""
-    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
-                 recon_loss="bernoulli")  # fmt: skip
+    model = CVAE(
+        in_channels=1,
+        image_size=8,
+        latent_dim=3,
+        hidden_channels=[4],
+        recon_loss="bernoulli",
+        upsample="transpose",
+    )
     last = model.decoder.features[-2]  # the ConvTranspose2d before the Sigmoid
     with torch.no_grad():
         last.weight.zero_()
         last.bias.fill_(50.0)
     black = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
-    log_px, _, _, _ = model.elbo_terms(black)
+    log_px, _, _ = model.elbo_terms(black)
     torch.testing.assert_close(log_px, torch.full((2,), -50.0 * 64))
     assert torch.equal(model.decode(torch.zeros(1, 3)), torch.ones(1, 1, 8, 8))  # means in [0, 1]
     nll = -model.log_likelihood(black, k=3, generator=torch.Generator().manual_seed(0))
@@ -126,13 +132,15 @@ def test_switching_likelihood_changes_nothing_else() -> None:
     models, terms = [], []
     for name in ("bernoulli", "gaussian_fixed", "gaussian_learned", "gaussian_optimal"):
         torch.manual_seed(0)
-        model = CVAE(in_channels=1, image_size=8, latent_dim=4, hidden_channels=[4],
-                     recon_loss=name)  # fmt: skip
+        model = CVAE(
+            in_channels=1, image_size=8, latent_dim=4, hidden_channels=[4], recon_loss=name
+        )
         torch.manual_seed(1)
         terms.append(model.loss_terms(x))
         models.append(model)
-    networks = [{k: v for k, v in m.state_dict().items() if not k.startswith("likelihood")}
-                for m in models]  # fmt: skip
+    networks = [
+        {k: v for k, v in m.state_dict().items() if not k.startswith("likelihood")} for m in models
+    ]
     for other, other_terms in zip(networks[1:], terms[1:], strict=True):
         assert other.keys() == networks[0].keys()
         assert all(torch.equal(other[k], networks[0][k]) for k in other)
@@ -151,7 +159,13 @@ def test_unknown_likelihood_names_the_key() -> None:
 def test_beta_schedules() -> None:
     assert [beta_at(s, 2.0, "linear", 4) for s in (0, 2, 4, 10)] == [0.0, 1.0, 2.0, 2.0]
     assert [beta_at(s, 1.0, "cyclical", 4) for s in (0, 2, 4, 7, 8, 10)] == [
-        0.0, 0.5, 1.0, 1.0, 0.0, 0.5]  # fmt: skip
+        0.0,
+        0.5,
+        1.0,
+        1.0,
+        0.0,
+        0.5,
+    ]
     assert beta_at(5, 3.0, "constant", 4) == 3.0 and beta_at(5, 3.0, "linear", 0) == 3.0
 
 
@@ -166,26 +180,35 @@ def test_free_bits_floor_each_dimension_of_the_batch_mean_kl() -> None:
 def test_logged_beta_is_the_one_used_and_val_loss_uses_the_final_beta(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cvae.runtime import train
-    from tests.conftest import compose_train
+    from cvae.training import train
+    from tests.helpers import compose_train
 
-    train(compose_train(tmp_path, "model.beta=2.0", "model.beta_schedule=linear",
-                        "model.warmup_steps=4", "trainer.max_epochs=2", "test=false"))  # fmt: skip
+    train(
+        compose_train(
+            tmp_path,
+            "model.beta=2.0",
+            "model.beta_schedule=linear",
+            "model.warmup_steps=4",
+            "trainer.max_epochs=2",
+            "test=false",
+        )
+    )
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     betas = [(e.step, e.value) for e in accumulator.Scalars("train/beta")]
     assert betas[:5] == [(0, 0.0), (1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
-    for val, recon, kl in zip(*(accumulator.Scalars(f"val/{n}") for n in ("loss", "recon", "kl")),
-                              strict=True):  # fmt: skip
+    for val, recon, kl in zip(
+        *(accumulator.Scalars(f"val/{n}") for n in ("loss", "recon", "kl")), strict=True
+    ):
         assert val.value == pytest.approx(recon.value + 2.0 * kl.value, rel=1e-5)
 
 
 def test_free_bits_raise_the_logged_training_loss_not_the_logged_kl(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cvae.runtime import train
-    from tests.conftest import compose_train
+    from cvae.training import train
+    from tests.helpers import compose_train
 
     train(compose_train(tmp_path, "model.free_bits=10.0", "test=false"))  # 8 latents: >= 80
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
@@ -199,16 +222,25 @@ def test_free_bits_raise_the_logged_training_loss_not_the_logged_kl(tmp_path) ->
 
 
 def test_bad_training_aid_settings_name_the_key() -> None:
-    for kwargs, key in (({"beta_schedule": "cosine"}, "model.beta_schedule"),
-                        ({"free_bits": -1.0}, "model.free_bits"),
-                        ({"sigma": 0.0}, "model.sigma")):  # fmt: skip
+    for kwargs, key in (
+        ({"beta_schedule": "cosine"}, "model.beta_schedule"),
+        ({"free_bits": -1.0}, "model.free_bits"),
+        ({"sigma": 0.0}, "model.sigma"),
+    ):
         with pytest.raises(ValueError, match=key):
             CVAE(in_channels=1, image_size=8, hidden_channels=[4], **kwargs)
 
 
 def test_iw_training_loss_is_the_importance_weighted_bound_by_hand() -> None:
-    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
-                 recon_loss="bce", beta=0.5, iw_samples=4)  # fmt: skip
+    model = CVAE(
+        in_channels=1,
+        image_size=8,
+        latent_dim=3,
+        hidden_channels=[4],
+        recon_loss="bce",
+        beta=0.5,
+        iw_samples=4,
+    )
     x = (torch.rand(5, 1, 8, 8) > 0.5).float()
     torch.manual_seed(0)
     terms = model.loss_terms(x)
@@ -226,10 +258,17 @@ def test_iw_training_loss_is_the_importance_weighted_bound_by_hand() -> None:
 
 def test_iw_training_bound_is_tighter_than_the_elbo() -> None:
     torch.manual_seed(0)
-    elbo_model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
-                      recon_loss="bce")  # fmt: skip
-    iw_model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
-                    recon_loss="bce", iw_samples=32)  # fmt: skip
+    elbo_model = CVAE(
+        in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4], recon_loss="bce"
+    )
+    iw_model = CVAE(
+        in_channels=1,
+        image_size=8,
+        latent_dim=3,
+        hidden_channels=[4],
+        recon_loss="bce",
+        iw_samples=32,
+    )
     iw_model.load_state_dict(elbo_model.state_dict())
     x = (torch.rand(64, 1, 8, 8) > 0.5).float()
     elbo_loss = torch.stack([elbo_model.loss_terms(x)["loss"] for _ in range(8)]).mean()
@@ -240,8 +279,10 @@ def test_iw_training_bound_is_tighter_than_the_elbo() -> None:
 
 
 def test_bad_iw_samples_settings_name_the_key() -> None:
-    for kwargs, key in (({"iw_samples": 0}, "model.iw_samples"),
-                        ({"iw_samples": 4, "free_bits": 0.5}, "model.free_bits")):  # fmt: skip
+    for kwargs, key in (
+        ({"iw_samples": 0}, "model.iw_samples"),
+        ({"iw_samples": 4, "free_bits": 0.5}, "model.free_bits"),
+    ):
         with pytest.raises(ValueError, match=key):
             CVAE(in_channels=1, image_size=8, hidden_channels=[4], **kwargs)
 
@@ -250,14 +291,21 @@ def test_likelihood_monitor_logs_the_iw_nll_of_the_first_validation_images(tmp_p
     from hydra.utils import instantiate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cvae.metrics import likelihood_input
-    from cvae.runtime import train
-    from tests.conftest import compose_train
+    from cvae.pixels import dequantize
+    from cvae.training import train
+    from tests.helpers import compose_train
 
-    train(compose_train(tmp_path, "model.iw_samples=2", "trainer.max_epochs=2", "test=false",
-                        "callbacks.likelihood_monitor.every_n_epochs=1",
-                        "callbacks.likelihood_monitor.num_images=4",
-                        "callbacks.likelihood_monitor.iw_samples=7"))  # fmt: skip
+    train(
+        compose_train(
+            tmp_path,
+            "model.iw_samples=2",
+            "trainer.max_epochs=2",
+            "test=false",
+            "callbacks.likelihood_monitor.every_n_epochs=1",
+            "callbacks.likelihood_monitor.num_images=4",
+            "callbacks.likelihood_monitor.iw_samples=7",
+        )
+    )
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
@@ -269,6 +317,6 @@ def test_likelihood_monitor_logs_the_iw_nll_of_the_first_validation_images(tmp_p
     data.setup("fit")
     generator = torch.Generator().manual_seed(0)
     images = next(iter(data.val_dataloader()))[0][:4]
-    x = likelihood_input(images, model.likelihood.continuous, generator)
+    x = dequantize(images, model.likelihood.continuous, generator)
     by_hand = -model.log_likelihood(x, k=7, generator=generator).mean()
     assert logged[-1].value == pytest.approx(float(by_hand), rel=1e-5)

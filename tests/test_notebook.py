@@ -5,36 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
+import pytest
 
 from cvae import ImageDataModule
+from tests.helpers import figures, run_notebook, text
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_checkpoint.ipynb"
-
-
-def run_notebook(checkpoint: Path | None, folder: Path = NOTEBOOK.parent, cells: int | None = None):
-    """Execute the notebook (its first `cells` cells) with `CKPT_PATH` set; its outputs."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    assert first_code.source.startswith("# Path to a checkpoint")
-    first_code.source = f"CKPT_PATH = {str(checkpoint) if checkpoint else None!r}"
-    notebook.cells = notebook.cells[:cells]
-    NotebookClient(
-        notebook, timeout=300, kernel_name="python3",
-        resources={"metadata": {"path": str(folder)}},
-    ).execute()  # fmt: skip
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
-    assert not [out for out in outputs if out.output_type == "error"]
-    return outputs
-
-
-def figures(outputs: list) -> list:
-    return [out for out in outputs if "image/png" in out.get("data", {})]
-
-
-def text(outputs: list) -> str:
-    return "".join(out.get("text", "") for out in outputs)
+pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
 
 def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:

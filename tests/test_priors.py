@@ -14,9 +14,10 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from cvae import CVAE
 from cvae.metrics import PosteriorStatistics
-from cvae.models.losses import kl_divergence, normal_log_density
+from cvae.models.latents import Posterior
+from cvae.models.losses import kl_divergence, kl_per_dimension, normal_log_density
 from cvae.models.priors import MixtureOfGaussians, StandardNormal, VampPrior
-from tests.conftest import compose_train
+from tests.helpers import compose_train
 
 TINY = {"in_channels": 1, "image_size": 4, "latent_dim": 2, "hidden_channels": [4]}
 
@@ -85,7 +86,7 @@ def test_vamp_density_is_the_mixture_of_its_pseudo_inputs_posteriors() -> None:
     model = CVAE(**TINY, prior="vamp", prior_components=3)
     prior = model.prior
     assert isinstance(prior, VampPrior) and len(prior.pseudo_inputs()) == 3
-    mu, log_var = model.encode(prior.pseudo_inputs())  # each pseudo-input's posterior
+    mu, log_var = model.encode(prior.pseudo_inputs()).top  # each pseudo-input's posterior
     reference = MixtureSameFamily(
         Categorical(logits=torch.zeros(3)), Independent(Normal(mu, torch.exp(0.5 * log_var)), 1)
     )
@@ -104,8 +105,9 @@ def test_log_likelihood_matches_brute_force_integration(prior: str) -> None:
     to depend on z strongly, so that the prior matters: N(0, I) in place of the mixtures
     moves the truth by 0.11 (mog) and 0.33 nats (vamp), the estimate's error is < 0.02."""
     torch.manual_seed(0)
-    model = CVAE(**TINY, recon_loss="bce", prior=prior, prior_components=None if prior ==
-                 "standard" else 3).eval()  # fmt: skip
+    model = CVAE(
+        **TINY, recon_loss="bce", prior=prior, prior_components=None if prior == "standard" else 3
+    ).eval()
     if prior == "mog":
         _set_mixture(model.prior)
     with torch.no_grad():
@@ -233,17 +235,20 @@ def test_per_dimension_kl_of_a_mixture_is_the_kl_to_each_marginal() -> None:
             q = Normal(mu[row, d].double(), torch.exp(0.5 * log_var[row, d]).double())
             marginal = MixtureSameFamily(
                 Categorical(logits=prior.weight_logits.detach().double()),
-                Normal(prior.means[:, d].detach().double(),
-                       torch.exp(0.5 * prior.log_vars[:, d]).detach().double()),
-            )  # fmt: skip
+                Normal(
+                    prior.means[:, d].detach().double(),
+                    torch.exp(0.5 * prior.log_vars[:, d]).detach().double(),
+                ),
+            )
             density = q.log_prob(grid).exp()
             truth = ((q.log_prob(grid) - marginal.log_prob(grid)) * density).sum() * step
             assert float(per_dim[row, d]) == pytest.approx(float(truth), abs=1e-3)
     # a factorised prior's per-dimension KLs are the terms of its KL; the statistics of
     # active units use the prior given, N(0, I) unchanged by default
     statistics, default = PosteriorStatistics(), PosteriorStatistics()
-    statistics.update(mu, log_var, StandardNormal(2))
-    default.update(mu, log_var)
+    posterior = Posterior.one_level(mu, log_var)
+    statistics.update(posterior, lambda q: (StandardNormal(2).kl_per_dimension(q.mu, q.log_var),))
+    default.update(posterior, lambda q: (kl_per_dimension(q.mu, q.log_var),))
     assert torch.equal(statistics.kl_per_dim(), default.kl_per_dim())
     one = MixtureOfGaussians(2, 1)
     torch.testing.assert_close(one.kl_per_dimension(mu, log_var).sum(1), one.kl(mu, log_var))
@@ -306,7 +311,7 @@ def test_conditional_vamp_pseudo_inputs_carry_classes() -> None:
     _fake_trainer(model, images, torch.tensor([2, 2, 1, 0]))
     model.on_fit_start()
     assert model.prior.pseudo_labels.tolist() == [2, 2, 1, 0]  # the images' own classes
-    mu, log_var = model.encode(model.prior.pseudo_inputs(), model.prior.pseudo_labels)
+    mu, log_var = model.encode(model.prior.pseudo_inputs(), model.prior.pseudo_labels).top
     reference = MixtureSameFamily(
         Categorical(logits=torch.zeros(4)), Independent(Normal(mu, torch.exp(0.5 * log_var)), 1)
     )
@@ -316,10 +321,9 @@ def test_conditional_vamp_pseudo_inputs_carry_classes() -> None:
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
 def test_a_tiny_training_run_with_each_mixture_prior(prior: str, tmp_path: Path) -> None:
-    from cvae.runtime import train
+    from cvae.training import train
 
-    train(compose_train(tmp_path, f"model/prior={prior}", "model.prior_components=4",
-                        "test=false"))  # fmt: skip
+    train(compose_train(tmp_path, f"model/prior={prior}", "model.prior_components=4", "test=false"))
     model = CVAE.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert model.hparams.prior == prior and model.prior.components_count == 4
     assert model.prior.images_wanted() == 0  # vamp: set from the data, and saved so

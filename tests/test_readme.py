@@ -11,13 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR, PAGES, page_name
 
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
 CONFIGS = {
     "train": "train",
     "evaluate": "eval",
@@ -30,10 +29,6 @@ CONFIGS = {
 # (`label=`; tests/test_conditional.py runs those paths on synthetic shapes). They are still
 # composed, only not run.
 NOT_RUN = ("/path/to/", "label=")
-
-
-def page_name(page: Path) -> str:
-    return page.relative_to(REPO).as_posix()
 
 
 def page_commands(page: Path) -> list[list[str]]:
@@ -80,9 +75,20 @@ def test_command_composes(page: str, words: list[str]) -> None:
     tool = words[0].removeprefix("cvae.")
     if tool not in CONFIGS:
         return  # summarize takes a folder, not overrides
+    overrides = _overrides(words[1:])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(CONFIGS[tool], overrides=_overrides(words[1:]))
-    assert cfg.task_name
+        cfg = compose(CONFIGS[tool], overrides=overrides)
+    for override in overrides:  # each plain `key=value` is the value the config then holds
+        key, _, value = override.partition("=")
+        if (
+            "." not in key
+            or key[0] in "+~"
+            or key.startswith("hydra.")
+            or any(c in value for c in "$[{,*")
+        ):
+            continue
+        held = OmegaConf.select(cfg, key)
+        assert str(held) == str(yaml.safe_load(value)) or str(held) == value, override
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +105,20 @@ def log_dir(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def tool_lines(commands: list[list[str]]) -> list[list[str]]:
     """The evaluate, generate and export lines that can run on the tiny checkpoint."""
-    return [w for w in commands if w[0] in ("cvae.evaluate", "cvae.generate", "cvae.export")
-            and not any(marker in " ".join(w) for marker in NOT_RUN)]  # fmt: skip
+    return [
+        w
+        for w in commands
+        if w[0] in ("cvae.evaluate", "cvae.generate", "cvae.export")
+        and not any(marker in " ".join(w) for marker in NOT_RUN)
+    ]
 
 
 TOOL_LINES = {name: tool_lines(commands) for name, commands in COMMANDS.items()}
-TOOLS = {"evaluate": "cvae.runtime:evaluate_checkpoint", "generate": "cvae.generation:generate",
-         "export": "cvae.exporting:run"}  # fmt: skip
+TOOLS = {
+    "evaluate": "cvae.evaluation:evaluate_checkpoint",
+    "generate": "cvae.generation:generate",
+    "export": "cvae.exporting:run",
+}
 
 
 def test_enough_tool_lines_run() -> None:
@@ -114,6 +127,7 @@ def test_enough_tool_lines_run() -> None:
     assert TOOL_LINES["README.md"] and len(TOOL_LINES["docs/evaluation.md"]) >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [name for name, lines in TOOL_LINES.items() if lines])
 def test_tool_commands_run_in_order(
     page: str, log_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -129,8 +143,10 @@ def test_tool_commands_run_in_order(
         module, _, name = TOOLS[tool].partition(":")
         function = getattr(__import__(module, fromlist=[name]), name)
         overrides = _overrides(words[1:])
-        run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")),
-                       f"outputs/{tool}/{number}")  # fmt: skip
+        run_dir = next(
+            (o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")),
+            f"outputs/{tool}/{number}",
+        )
         overrides = [o for o in overrides if not o.startswith("hydra.")]
         overrides += [f"paths.log_dir={log_dir}", f"paths.output_dir={run_dir}", "device=cpu"]
         if tool == "evaluate":

@@ -13,14 +13,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cvae.fid
-from cvae import CVAE
+from cvae import CVAE, ImageDataModule
 from cvae.callbacks import SamplerFit
-from cvae.errors import run_or_report
+from cvae.errors import run_or_report, user_error
+from cvae.evaluation import evaluate_checkpoint
 from cvae.generation import generate
-from cvae.runtime import evaluate_checkpoint, train
-from cvae.samplers import GaussianMixtureSampler, TwoStageSampler, build_sampler, sampler_path
-from tests.conftest import compose_tool, compose_train
-from tests.test_fid import TinyFeatures
+from cvae.loading import sampler as configured_sampler
+from cvae.samplers import (
+    GaussianMixtureSampler,
+    PriorSampler,
+    TwoStageSampler,
+    sampler_path,
+)
+from cvae.training import train
+from tests.helpers import TinyFeatures, compose_tool, compose_train
 
 
 def _two_blobs(n: int = 400) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,29 +43,32 @@ def _checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make", [
-    lambda: GaussianMixtureSampler(components=2),
-    lambda: GaussianMixtureSampler(components=2, dims=2),
-    lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64),
-    lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64, dims=2, latent_dim=1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GaussianMixtureSampler(components=2),
+        lambda: GaussianMixtureSampler(components=2, dims=2),
+        lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64),
+        lambda: TwoStageSampler(hidden=32, epochs=3, batch_size=64, dims=2, latent_dim=1),
+    ],
+)
 def test_a_fitted_sampler_survives_a_round_trip(make, tmp_path: Path) -> None:
     mu, log_var, _ = _two_blobs()
     sampler = make().fit(mu, log_var)
-    draws = sampler.sample(50, torch.Generator().manual_seed(1))
+    draws = sampler.draw(50, torch.Generator().manual_seed(1))
     assert draws.shape == (50, 4) and torch.isfinite(draws).all()
-    assert torch.equal(draws, sampler.sample(50, torch.Generator().manual_seed(1)))
+    assert torch.equal(draws, sampler.draw(50, torch.Generator().manual_seed(1)))
     checkpoint = _checkpoint(tmp_path)
     path = sampler.save(checkpoint)
     assert path == tmp_path / f"last.{sampler.name}.pt"
-    loaded = make().load(checkpoint)
-    assert torch.equal(loaded.sample(50, torch.Generator().manual_seed(1)), draws)
+    loaded = make().loaded_for(checkpoint)
+    assert torch.equal(loaded.draw(50, torch.Generator().manual_seed(1)), draws)
 
 
 def test_the_mixture_draws_where_the_posteriors_are() -> None:
     mu, log_var, _ = _two_blobs(2000)
-    draws = GaussianMixtureSampler(components=2).fit(mu, log_var).sample(
-        4000, torch.Generator().manual_seed(0))  # fmt: skip
+    sampler = GaussianMixtureSampler(components=2).fit(mu, log_var)
+    draws = sampler.draw(4000, torch.Generator().manual_seed(0))
     near = [(draws - centre).norm(dim=1) < 2 for centre in (3.0, -3.0)]
     assert (near[0] | near[1]).float().mean() > 0.99  # not between the clusters (N(0, I) is)
     assert abs(float(near[0].float().mean()) - 0.5) < 0.05  # both, in their proportions
@@ -78,7 +87,7 @@ def test_a_mixture_in_principal_directions_keeps_the_rest_as_one_gaussian() -> N
     sampler = GaussianMixtureSampler(components=2, dims=1).fit(mu, torch.zeros_like(mu))
     assert sampler.states[-1]["means"].shape == (2, 1)  # fitted in one direction
     assert torch.allclose(sampler.states[-1]["basis"].abs().flatten(), axis.double(), atol=0.01)
-    draws = sampler.sample(8000, torch.Generator().manual_seed(1)).double()
+    draws = sampler.draw(8000, torch.Generator().manual_seed(1)).double()
     along = draws @ axis.double()
     assert ((along - 3).abs() < 0.2).float().mean() > 0.45  # both clusters, tight along it
     assert ((along + 3).abs() < 0.2).float().mean() > 0.45
@@ -87,6 +96,7 @@ def test_a_mixture_in_principal_directions_keeps_the_rest_as_one_gaussian() -> N
     assert torch.allclose(torch.cov(rest.T), expected, atol=0.02)
 
 
+@pytest.mark.slow
 def test_two_stage_models_the_used_directions_and_keeps_the_rest_as_one_gaussian() -> None:
     """Posteriors of a model that uses one latent of six (two clusters along it) and leaves
     the rest at N(0, 1): the second VAE, in that one direction, draws both clusters."""
@@ -97,7 +107,7 @@ def test_two_stage_models_the_used_directions_and_keeps_the_rest_as_one_gaussian
     log_var[:, 0] = -4.0
     sampler = TwoStageSampler(hidden=64, epochs=60, batch_size=64, dims=1).fit(mu, log_var)
     assert sampler.states[-1]["basis"].shape == (6, 1)
-    along = sampler.sample(4000, torch.Generator().manual_seed(1))[:, 0]
+    along = sampler.draw(4000, torch.Generator().manual_seed(1))[:, 0]
     near = ((along.abs() - 3).abs() < 1).float().mean()
     between = (along.abs() < 1).float().mean()
     assert near > 0.5 and between < 0.15  # one Gaussian of variance 9: 0.22 and 0.26
@@ -109,23 +119,24 @@ def test_a_collapsed_two_stage_fit_says_so(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level("WARNING", logger="cvae.samplers"):
         TwoStageSampler(hidden=32, epochs=10, batch_size=64).fit(noise, noise)
     assert "sampler=two_stage: the second VAE collapsed (it uses none of its 4 latent " in (
-        caplog.text)  # fmt: skip
+        caplog.text
+    )
 
 
 def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
     mu, log_var, labels = _two_blobs()
     sampler = GaussianMixtureSampler(components=1).fit(mu, log_var, labels)
     wanted = torch.tensor([1, 0, 1, 1, 0])
-    draws = sampler.sample(5, torch.Generator().manual_seed(0), wanted)
+    draws = sampler.draw(5, torch.Generator().manual_seed(0), wanted)
     assert ((draws.mean(dim=1) > 0) == (wanted == 0)).all()
     with pytest.raises(ValueError, match="sampler=gmm was fitted per class: give labels"):
-        sampler.sample(5)
+        sampler.draw(5)
 
 
 def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError) as missing:
-        GaussianMixtureSampler().load(checkpoint)
+        GaussianMixtureSampler().loaded_for(checkpoint)
     assert str(missing.value) == (
         f"sampler=gmm is not fitted for {checkpoint} (no last.gmm.pt beside it): fit it with: "
         f".venv/bin/python -m cvae.generate mode=fit sampler=gmm ckpt_path={checkpoint} "
@@ -135,21 +146,70 @@ def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     GaussianMixtureSampler(components=2).fit(mu, log_var).save(checkpoint)
     checkpoint.write_bytes(b"trained on since")  # a last.ckpt that moved on
     with pytest.raises(ValueError, match="was fitted to another version of .*: fit it again"):
-        GaussianMixtureSampler().load(checkpoint)
-    for bad, key in (
-        ({"covariance": "round"}, "sampler.covariance='round' is not one of"),
-        ({"components": 0}, "sampler.components must be an integer >= 1"),
-        ({"dims": 0}, "sampler.dims must be null or an integer >= 1"),
+        GaussianMixtureSampler().loaded_for(checkpoint)
+    for make, key in (
+        (lambda: GaussianMixtureSampler(covariance="round"), "sampler.covariance='round' is not"),
+        (lambda: GaussianMixtureSampler(components=0), "sampler.components must be an integer"),
+        (lambda: GaussianMixtureSampler(dims=0), "sampler.dims must be null or an integer >= 1"),
+        (lambda: TwoStageSampler(dims=-1), "sampler.dims must be null or an integer >= 1"),
     ):
         with pytest.raises(ValueError, match=key):
-            build_sampler("gmm", **bad)
-    with pytest.raises(ValueError, match="sampler.dims must be null or an integer >= 1"):
-        build_sampler("two_stage", dims=-1)
-    with pytest.raises(ValueError, match="sampler='flow' is not one of prior, gmm, two_stage"):
-        build_sampler("flow")
-    assert build_sampler("prior") is None
+            make()
+    prior = PriorSampler()
+    assert not prior.needs_fit and prior.loaded_for(checkpoint) is prior
 
 
+def test_samplers_are_built_by_hydra_from_their_group(tmp_path: Path) -> None:
+    """`sampler=<name>` instantiates that class with the group's settings; a bad setting is
+    one line naming the key; an unknown name is Hydra's error naming the group."""
+    built = configured_sampler(compose_tool("generate", tmp_path, "sampler=two_stage"))
+    assert isinstance(built, TwoStageSampler) and built.settings()["dims"] == 64
+    assert isinstance(
+        configured_sampler(compose_tool("generate", tmp_path, "sampler=prior")), PriorSampler
+    )
+    bad = compose_tool("generate", tmp_path, "sampler.components=0", "ckpt_path=x")
+    with pytest.raises(Exception) as error:
+        configured_sampler(bad)
+    assert "sampler.components must be an integer >= 1, got 0" in str(user_error(error.value))
+    with pytest.raises(Exception, match="sampler/flow"):
+        compose_tool("generate", tmp_path, "sampler=flow")
+    for kind in (GaussianMixtureSampler, TwoStageSampler, PriorSampler):  # one set of defaults
+        built = configured_sampler(compose_tool("generate", tmp_path, f"sampler={kind.name}"))
+        assert built.settings() == kind().settings()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_a_dict", "wrong_kind", "payload"])
+def test_a_damaged_sampler_file_is_one_line_with_the_fit_command(
+    damage: str, tmp_path: Path
+) -> None:
+    checkpoint = _checkpoint(tmp_path)
+    mu, log_var, _ = _two_blobs()
+    path = GaussianMixtureSampler(components=2).fit(mu, log_var).save(checkpoint)
+    whole = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(whole[: len(whole) // 2])
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], path)
+    elif damage == "wrong_kind":  # a gmm fit saved under two_stage's name
+        path.rename(sampler_path(checkpoint, "two_stage"))
+        path = sampler_path(checkpoint, "two_stage")
+    else:  # a pickle that would run code if loaded unsafely: never run
+        torch.save({"sampler": "gmm", "settings": {}, "states": SimpleNamespace(x=1)}, path)
+    sampler = TwoStageSampler() if damage == "wrong_kind" else GaussianMixtureSampler()
+    with pytest.raises(ValueError) as error:
+        sampler.loaded_for(checkpoint)
+    message = str(error.value)
+    assert message.startswith(f"{path} ") and "\n" not in message
+    assert (
+        f"fit it again with: .venv/bin/python -m cvae.generate mode=fit sampler={sampler.name}"
+        in message
+    )
+    assert "weights_only=False" not in message
+
+
+@pytest.mark.slow
 def test_generate_fits_then_samples_with_the_fit(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:
@@ -161,33 +221,62 @@ def test_generate_fits_then_samples_with_the_fit(
         run_or_report(generate, cfg)
     assert capsys.readouterr().err.startswith("error: sampler=gmm is not fitted for ")
     assert not (tmp_path / "a").exists()  # nothing made for a command that could not run
-    fitted = generate(compose_tool("generate", tmp_path / "b", f"ckpt_path={checkpoint}",
-                                   "mode=fit", "sampler=gmm", "sampler.components=2"))  # fmt: skip
+    fitted = generate(
+        compose_tool(
+            "generate",
+            tmp_path / "b",
+            f"ckpt_path={checkpoint}",
+            "mode=fit",
+            "sampler=gmm",
+            "sampler.components=2",
+        )
+    )
     assert fitted == sampler_path(checkpoint, "gmm") and fitted.is_file()
     first = generate(compose_tool("generate", tmp_path / "c", f"ckpt_path={checkpoint}", *sample))
     again = generate(compose_tool("generate", tmp_path / "d", f"ckpt_path={checkpoint}", *sample))
     assert (first / "samples.png").read_bytes() == (again / "samples.png").read_bytes()
-    prior = generate(compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8",
-                                  "sampler=prior"))  # fmt: skip
+    prior = generate(
+        compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8", "sampler=prior")
+    )
     assert (prior / "samples.png").read_bytes() != (first / "samples.png").read_bytes()
     # the Python API takes the same fitted object
     model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
-    sampler = GaussianMixtureSampler().load(checkpoint)
+    sampler = GaussianMixtureSampler().loaded_for(checkpoint)
     images = model.sample(4, generator=torch.Generator().manual_seed(0), sampler=sampler)
-    assert images.shape[0] == 4 and 0 <= float(images.min()) <= float(images.max()) <= 1
+    assert images.shape[0] == 4
     # eval.fid draws from the same fit (and stops before any work without one)
     monkeypatch.setattr(cvae.fid, "inception", lambda weights=None: TinyFeatures())
-    fid = ("eval.fid=true", "eval.fid_samples=20", "eval.iw_samples=2", "eval.split=val",
-           "eval.progress=false")  # fmt: skip
+    fid = (
+        "eval.fid=true",
+        "eval.fid_samples=20",
+        "eval.iw_samples=2",
+        "eval.split=val",
+        "eval.progress=false",
+    )
     scores = {}
-    for name, *settings in (("prior",), ("gmm", "sampler.components=2")):
-        cfg = compose_tool("eval", tmp_path / f"eval_{name}", f"ckpt_path={checkpoint}", *fid,
-                           f"sampler={name}", *settings)  # fmt: skip
+    for name in ("prior", "gmm"):  # one output folder: each evaluation keeps its own results
+        cfg = compose_tool(
+            "eval", tmp_path / "eval", f"ckpt_path={checkpoint}", *fid, f"sampler={name}"
+        )
         scores[name] = evaluate_checkpoint(cfg)
         assert scores[name]["fid_sampler"] == name
-    assert scores["gmm"]["fid"] != scores["prior"]["fid"]
-    cfg = compose_tool("eval", tmp_path / "eval_two_stage", f"ckpt_path={checkpoint}", *fid,
-                       "sampler=two_stage")  # fmt: skip
+    kept = {
+        json.loads(p.read_text())["fid_sampler"]: json.loads(p.read_text())["fid"]
+        for p in (tmp_path / "eval").glob("*/metrics.json")
+    }
+    assert kept == {name: scores[name]["fid"] for name in ("prior", "gmm")}
+    datamodule = ImageDataModule.load_from_checkpoint(checkpoint)  # the gmm's FID, by hand
+    by_hand = cvae.fid.sample_quality(
+        model,
+        datamodule.ordered_dataloader("val"),
+        samples=20,
+        extractor=TinyFeatures(),
+        sampler=sampler,
+    )
+    assert by_hand["fid"] == pytest.approx(scores["gmm"]["fid"], rel=1e-6)
+    cfg = compose_tool(
+        "eval", tmp_path / "eval_two_stage", f"ckpt_path={checkpoint}", *fid, "sampler=two_stage"
+    )
     with pytest.raises(SystemExit):
         run_or_report(evaluate_checkpoint, cfg)
     assert "sampler=two_stage is not fitted for" in capsys.readouterr().err
@@ -197,8 +286,9 @@ def test_training_fits_the_sampler_it_is_given(tmp_path: Path) -> None:
     """`cvae.train sampler=gmm`: fitted to the final last.ckpt, recorded, shown in
     TensorBoard, and drawn from by `cvae.generate` at once; bad settings fail first."""
     bad = tmp_path / "bad"
-    with pytest.raises(ValueError, match="sampler.components must be an integer >= 1"):
+    with pytest.raises(Exception) as error:
         train(compose_train(bad, "sampler=gmm", "sampler.components=0"))
+    assert str(user_error(error.value)) == "sampler.components must be an integer >= 1, got 0"
     assert not bad.exists()  # before any work
     run = tmp_path / "run"
     gmm = ("sampler=gmm", "sampler.components=2", "sampler.dims=4")
@@ -207,7 +297,7 @@ def test_training_fits_the_sampler_it_is_given(tmp_path: Path) -> None:
     record = json.loads((run / "sampler.json").read_text())
     assert record["fit"] == str(sampler_path(checkpoint, "gmm"))
     assert record["settings"]["components"] == 2 and record["images"] > 0
-    GaussianMixtureSampler().load(checkpoint)  # fitted to the last.ckpt that stayed
+    GaussianMixtureSampler().loaded_for(checkpoint)  # fitted to the last.ckpt that stayed
     accumulator = EventAccumulator(str(run / "tensorboard"))  # every events file of the run
     accumulator.Reload()
     assert accumulator.Images("samples/gmm")[-1].height == 8 * (16 + 2) + 2  # 64 images
@@ -221,12 +311,71 @@ def test_a_sampler_that_cannot_be_fitted_at_the_end_is_a_warning(
     """The run succeeded and its checkpoints stay: a failed fit (say, a class with one image)
     says so and gives the command, instead of failing the run."""
 
-    def fails(*_: object) -> None:  # fit(model, datamodule, checkpoint)
-        raise ValueError("sampler=gmm: class 3 has 1 image(s); a density needs at least 2")
+    class OneImageClass(GaussianMixtureSampler):
+        def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict:
+            raise ValueError("sampler=gmm: class 3 has 1 image(s); a density needs at least 2")
 
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
-    model = CVAE.load_from_checkpoint(checkpoint, weights_only=True)
-    trainer = SimpleNamespace(is_global_zero=True, datamodule=None, loggers=[])
-    SamplerFit("gmm", fails, checkpoint).on_fit_end(trainer, model)
+    model = CVAE.load_from_checkpoint(checkpoint)
+    datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=datamodule, loggers=[])
+    SamplerFit(OneImageClass(), checkpoint, trained_run).on_fit_end(trainer, model)
     assert "sampler=gmm was not fitted (sampler=gmm: class 3 has 1 image(s)" in caplog.text
-    assert f"mode=fit sampler=gmm ckpt_path={checkpoint}" in caplog.text
+
+
+def test_two_saves_at_once_both_end_with_a_whole_file_and_nothing_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes saving one checkpoint's fit overlap: each writes a temporary file of its
+    own, so the one left is whole; an interrupted save leaves the previous fit and no
+    temporary file."""
+    import threading
+
+    checkpoint = _checkpoint(tmp_path)
+    mu, log_var, _ = _two_blobs()
+    fits = [GaussianMixtureSampler(components=k).fit(mu, log_var) for k in (1, 2)]
+    both_writing, real_save = threading.Barrier(2), torch.save
+
+    def overlapping(obj, handle, *args, **kwargs):
+        both_writing.wait(timeout=30)  # neither finishes before the other has started
+        real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", overlapping)
+    threads = [threading.Thread(target=fit.save, args=(checkpoint,)) for fit in fits]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loaded = GaussianMixtureSampler().loaded_for(checkpoint)
+    assert loaded.settings()["components"] in (1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.gmm.pt"]
+
+    def stopped(obj, handle, *args, **kwargs):
+        handle.write(b"half a file")
+        raise KeyboardInterrupt  # what SIGTERM becomes in a command (errors.sigterm_raises)
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        fits[0].save(checkpoint)
+    assert GaussianMixtureSampler().loaded_for(checkpoint).settings() == loaded.settings()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.gmm.pt"]
+
+
+@pytest.mark.slow
+def test_fit_on_a_checkpoint_saved_mid_epoch_uses_every_training_image(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """A checkpoint saved mid-epoch holds the data module's place in the epoch; the fit
+    reads every training image regardless."""
+    saved = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = saved["ImageDataModule"]["train_order"]
+    saved["ImageDataModule"]["train_order"] = {**state, "epoch": 0, "positions_done": 32}
+    checkpoint = tmp_path / "mid_epoch.ckpt"
+    torch.save(saved, checkpoint)
+    out = tmp_path / "fit"
+    generate(
+        compose_tool("generate", out, f"ckpt_path={checkpoint}", "mode=fit", "sampler.components=2")
+    )
+    datamodule = ImageDataModule.load_from_checkpoint(checkpoint)
+    datamodule.setup("fit")
+    assert json.loads((out / "sampler.json").read_text())["images"] == len(datamodule.train_set)

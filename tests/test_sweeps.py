@@ -7,9 +7,13 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from cvae.summarize import main as summarize_main
 from cvae.summary import draw_rate_distortion
-from tests.test_train import run_cli
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
 
 def _read(sweep: Path) -> list[dict[str, str]]:
@@ -18,24 +22,32 @@ def _read(sweep: Path) -> list[dict[str, str]]:
 
 
 def test_sweep_summary_lists_every_job_best_first(tmp_path: Path) -> None:
-    run_cli("model.beta=0.5,2", "model.latent_dim=4,8", "test=false",
-            f"hydra.sweep.dir={tmp_path}", multirun=True)  # fmt: skip
+    run_cli(
+        "model.beta=0.5,2",
+        "model.latent_dim=4,8",
+        "test=false",
+        f"hydra.sweep.dir={tmp_path}",
+        multirun=True,
+    )
     rows = _read(tmp_path)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     objective = [float(r["objective"]) for r in rows]  # default: val/neg_elbo
     assert objective == sorted(objective)
     assert objective == [float(r["neg_elbo"]) for r in rows]
     assert {frozenset(r["overrides"].split()) for r in rows} == {
-        frozenset({f"model.beta={b}", f"model.latent_dim={d}"}) for b in ("0.5", "2")
-        for d in (4, 8)}  # fmt: skip
+        frozenset({f"model.beta={b}", f"model.latent_dim={d}"})
+        for b in ("0.5", "2")
+        for d in (4, 8)
+    }
     for row in rows:
         assert Path(row["checkpoint"]).is_file() and int(row["epochs"]) == 1
         assert float(row["active_units"]) <= 8 and float(row["wall_seconds"]) > 0
         assert float(row["rate_kl"]) >= 0 and float(row["mse_per_pixel"]) > 0
         assert float(row["bits_per_dim"]) > 0 and row["latent_dim"] in ("4", "8")
         # the negative ELBO at beta = 1 is rate + distortion, whatever the job's beta
-        assert abs(float(row["neg_elbo"]) - float(row["rate_kl"]) - float(
-            row["distortion_recon"])) < 1e-3 * float(row["neg_elbo"])  # fmt: skip
+        assert abs(
+            float(row["neg_elbo"]) - float(row["rate_kl"]) - float(row["distortion_recon"])
+        ) < 1e-3 * float(row["neg_elbo"])
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0] == "Sorted by val/neg_elbo (the sweep objective)."
     assert markdown[2].startswith("| job | status | objective | rate_kl | distortion_recon")
@@ -46,8 +58,13 @@ def test_sweep_summary_lists_every_job_best_first(tmp_path: Path) -> None:
 def test_the_objective_ranks_where_val_loss_would_not(tmp_path: Path) -> None:
     # val/loss = recon + beta * KL favours the small beta by construction; the rate (val/kl)
     # favours the large one: the summary follows the objective.
-    run_cli("model.beta=0.01,8", "test=false", "objective.metric=val/kl",
-            f"hydra.sweep.dir={tmp_path}", multirun=True)  # fmt: skip
+    run_cli(
+        "model.beta=0.01,8",
+        "test=false",
+        "objective.metric=val/kl",
+        f"hydra.sweep.dir={tmp_path}",
+        multirun=True,
+    )
     rows = _read(tmp_path)
     assert [r["beta"] for r in rows] == ["8", "0.01"]
     assert float(rows[0]["rate_kl"]) < float(rows[1]["rate_kl"])
@@ -58,30 +75,54 @@ def test_the_objective_ranks_where_val_loss_would_not(tmp_path: Path) -> None:
 
 def test_an_unknown_objective_fails_before_the_first_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_cli("model.beta=1,2", "objective.metric=val/accuracy",
-                     f"hydra.sweep.dir={sweep}", multirun=True, check=False)  # fmt: skip
+    result = run_cli(
+        "model.beta=1,2",
+        "objective.metric=val/accuracy",
+        f"hydra.sweep.dir={sweep}",
+        multirun=True,
+        check=False,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: objective.metric='val/accuracy' is not logged by this "
-                                "run: one of val/neg_elbo, val/bits_per_dim")  # fmt: skip
+    assert lines[-1].startswith(
+        "error: objective.metric='val/accuracy' is not logged by this "
+        "run: one of val/neg_elbo, val/bits_per_dim"
+    )
     assert "val/active_units" in lines[-1] and "val/iw_nll" not in lines[-1]
     assert not sweep.exists()  # nothing ran, nothing was made
-    single = run_cli("objective.metric=val/iw_nll", f"hydra.run.dir={tmp_path / 'run'}",
-                     check=False)  # fmt: skip
-    assert single.returncode == 1 and "(it needs callbacks.likelihood_monitor.every_n_epochs" \
-        " > 0)" in single.stderr  # fmt: skip
+    single = run_cli(
+        "objective.metric=val/iw_nll", f"hydra.run.dir={tmp_path / 'run'}", check=False
+    )
+    assert (
+        single.returncode == 1
+        and "(it needs callbacks.likelihood_monitor.every_n_epochs > 0)" in single.stderr
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_the_picture_has_a_point_per_completed_job(tmp_path: Path) -> None:
     rows = [
-        {"job": "1", "status": "completed", "rate_kl": 3.0, "distortion_recon": 40.0,
-         "beta": 1, "latent_dim": 8, "objective_metric": "val/neg_elbo"},
-        {"job": "0", "status": "completed", "rate_kl": 9.0, "distortion_recon": 30.0,
-         "beta": 0.5, "latent_dim": 8, "objective_metric": "val/neg_elbo"},
+        {
+            "job": "1",
+            "status": "completed",
+            "rate_kl": 3.0,
+            "distortion_recon": 40.0,
+            "beta": 1,
+            "latent_dim": 8,
+            "objective_metric": "val/neg_elbo",
+        },
+        {
+            "job": "0",
+            "status": "completed",
+            "rate_kl": 9.0,
+            "distortion_recon": 30.0,
+            "beta": 0.5,
+            "latent_dim": 8,
+            "objective_metric": "val/neg_elbo",
+        },
         {"job": "2", "status": "failed"},
         {"job": "3", "status": "incomplete"},
-    ]  # fmt: skip
+    ]
     assert draw_rate_distortion(rows, tmp_path / "plane.png") == 2
     assert (tmp_path / "plane.png").is_file()
     assert draw_rate_distortion(rows[2:], tmp_path / "none.png") == 0
@@ -89,8 +130,9 @@ def test_the_picture_has_a_point_per_completed_job(tmp_path: Path) -> None:
 
 
 def test_a_failing_job_is_recorded_and_the_others_run(tmp_path: Path) -> None:
-    result = run_cli("model.beta=1,-1,2", "test=false", f"hydra.sweep.dir={tmp_path}",
-                     multirun=True, check=False)  # fmt: skip
+    result = run_cli(
+        "model.beta=1,-1,2", "test=false", f"hydra.sweep.dir={tmp_path}", multirun=True, check=False
+    )
     assert result.returncode != 0  # the sweep reports that a job failed
     assert "error: model.beta must be a finite number >= 0, got -1" in result.stderr
     rows = {r["job"]: r for r in _read(tmp_path)}
@@ -120,6 +162,9 @@ def test_hparams_search_beta_latent_runs_its_grid(tmp_path: Path) -> None:
     rows = _read(tmp_path)
     # The tiny settings fix model.latent_dim on the command line, which wins over the grid's
     # values for that key: the beta axis is what is left to sweep.
-    assert sorted(r["overrides"] for r in rows) == ["model.beta=0.5", "model.beta=1",
-                                                    "model.beta=4"]  # fmt: skip
+    assert sorted(r["overrides"] for r in rows) == [
+        "model.beta=0.5",
+        "model.beta=1",
+        "model.beta=4",
+    ]
     assert all(r["status"] == "completed" for r in rows)

@@ -285,7 +285,11 @@ def _build(
     seconds = time.perf_counter() - started
     log.info(
         "decoded %d images from %s in %.1f s (%.0f files/s; %d skipped: not decodable) into %s",
-        len(source) - len(failures), source.name, seconds, len(source) / max(seconds, 1e-9),
-        len(failures), array_path if with_images else manifest_path,
-    )  # fmt: skip
+        len(source) - len(failures),
+        source.name,
+        seconds,
+        len(source) / max(seconds, 1e-9),
+        len(failures),
+        array_path if with_images else manifest_path,
+    )
     return None

@@ -119,9 +119,13 @@ class DeviceBatches:
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-        batch_size: int, sampler: EpochSampler,
-    ) -> None:  # fmt: skip
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        sampler: EpochSampler,
+    ) -> None:
         self.images, self.labels, self.indices = images, labels, indices
         self.batch_size, self.sampler = batch_size, sampler
         self.batch_sampler = None  # what Lightning looks for on a loader, as on a DataLoader
@@ -442,6 +446,8 @@ class ImageDataModule(pl.LightningDataModule):
         if name not in self._samplers:
             trainer = self.trainer
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            if name.startswith("ordered-"):  # every image, in this process alone
+                rank, world_size = 0, 1
             sampler = EpochSampler(size, shuffle=name == "train", rank=rank, world_size=world_size)
             self._samplers[name] = sampler
             if name == "train":
@@ -457,8 +463,13 @@ class ImageDataModule(pl.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= trainer.num_training_batches:  # the epoch is over: the next starts whole
             batches = 0
-        return {"train_order": {"seed": sampler.seed, "epoch": trainer.current_epoch,
-                                "positions_done": batches * self.hparams.batch_size}}  # fmt: skip
+        return {
+            "train_order": {
+                "seed": sampler.seed,
+                "epoch": trainer.current_epoch,
+                "positions_done": batches * self.hparams.batch_size,
+            }
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_order = state_dict.get("train_order")
@@ -503,3 +514,22 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", self.test_set)
+
+    def ordered_dataloader(self, split: str) -> DataLoader | DeviceBatches:
+        """Every image of `split` (`train`, `val`, `test`) once, in a fixed order, whatever
+        epoch or resume point training is at: what sampler fits and evaluations read. `all`:
+        every usable image of the source, with fixed bits under `binarize` as a val or test
+        split gets them (asked before the data is set up: it takes the whole source)."""
+        if split == "all":
+            if self.train_set is not None:
+                raise RuntimeError("ordered_dataloader('all') must come before setup()")
+            self.hparams.val_fraction = self.hparams.test_fraction = 0.0
+            self.setup("test")
+            every = self.train_set  # with no val or test share: all of them
+            if self.hparams.binarize:
+                every = _binarized(every, seed=self.hparams.split_seed)
+            return self._loader("ordered-all", every)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not one of train, val, test, all")
+        self.setup("fit")
+        return self._loader(f"ordered-{split}", getattr(self, f"{split}_set"))

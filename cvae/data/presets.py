@@ -40,7 +40,7 @@ CLASS_NAMES = {
         "Sneaker",
         "Bag",
         "Ankle boot",
-    ],  # fmt: skip
+    ],
     "mnist": [str(digit) for digit in range(10)],
     "cifar10": [
         "airplane",
@@ -53,7 +53,7 @@ CLASS_NAMES = {
         "horse",
         "ship",
         "truck",
-    ],  # fmt: skip
+    ],
 }
 
 

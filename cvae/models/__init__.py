@@ -1,8 +1,40 @@
-"""The model wing: networks, loss terms and the Lightning module."""
+"""The model wing: networks, loss terms and the Lightning module.
+
+`MODELS` names every model class a checkpoint may hold (`model_class` in the checkpoint,
+written by the model; checkpoints without it are `CVAE`'s): `from_checkpoint` builds the
+right one, so the commands load any model family the same way.
+"""
+
+from __future__ import annotations
+
+import torch
 
 from cvae.models.cvae import CVAE
 from cvae.models.likelihoods import build_likelihood
 from cvae.models.losses import kl_divergence
 from cvae.models.networks import Decoder, Encoder, reparameterize
 
-__all__ = ["CVAE", "Decoder", "Encoder", "build_likelihood", "kl_divergence", "reparameterize"]
+MODELS: dict[str, type[CVAE]] = {"CVAE": CVAE}
+
+
+def from_checkpoint(checkpoint: dict, map_location: torch.device | str | None = None) -> CVAE:
+    """The model a loaded checkpoint dict holds, of the class it names, in eval mode."""
+    name = checkpoint.get("model_class", "CVAE")
+    if name not in MODELS:
+        raise ValueError(
+            f"the checkpoint holds a {name} model, which this cvae does not know "
+            f"(one of {', '.join(MODELS)})"
+        )
+    return MODELS[name].from_checkpoint(checkpoint, map_location)
+
+
+__all__ = [
+    "CVAE",
+    "MODELS",
+    "Decoder",
+    "Encoder",
+    "build_likelihood",
+    "from_checkpoint",
+    "kl_divergence",
+    "reparameterize",
+]

@@ -8,7 +8,8 @@
 The IWAE bound and the estimate share `_log_weight_terms`. `Bounds` is a mixin of `CVAE`
 (`cvae.py`): it uses the model's `encode`, `decode_logits`, `_decoder_input`, `decoder`,
 `likelihood`, `prior`, `class_indices` and `hparams`, and adds no state. Where a second
-stochastic layer would go: these methods are what it changes (see docs/ARCHITECTURE.md).
+stochastic layer would go: a model with more levels brings its own bounds (the typed
+posterior of `latents.py` is what leaves the model).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from collections.abc import Callable
 import torch
 
 from cvae.models.inference import FastDecoder
+from cvae.models.latents import Posterior
 from cvae.models.losses import normal_log_density
-from cvae.models.networks import reparameterize, unit_range
+from cvae.models.networks import reparameterize
 from cvae.models.user_api import Labels, evaluating
+from cvae.pixels import unit_range
 
 
 class Bounds:
@@ -42,7 +45,7 @@ class Bounds:
         `iw_samples` > 1 the loss is the negative importance-weighted bound instead, its
         log-ratio log p(z) / q(z | x) weighed by `beta` (`recon`: the samples' mean)."""
         x = unit_range(x)
-        mu, log_var = self.encode(x, labels)
+        mu, log_var = self.encode(x, labels).top
         beta = self.hparams.beta if beta is None else beta
         k = self.hparams.get("iw_samples", 1)
         if k > 1:
@@ -107,7 +110,7 @@ class Bounds:
         decoder's proper density: shape (B,). Not scaled by beta. A conditional model's
         bound is on log p(x | y), `y` the `labels`."""
         with evaluating(self):
-            log_px, kl, _, _ = self.elbo_terms(x, labels, generator)
+            log_px, kl, _ = self.elbo_terms(x, labels, generator)
             return log_px - kl
 
     def elbo_terms(
@@ -115,16 +118,17 @@ class Bounds:
         x: torch.Tensor,
         labels: Labels = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(log p(x | z), KL, mu, log_var)` of each image, one posterior sample: the parts
+    ) -> tuple[torch.Tensor, torch.Tensor, Posterior]:
+        """`(log p(x | z), KL, posterior)` of each image, one posterior sample: the parts
         of `elbo`, for callers that report them separately (KL: closed form, or for a
-        mixture prior log q(z | x) - log p(z) at the same sample)."""
+        mixture prior log q(z | x) - log p(z) at the same sample), and q(z | x)."""
         labels = self.class_indices(labels, len(x))
         x = unit_range(x.to(self.device))
-        mu, log_var = self.encode(x, labels)
+        posterior = self.encode(x, labels)
+        mu, log_var = posterior.top
         z = reparameterize(mu, log_var, generator)
         logits = self.decode_logits(z, labels)
-        return self.likelihood(logits, x), self.prior.kl(mu, log_var, z), mu, log_var
+        return self.likelihood(logits, x), self.prior.kl(mu, log_var, z), posterior
 
     def log_likelihood(
         self,
@@ -145,8 +149,8 @@ class Bounds:
         on the device (no host round trip until the caller reads the result), under
         `torch.inference_mode`. The draws depend on `generator`, `len(x)` and `max_decodes`.
         `decoder` computes `self.decoder.logits`: by default a `FastDecoder` copy made for
-        this call (the same logits, 3x faster on CPU here: 3.7 s against 11.3 s for K=500
-        on 64 Fashion-MNIST-sized images; what `cvae.evaluate` uses), or another callable
+        this call (the same logits, faster on CPU: docs/reports/evaluation-speed.md; what
+        `cvae.evaluate` uses), or another callable
         (`decoder=model.decoder.logits`: the module itself). `max_decodes` None: the fast
         decoder's `decodes_per_call()` (4096 for another `decoder`).
         """
@@ -164,7 +168,7 @@ class Bounds:
         try:
             with torch.inference_mode(), self.prior.frozen():
                 x = unit_range(x.to(self.device))
-                mu, log_var = self.encode(x, labels)
+                mu, log_var = self.encode(x, labels).top
                 per_call = max(1, max_decodes // len(x))
                 total = torch.full((len(x),), -math.inf, device=self.device)
                 for start in range(0, k, per_call):

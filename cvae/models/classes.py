@@ -38,8 +38,9 @@ class ClassVocabulary:
         naming `key`."""
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             if _lookup_key(label) not in self._index:
-                raise ValueError(f"{key}={label!r} is not a class of this model: "
-                                 f"{', '.join(self.names)}")  # fmt: skip
+                raise ValueError(
+                    f"{key}={label!r} is not a class of this model: {', '.join(self.names)}"
+                )
             return self._index[_lookup_key(label)]
         index = int(label)
         self.check_range(torch.tensor([index]), key)
@@ -73,8 +74,10 @@ class ClassVocabulary:
         """A one-line error naming `key` when an index is not one of these classes."""
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
-            raise ValueError(f"{key}={bad} is not a class index of this model: 0 to "
-                             f"{len(self) - 1} ({', '.join(self.names)})")  # fmt: skip
+            raise ValueError(
+                f"{key}={bad} is not a class index of this model: 0 to "
+                f"{len(self) - 1} ({', '.join(self.names)})"
+            )
 
     def translation(self, names: Sequence[str], where: str) -> torch.Tensor:
         """`table[i]`: this vocabulary's index of `names[i]` (another source's classes, e.g. a
@@ -83,6 +86,8 @@ class ClassVocabulary:
         unknown = [name for name in names if _lookup_key(name) not in self._index]
         if unknown:
             listed = ", ".join(repr(name) for name in unknown)
-            raise ValueError(f"{where} has classes the checkpoint's model does not know: "
-                             f"{listed} (its classes: {', '.join(self.names)})")  # fmt: skip
+            raise ValueError(
+                f"{where} has classes the checkpoint's model does not know: "
+                f"{listed} (its classes: {', '.join(self.names)})"
+            )
         return torch.tensor([self._index[_lookup_key(name)] for name in names], dtype=torch.long)

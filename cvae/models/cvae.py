@@ -11,24 +11,36 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from functools import cached_property, partial
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
-from cvae.checkpointing import capture_rng_states, restore_rng_states
 from cvae.models.bounds import Bounds
 from cvae.models.classes import ClassVocabulary
-from cvae.models.conditioning import LabelConditioning, check_class_names
+from cvae.models.conditioning import (
+    LabelConditioning,
+    LabelledDecoder,
+    LabelledEncoder,
+    check_class_names,
+)
+from cvae.models.latents import Gaussian, Posterior
 from cvae.models.likelihoods import build_likelihood
 from cvae.models.losses import beta_at
-from cvae.models.networks import Decoder, Encoder, reparameterize, unit_range
+from cvae.models.networks import Decoder, Encoder, reparameterize
 from cvae.models.priors import VampPrior, build_prior, check_prior
 from cvae.models.settings import check_network, check_training
 from cvae.models.user_api import Labels, UserAPI
+from cvae.pixels import is_binary, unit_range
+from cvae.rng import capture_rng_states, restore_rng_states
 
 log = logging.getLogger(__name__)
+# The defaults of settings that changed after checkpoints were written without them: a
+# checkpoint that does not name one was trained with the value here, not today's default.
+LEGACY_DEFAULTS = {"in_channels": 3, "upsample": "transpose", "recon_loss": "mse"}
 
 
 class CVAE(Bounds, UserAPI, pl.LightningModule):
@@ -53,24 +65,28 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
     KL (closed form when the prior factorises, else a one-sample estimate), the importance
     weights, sampling, traversals and per-dimension KLs. It is the same for every class.
 
-    Every constructor argument but `optimizer` and `scheduler` is a plain value saved in the
-    checkpoint, so `CVAE.load_from_checkpoint(path)` needs no config. `optimizer` is a
+    `CVAE()` with no arguments is the model `python -m cvae.train` builds (its defaults are
+    `conf/model/cvae.yaml`'s, the data's channels and size those of the default data,
+    Fashion-MNIST at 64x64). Every constructor argument but `optimizer` and `scheduler` is a
+    plain value saved in the checkpoint, so `CVAE.load_from_checkpoint(path)` needs no
+    config; a checkpoint that lacks a setting whose default changed since it was written
+    loads with the value it was trained with (`LEGACY_DEFAULTS`). `optimizer` is a
     factory taking `(params, lr=...)` (default: fused `torch.optim.Adam`); `scheduler` an optional
     factory taking the optimizer, stepped once per epoch.
     """
 
     def __init__(
         self,
-        in_channels: int = 3,
+        in_channels: int = 1,
         image_size: int = 64,
         latent_dim: int = 512,
         hidden_channels: Sequence[int] = (16, 32, 64, 128),
         kernel_size: int = 4,
         downsample: str = "stride",
-        upsample: str = "transpose",
+        upsample: str = "resize",
         batch_norm: bool = False,
         residual_blocks: int = 0,
-        recon_loss: str = "mse",
+        recon_loss: str = "gaussian_optimal",
         sigma: float = 2**-0.5,
         min_sigma: float = 0.0025,
         beta: float = 1.0,
@@ -90,10 +106,28 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
     ) -> None:
         super().__init__()
-        check_network(in_channels, image_size, latent_dim, hidden_channels, kernel_size,
-                      downsample, upsample, recon_loss, beta, lr)  # fmt: skip
-        check_training(sigma, min_sigma, beta_schedule, warmup_steps, free_bits, residual_blocks,
-                       max_bad_steps, iw_samples)  # fmt: skip
+        check_network(
+            in_channels,
+            image_size,
+            latent_dim,
+            hidden_channels,
+            kernel_size,
+            downsample,
+            upsample,
+            recon_loss,
+            beta,
+            lr,
+        )
+        check_training(
+            sigma,
+            min_sigma,
+            beta_schedule,
+            warmup_steps,
+            free_bits,
+            residual_blocks,
+            max_bad_steps,
+            iw_samples,
+        )
         hidden_channels = [int(c) for c in hidden_channels]
         prior_components = check_prior(prior, prior_components, free_bits)  # the number saved
         if conditional:  # plain strings in the checkpoint
@@ -129,11 +163,15 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         )
         self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
         # Built last: a prior's random start leaves the networks' initialisation as it was.
-        self.prior = build_prior(prior, prior_components, latent_dim,
-                                 (in_channels, image_size, image_size),
-                                 len(class_names) if conditional else 0)  # fmt: skip
+        self.prior = build_prior(
+            prior,
+            prior_components,
+            latent_dim,
+            (in_channels, image_size, image_size),
+            len(class_names) if conditional else 0,
+        )
         if isinstance(self.prior, VampPrior):
-            self.prior.bind(self.encode)
+            self.prior.bind(self._encode_top)
         if channels_last:  # NHWC: the layout oneDNN and tensor cores convolve fastest
             self.to(memory_format=torch.channels_last)
         self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
@@ -141,6 +179,34 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         self._last_loss = torch.tensor(0.0)
         self._epoch_loss, self._epoch_steps = torch.zeros(()), 0  # for train/loss_epoch
         self._rng_states: dict | None = None  # from a checkpoint, set when training resumes
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: dict, map_location: torch.device | str | None = None, **overrides: object
+    ) -> CVAE:
+        """The model a loaded checkpoint dict holds, on `map_location` (None: the CPU), in
+        eval mode: its saved settings (a setting it lacks: `LEGACY_DEFAULTS`, else today's
+        default) with `overrides` on top, its weights, and its hook state."""
+        saved = checkpoint["hyper_parameters"]
+        legacy = {k: v for k, v in LEGACY_DEFAULTS.items() if k not in saved}
+        model = cls(**{**legacy, **saved, **overrides})
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.to(map_location or "cpu").eval()
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: torch.device | str | None = None,
+        weights_only: bool = True,
+        **overrides: object,
+    ) -> CVAE:
+        """`from_checkpoint` of the file at `checkpoint_path` (Lightning's loader, but
+        old checkpoints keep the settings they were trained with)."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        return cls.from_checkpoint(checkpoint, map_location, **overrides)
 
     # --- the model -------------------------------------------------------------------------
     @property
@@ -167,27 +233,43 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         they do not fit."""
         if not self.conditional:
             if labels is not None:
-                raise ValueError(f"{key} given, but this model is not conditional "
-                                 "(trained with model.conditional=false)")  # fmt: skip
+                raise ValueError(
+                    f"{key} given, but this model is not conditional "
+                    "(trained with model.conditional=false)"
+                )
             return None
         if labels is None:
             names = ", ".join(self.class_names)
-            raise ValueError(f"{key} is required: this model is conditional on the class "
-                             f"(model.conditional=true), one of {names}")  # fmt: skip
+            raise ValueError(
+                f"{key} is required: this model is conditional on the class "
+                f"(model.conditional=true), one of {names}"
+            )
         return self.classes.indices(labels, count, key).to(self.device)
 
-    def encode(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters `(mu, log_var)` of images `x` (uint8, or floats in [0, 1]),
-        of class `labels` (a conditional model's class indices, `(B,)`)."""
+    def given(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels this model reads of a batch's `labels`: them for a conditional model,
+        None otherwise (the one place that decides whether a batch's labels enter)."""
+        return labels if self.conditional else None
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
+        """The posterior q(z | x) of images `x` (uint8, or floats in [0, 1]), of class
+        `labels` (a conditional model's class indices, `(B,)`): one latent level here."""
         x = unit_range(x)
         labels = self.class_indices(labels, len(x))
         if labels is not None:
             x = self.conditioning.encoder_input(x, labels)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.encoder(x)
+        return Posterior.one_level(*self.encoder(x))
+
+    def _encode_top(self, x: torch.Tensor, labels: torch.Tensor | None) -> Gaussian:
+        """The top level of `encode`: what a VampPrior's pseudo-inputs are pushed through."""
+        return self.encode(x, labels).top
+
+    def kl_per_dimension(self, posterior: Posterior) -> tuple[torch.Tensor, ...]:
+        """KL of each latent dimension to the prior, `(B, D)` per level (`Prior.
+        kl_per_dimension`): what active units and the KL histograms read."""
+        return (self.prior.kl_per_dimension(posterior.mu, posterior.log_var),)
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`, of class
@@ -207,9 +289,31 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, log_var = self.encode(x, labels)
-        return self.decode(reparameterize(mu, log_var), labels), mu, log_var
+    ) -> tuple[torch.Tensor, Posterior]:
+        """Images decoded from one posterior sample, and the posterior."""
+        posterior = self.encode(x, labels)
+        return self.decode(reparameterize(*posterior.top), labels), posterior
+
+    def exportable(self) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], list, list]]:
+        """The networks `cvae.export` writes, each with example inputs (a batch of 2, on the
+        model's device) and the names of its inputs and outputs: `encoder` (float images in
+        [0, 1] -> the top level's `mu`, `log_var`) and `decoder` (top-level latents -> images
+        in [0, 1]); a conditional model's networks take the class index as a second input."""
+        hp = self.hparams
+        images = torch.rand(2, hp.in_channels, hp.image_size, hp.image_size, device=self.device)
+        z = torch.randn(2, hp.latent_dim, device=self.device)
+        if not self.conditional:
+            return {
+                "encoder": (self.encoder, (images,), ["images"], ["mu", "log_var"]),
+                "decoder": (self.decoder, (z,), ["z"], ["images"]),
+            }
+        labels = torch.tensor([0, len(self.class_names) - 1], device=self.device)
+        encoder = LabelledEncoder(self.encoder, self.conditioning).eval()
+        decoder = LabelledDecoder(self.decoder, self.conditioning).eval()
+        return {
+            "encoder": (encoder, (images, labels), ["images", "labels"], ["mu", "log_var"]),
+            "decoder": (decoder, (z, labels), ["z", "labels"], ["images"]),
+        }
 
     def current_beta(self) -> float:
         """The KL weight of this training step under `beta_schedule`."""
@@ -244,7 +348,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
-        labels = labels if self.conditioning is not None else None
+        labels = self.given(labels)
         training = stage == "train"
         if training:
             beta = self.current_beta()
@@ -262,9 +366,15 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         # Training curves per step; validation and test as means over the whole split (all
         # ranks' shares of it under data-parallel training).
         for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, on_step=training, on_epoch=not training,
-                     prog_bar=name in ("loss", "mse"), batch_size=len(images),
-                     sync_dist=not training)  # fmt: skip
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=training,
+                on_epoch=not training,
+                prog_bar=name in ("loss", "mse"),
+                batch_size=len(images),
+                sync_dist=not training,
+            )
         return terms["loss"]
 
     def _readable_terms(
@@ -272,17 +382,15 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """Curves that move visibly, and scores that mean the same in every run of a sweep:
         squared error per pixel of the decoded posterior means, the negative ELBO at beta = 1
-        (`neg_elbo`, nats per image), and it in bits per dimension; for continuous
-        likelihoods of the 8-bit data, without dequantisation (`cvae.evaluate` gives the
-        bound)."""
+        (`neg_elbo`, nats per image), and it in bits per dimension where the likelihood is
+        a density or probability of these images (`Likelihood.bits_per_dim`; continuous
+        likelihoods without dequantisation: `cvae.evaluate` gives the bound)."""
         x = unit_range(images)
         mse = (self.reconstruct(x, labels) - x).pow(2).mean()
-        dims = x[0].numel()
         neg_elbo = terms["recon"] + terms["kl"]  # at beta = 1: comparable across runs
-        bits = neg_elbo / (dims * math.log(2))
-        if self.likelihood.continuous:
-            bits = bits + 8
-        return {"mse": mse, "neg_elbo": neg_elbo, "bits_per_dim": bits}
+        readable = {"mse": mse, "neg_elbo": neg_elbo}
+        bits = self.likelihood.bits_per_dim(neg_elbo, x[0].numel(), is_binary(images))
+        return readable if bits is None else {**readable, "bits_per_dim": bits}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss, self._epoch_steps = torch.zeros((), device=self.device), 0
@@ -314,6 +422,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = capture_rng_states()
+        checkpoint["model_class"] = type(self).__name__  # `cvae.models.from_checkpoint` reads it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_states = checkpoint.get("rng_states")
@@ -356,8 +465,13 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         self.bad_steps_in_a_row += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-        log.warning("skipped training step %d: %s (%d in a row, %d in all)", self.global_step,
-                    what, self.bad_steps_in_a_row, self.skipped_steps)  # fmt: skip
+        log.warning(
+            "skipped training step %d: %s (%d in a row, %d in all)",
+            self.global_step,
+            what,
+            self.bad_steps_in_a_row,
+            self.skipped_steps,
+        )
         if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
             raise FloatingPointError(
                 f"{what} at epoch {self.current_epoch}, step {self.global_step}: "

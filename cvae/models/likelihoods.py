@@ -47,6 +47,18 @@ class Likelihood(nn.Module):
 
     continuous = True  # a density over real pixel values (else a mass over binary ones)
 
+    def bits_per_dim(
+        self, nll: torch.Tensor | float, dims: int, binary_data: bool
+    ) -> torch.Tensor | float | None:
+        """`nll` (nats per image of `dims` values) in bits per value of the 8-bit data: the
+        one definition training and `cvae.evaluate` share. A density on [0, 1] bounds the
+        8-bit values' probability once log 256 per value is added (so +8 bits; exact when
+        `nll` was scored on dequantised pixels); a Bernoulli is a probability of binary
+        data only: None for other images, where its NLL means nothing."""
+        if self.continuous:
+            return (nll + dims * math.log(256)) / (dims * math.log(2))
+        return nll / (dims * math.log(2)) if binary_data else None
+
     def forward(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return self.log_prob(logits.float(), x.float())

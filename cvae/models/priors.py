@@ -53,17 +53,21 @@ def check_prior(kind: object, components: object, free_bits: float = 0.0) -> int
     if not isinstance(components, int) or isinstance(components, bool) or components < 1:
         raise ValueError(f"model.prior_components must be an integer >= 1, got {components!r}")
     if kind == "standard" and components != 1:
-        raise ValueError(f"model.prior_components={components}: model.prior=standard is "
-                         "one fixed Gaussian (mixtures: model/prior=mog or vamp)")  # fmt: skip
+        raise ValueError(
+            f"model.prior_components={components}: model.prior=standard is "
+            "one fixed Gaussian (mixtures: model/prior=mog or vamp)"
+        )
     if free_bits > 0 and components > 1:
         raise ValueError(_free_bits_refusal(kind, components, free_bits))
     return components
 
 
 def _free_bits_refusal(kind: str, components: int, free_bits: float) -> str:
-    return (f"model.free_bits={free_bits} floors the KL of each latent dimension, but a {kind} "
-            f"prior of model.prior_components={components} does not factorise over them: set "
-            "model.free_bits=0 (or model.prior_components=1)")  # fmt: skip
+    return (
+        f"model.free_bits={free_bits} floors the KL of each latent dimension, but a {kind} "
+        f"prior of model.prior_components={components} does not factorise over them: set "
+        "model.free_bits=0 (or model.prior_components=1)"
+    )
 
 
 class Prior(nn.Module):
@@ -205,7 +209,7 @@ class GaussianMixture(Prior):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log sum_k w_k N(z; m_k, v_k). The squared distances come from matrix products,
         sum_d (z_d - m_kd)^2 / v_kd = z^2 . 1/v_k - 2 z . m_k/v_k + m_k^2 . 1/v_k, instead of
-        a `(rows, K, D)` difference: 4x faster for the VampPrior's training step. In float64,
+        a `(rows, K, D)` difference: faster for the VampPrior's training step. In float64,
         as the three terms can be large and nearly cancel (a posterior variance of 1e-3 scales
         them by 1000); in chunks of rows whose `(rows, K)` table stays near `CHUNK_VALUES`."""
         means, log_vars, log_weights = self._components()
@@ -231,8 +235,9 @@ class GaussianMixture(Prior):
         narrows each component around its mean (0: the means), not the whole mixture
         towards the origin, which need not be a likely point of it."""
         means, log_vars, log_weights = self._components()
-        which = torch.multinomial(log_weights.detach().exp().cpu(), n, replacement=True,
-                                  generator=generator).to(means.device)  # fmt: skip
+        which = torch.multinomial(
+            log_weights.detach().exp().cpu(), n, replacement=True, generator=generator
+        ).to(means.device)
         eps = torch.randn(n, self.latent_dim, generator=generator).to(means)
         return means[which] + temperature * torch.exp(0.5 * log_vars[which]) * eps
 
@@ -256,8 +261,9 @@ class GaussianMixture(Prior):
         expected = []
         for mu_rows, lv_rows in zip(mu.split(rows), log_var.split(rows), strict=True):
             z = mu_rows[..., None] + math.sqrt(2) * torch.exp(0.5 * lv_rows)[..., None] * nodes
-            log_p = torch.logsumexp(normal_log_density(z[..., None, None], m, lv) + log_weights,
-                                    dim=-1)  # (rows, D, nodes)  # fmt: skip
+            log_p = torch.logsumexp(
+                normal_log_density(z[..., None, None], m, lv) + log_weights, dim=-1
+            )  # (rows, D, nodes)
             expected.append((log_p * weights).sum(-1))
         negative_entropy = -0.5 * (1 + math.log(2 * math.pi) + log_var)
         return negative_entropy - torch.cat(expected)

@@ -24,8 +24,12 @@ def check_network(
     lr: float,
 ) -> None:
     """The networks' settings: sizes, widths, kernel, resampling, likelihood, beta, lr."""
-    for key, value in (("in_channels", in_channels), ("image_size", image_size),
-                       ("latent_dim", latent_dim), ("kernel_size", kernel_size)):  # fmt: skip
+    for key, value in (
+        ("in_channels", in_channels),
+        ("image_size", image_size),
+        ("latent_dim", latent_dim),
+        ("kernel_size", kernel_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
     if not hidden_channels or not all(isinstance(c, int) and c >= 1 for c in hidden_channels):
@@ -82,5 +86,7 @@ def check_training(
     if not isinstance(iw_samples, int) or iw_samples < 1:
         raise ValueError(f"model.iw_samples must be an integer >= 1, got {iw_samples!r}")
     if iw_samples > 1 and free_bits > 0:
-        raise ValueError("model.free_bits works on the ELBO's KL term: set model.free_bits=0 "
-                         f"with model.iw_samples={iw_samples}")  # fmt: skip
+        raise ValueError(
+            "model.free_bits works on the ELBO's KL term: set model.free_bits=0 "
+            f"with model.iw_samples={iw_samples}"
+        )

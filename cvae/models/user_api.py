@@ -9,17 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # the model does not import the samplers: they take it
-    from cvae.samplers import LatentSampler
-
 # What the user-facing methods take as labels: one class (index or name) for every image, or
 # one per image.
 Labels = int | str | Sequence[int | str] | torch.Tensor | None
+
+
+class LatentSource(Protocol):
+    """Where the latents of new images come from: `cvae.samplers`' objects (the prior, a
+    fitted mixture, a second VAE) keep this; the model never imports them."""
+
+    def latents(
+        self,
+        model: nn.Module,
+        n: int,
+        generator: torch.Generator | None,
+        labels: torch.Tensor | None,
+        temperature: float,
+    ) -> torch.Tensor: ...
 
 
 @contextmanager
@@ -44,16 +55,16 @@ class UserAPI:
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         labels: Labels = None,
-        sampler: LatentSampler | None = None,
+        sampler: LatentSource | None = None,
     ) -> torch.Tensor:
         """`n` new images decoded from latents of the prior (`sample_latents`), or of a
-        fitted ex-post `sampler` (`cvae.samplers`: `gmm`, `two_stage`); a conditional model
-        draws the class `labels` (one for all, or one per image; indices or names)."""
+        `sampler` (`cvae.samplers`: `prior`, or a fitted `gmm`, `two_stage`); a conditional
+        model draws the class `labels` (one for all, or one per image; indices or names)."""
         labels = self.class_indices(labels, n)
         if sampler is None:
             z = self.sample_latents(n, temperature, generator)
         else:
-            z = sampler.sample(n, generator, labels, temperature).to(self.device)
+            z = sampler.latents(self, n, generator, labels, temperature).to(self.device)
         with evaluating(self):
             return self.decode(z, labels)
 
@@ -79,8 +90,9 @@ class UserAPI:
         wanted = range(len(self.class_names)) if classes is None else classes
         labels = self.class_indices(list(wanted), key="classes")
         if labels is None:
-            raise ValueError("sample_classes needs a conditional model "
-                             "(trained with model.conditional=true)")  # fmt: skip
+            raise ValueError(
+                "sample_classes needs a conditional model (trained with model.conditional=true)"
+            )
         z = self.sample_latents(per_class, temperature, generator).repeat(len(labels), 1)
         with evaluating(self):
             return self.decode(z, labels.repeat_interleave(per_class))
@@ -90,8 +102,7 @@ class UserAPI:
         conditional model decodes with the classes the images were encoded with."""
         labels = self.class_indices(labels, len(x))
         with evaluating(self):
-            mu, _ = self.encode(x.to(self.device), labels)
-            return self.decode(mu, labels)
+            return self.decode(self.encode(x.to(self.device), labels).mu, labels)
 
     def interpolate(
         self,
@@ -107,7 +118,7 @@ class UserAPI:
         images' `labels`; the class code walks from one to the other along with `z`."""
         labels = self.class_indices(labels, 2)
         with evaluating(self):
-            (a, b), _ = self.encode(torch.stack([x1, x2]).to(self.device), labels)
+            a, b = self.encode(torch.stack([x1, x2]).to(self.device), labels).mu
             t = torch.linspace(0, 1, steps, device=self.device)[:, None]
             z = (1 - t) * a + t * b
             if spherical:
@@ -126,8 +137,10 @@ class UserAPI:
         `steps` of each latent in a row."""
         labels = self.class_indices([first, second], 2, key="labels")
         if labels is None:
-            raise ValueError("interpolate_classes needs a conditional model "
-                             "(trained with model.conditional=true)")  # fmt: skip
+            raise ValueError(
+                "interpolate_classes needs a conditional model "
+                "(trained with model.conditional=true)"
+            )
         with evaluating(self):
             t = torch.linspace(0, 1, steps, device=self.device).repeat(len(z))[:, None]
             z = z.to(self.device).repeat_interleave(steps, dim=0)

@@ -1,0 +1,92 @@
+"""The loading floor every command stands on: which checkpoint `ckpt_path` means, the model
+and data it holds, and the sampler a command draws from. Entry points read a config here;
+the model and data wings below never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cvae.checkpointing import read_checkpoint
+from cvae.data import ImageDataModule
+from cvae.models import CVAE, from_checkpoint
+from cvae.samplers import LatentSampler
+
+log = logging.getLogger(__name__)
+
+
+def device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as a user would type it: relative to the working folder when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def newest_last_checkpoint(log_dir: str | Path, task: str = "*") -> str:
+    """`ckpt_path=last`: the most recently written `last.ckpt` of the single runs of `task`
+    (`*`: any training task; sweep jobs under `multiruns/` are never picked)."""
+    pattern = f"{task}/runs/*/checkpoints/last.ckpt"
+    found = sorted(Path(log_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"ckpt_path=last: no {Path(log_dir) / pattern} yet (train first)")
+    return str(found[-1])
+
+
+def resolve_checkpoint(cfg: DictConfig, task: str = "*") -> dict | None:
+    """The checkpoint `cfg.ckpt_path` names (`last` replaced by the file it means, and said),
+    read and checked to be a cvae checkpoint: a damaged or foreign file is a one-line error
+    before anything starts."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return None
+    if path == "last":
+        path = cfg.ckpt_path = newest_last_checkpoint(cfg.paths.log_dir, task)
+        log.info("ckpt_path=last: %s", path)
+    return read_checkpoint(path)
+
+
+def load_model(cfg: DictConfig) -> CVAE:
+    """The model of `cfg.ckpt_path` (`last`: the newest training run's) on `cfg.device`, in
+    eval mode."""
+    return from_checkpoint(resolve_checkpoint(cfg), device(cfg.device))
+
+
+def load_checkpoint(cfg: DictConfig) -> tuple[CVAE, ImageDataModule]:
+    """The model of `cfg.ckpt_path` on `cfg.device`, and its data: `cfg.data` if given, else
+    the data settings saved in the checkpoint. Fails early when they do not fit together."""
+    model = load_model(cfg)
+    if cfg.get("data"):
+        datamodule = instantiate(cfg.data)
+    else:
+        datamodule = ImageDataModule.load_from_checkpoint(str(cfg.ckpt_path), weights_only=True)
+    data, hp = datamodule.hparams, model.hparams
+    for key, expected in (("image_size", hp.image_size), ("channels", hp.in_channels)):
+        if data[key] != expected:
+            raise ValueError(
+                f"data.{key}={data[key]} does not fit the checkpoint's model ({expected})"
+            )
+    return model, datamodule
+
+
+def sampler(cfg: DictConfig) -> LatentSampler:
+    """The sampler `cfg.sampler` configures (`conf/sampler/`), unfitted: settings checked,
+    one line naming the key when they are bad."""
+    return instantiate(cfg.sampler)
+
+
+def fitted_sampler(cfg: DictConfig) -> LatentSampler:
+    """`cfg.sampler` as fitted to `cfg.ckpt_path` and saved beside it (the prior: itself);
+    a one-line error saying how to fit it when it is not."""
+    return sampler(cfg).loaded_for(cfg.ckpt_path)

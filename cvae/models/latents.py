@@ -1,0 +1,76 @@
+"""The model boundary's latent structure: what `encode` returns and every consumer reads.
+
+A posterior q(z | x) is one diagonal Gaussian per latent level, the top level first (a
+one-level VAE has one). Consumers outside `models/` (samplers, callbacks, generation,
+metrics, export) read it through this type, never as a bare `(mu, log_var)`:
+
+- `posterior.top`: the level that ex-post samplers fit, traversals move and interpolations
+  walk (`model.decode` takes latents of this level; a model with lower levels completes
+  them itself);
+- `posterior.levels`: every level, for per-level statistics (active units, KL per
+  dimension: `model.kl_per_dimension(posterior)` gives one tensor per level).
+
+A model with more levels changes `models/` and its config only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+class Gaussian(NamedTuple):
+    """A diagonal Gaussian per row: means and log-variances, `(B, D)` each."""
+
+    mu: torch.Tensor
+    log_var: torch.Tensor
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Gaussian:
+        """Both tensors through `function` (`.cpu()`, `.detach()`, a slice, ...)."""
+        return Gaussian(function(self.mu), function(self.log_var))
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """q(z | x) of a batch: one `Gaussian` per latent level, the top level first."""
+
+    levels: tuple[Gaussian, ...]
+
+    @classmethod
+    def one_level(cls, mu: torch.Tensor, log_var: torch.Tensor) -> Posterior:
+        return cls((Gaussian(mu, log_var),))
+
+    @property
+    def top(self) -> Gaussian:
+        """The level samplers fit and `decode` takes."""
+        return self.levels[0]
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """The top level's means `(B, D)`: the point a traversal or interpolation moves."""
+        return self.top.mu
+
+    @property
+    def log_var(self) -> torch.Tensor:
+        return self.top.log_var
+
+    def __len__(self) -> int:
+        return len(self.top.mu)
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Posterior:
+        """Every level's tensors through `function`."""
+        return Posterior(tuple(level.map(function) for level in self.levels))
+
+    @classmethod
+    def cat(cls, parts: Sequence[Posterior]) -> Posterior:
+        """The posteriors of several batches as one, level by level."""
+        levels = zip(*(part.levels for part in parts), strict=True)
+        return cls(
+            tuple(
+                Gaussian(torch.cat([g.mu for g in level]), torch.cat([g.log_var for g in level]))
+                for level in levels
+            )
+        )
