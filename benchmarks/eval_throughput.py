@@ -38,7 +38,8 @@ from cvae.models import CVAE
 from cvae.models.inference import FastDecoder
 from cvae.models.likelihoods import gaussian_log_density
 from cvae.models.losses import normal_log_density
-from cvae.models.networks import reparameterize, unit_range
+from cvae.models.networks import reparameterize
+from cvae.pixels import unit_range
 
 PRESETS = {  # overrides of the training config, the test split's size, the K to report
     "nll": (["experiment=fashion_mnist_nll"], 10_000, [5000]),

@@ -206,9 +206,12 @@ def main() -> None:
     parser.add_argument("--epoch-images", type=int, default=0, help="also time one epoch")
     parser.add_argument("--ablation", action="store_true", help="bare loop per design choice")
     parser.add_argument(
-        "--upsample", nargs="+", default=["resize", "transpose"], choices=UPSAMPLING,
+        "--upsample",
+        nargs="+",
+        default=["resize", "transpose"],
+        choices=UPSAMPLING,
         help="decoders to time (ratios to transpose)",
-    )  # fmt: skip
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds")
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "cvae-bench"
@@ -231,24 +234,34 @@ def main() -> None:
     rates = decoder_rates(args, device, images, output)
     load_after = os.getloadavg()
     baseline = rates.get("transpose")
-    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} on "
-          f"{os.cpu_count()} cores (above {torch.get_num_threads()}: shared)")  # fmt: skip
-    print(f"model: {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
-          f"{args.precision}; best of {args.rounds} alternating rounds")  # fmt: skip
-    print("\n| upsample | loop | MFLOP/image, fwd + bwd | images/s | GFLOP/s | of matmul | "
-          "/ transpose |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} on "
+        f"{os.cpu_count()} cores (above {torch.get_num_threads()}: shared)"
+    )
+    print(
+        f"model: {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
+        f"{args.precision}; best of {args.rounds} alternating rounds"
+    )
+    print(
+        "\n| upsample | loop | MFLOP/image, fwd + bwd | images/s | GFLOP/s | of matmul | "
+        "/ transpose |\n|---|---|---|---|---|---|---|"
+    )
     for name, rate in rates.items():
         for loop in ("bare", "Lightning"):
             achieved = rate[loop] * rate["flops"]
             ratio = f"{rate[loop] / baseline[loop]:.2f}x" if baseline else "-"
-            print(f"| {name} | {loop} | {rate['flops'] / 1e6:,.1f} | {rate[loop]:,.0f} | "
-                  f"{achieved / 1e9:.1f} | {achieved / peak:.1%} | {ratio} |")  # fmt: skip
+            print(
+                f"| {name} | {loop} | {rate['flops'] / 1e6:,.1f} | {rate[loop]:,.0f} | "
+                f"{achieved / 1e9:.1f} | {achieved / peak:.1%} | {ratio} |"
+            )
     print()
     for name, rate in rates.items():
         utilisation = rate["Lightning"] * rate["flops"] / peak
-        print(f"{name}: Lightning / bare loop {rate['Lightning'] / rate['bare']:.2f}x (target >= "
-              f"{TARGETS['lightning_vs_bare']}x); utilisation {utilisation:.1%} (target >= "
-              f"{TARGETS['utilisation']:.0%} on CPU)")  # fmt: skip
+        print(
+            f"{name}: Lightning / bare loop {rate['Lightning'] / rate['bare']:.2f}x (target >= "
+            f"{TARGETS['lightning_vs_bare']}x); utilisation {utilisation:.1%} (target >= "
+            f"{TARGETS['utilisation']:.0%} on CPU)"
+        )
     if baseline and "resize" in rates:
         ratio = rates["resize"]["Lightning"] / baseline["Lightning"]
         target = TARGETS["resize_vs_transpose"]
@@ -263,8 +276,10 @@ def main() -> None:
 
     if args.epoch_images:
         seconds = epoch_time(args, device, output)
-        print(f"one epoch of {args.epoch_images:,} images: {seconds:.2f} s "
-              f"({args.epoch_images / seconds:,.0f} images/s)")  # fmt: skip
+        print(
+            f"one epoch of {args.epoch_images:,} images: {seconds:.2f} s "
+            f"({args.epoch_images / seconds:,.0f} images/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -68,12 +68,22 @@ def test_gradients_reach_the_3x3_weight_as_before() -> None:
     ],
 )
 def test_the_decoder_computes_what_it_did(
-    image_size: int, channels: list[int], batch_norm: bool, residual_blocks: int,
+    image_size: int,
+    channels: list[int],
+    batch_norm: bool,
+    residual_blocks: int,
     channels_last: bool,
-) -> None:  # fmt: skip
+) -> None:
     torch.manual_seed(2)
-    decoder = Decoder(3, channels, image_size, 6, batch_norm=batch_norm,
-                      residual_blocks=residual_blocks, upsample="resize")  # fmt: skip
+    decoder = Decoder(
+        3,
+        channels,
+        image_size,
+        6,
+        batch_norm=batch_norm,
+        residual_blocks=residual_blocks,
+        upsample="resize",
+    )
     z = torch.randn(4, 6)
     decoder.train()(z)  # BatchNorm's running statistics away from their start
     decoder.eval()
@@ -96,9 +106,11 @@ def test_state_dict_keys_and_shapes_are_those_of_the_resize_then_convolve_layer(
     old = torch.nn.Sequential(  # the layers `doubling` built before ResizeConv
         torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(8, 4, 3, padding=1)
     )
-    assert {k: v.shape for k, v in decoder.features[0].state_dict().items()} == {
-        k: v.shape for k, v in old.state_dict().items()
-    } == {"1.weight": (4, 8, 3, 3), "1.bias": (4,)}  # fmt: skip
+    assert (
+        {k: v.shape for k, v in decoder.features[0].state_dict().items()}
+        == {k: v.shape for k, v in old.state_dict().items()}
+        == {"1.weight": (4, 8, 3, 3), "1.bias": (4,)}
+    )
     old.load_state_dict(decoder.features[0].state_dict())
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(decoder.features[0](x), old(x), rtol=1e-5, atol=1e-5)

@@ -37,8 +37,14 @@ def test_closed_form_kl_matches_monte_carlo() -> None:
 
 @pytest.mark.parametrize("recon_loss", ["mse", "bce"])
 def test_loss_is_recon_plus_beta_kl_averaged_over_batch(recon_loss: str) -> None:
-    model = CVAE(in_channels=1, image_size=8, latent_dim=3, hidden_channels=[4],
-                 recon_loss=recon_loss, beta=2.5)  # fmt: skip
+    model = CVAE(
+        in_channels=1,
+        image_size=8,
+        latent_dim=3,
+        hidden_channels=[4],
+        recon_loss=recon_loss,
+        beta=2.5,
+    )
     x = torch.rand(5, 1, 8, 8)
     torch.manual_seed(0)
     terms = model.loss_terms(x)
@@ -78,12 +84,24 @@ def test_reparameterize_samples_the_right_distribution() -> None:
 
 @pytest.mark.parametrize(
     ("preset", "channels", "size"),
-    [("cvae", 1, 32), ("cvae", 3, 64), ("vae_2conv", 1, 28), ("vae_2conv", 3, 64),
-     ("cvae_maxpool", 1, 32), ("cvae_maxpool", 3, 64), ("cvae_deep", 3, 32)],
-)  # fmt: skip
+    [
+        ("cvae", 1, 32),
+        ("cvae", 3, 64),
+        ("vae_2conv", 1, 28),
+        ("vae_2conv", 3, 64),
+        ("cvae_maxpool", 1, 32),
+        ("cvae_maxpool", 3, 64),
+        ("cvae_deep", 3, 32),
+    ],
+)
 def test_presets_map_images_to_images(tmp_path, preset: str, channels: int, size: int) -> None:
-    cfg = compose_config(tmp_path, f"model={preset}", f"data.channels={channels}",
-                        f"data.image_size={size}", "model.latent_dim=4")  # fmt: skip
+    cfg = compose_config(
+        tmp_path,
+        f"model={preset}",
+        f"data.channels={channels}",
+        f"data.image_size={size}",
+        "model.latent_dim=4",
+    )
     model = instantiate(cfg.model)
     x = torch.rand(2, channels, size, size)
     x_hat, posterior = model(x)
@@ -102,12 +120,27 @@ def test_vae_2conv_preset_is_the_design_notes_architecture(tmp_path) -> None:
     model = instantiate(cfg.model)
     convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
-        (32, (3, 3), (2, 2)), (64, (3, 3), (2, 2))]  # fmt: skip
-    assert _layers(model.encoder) == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear",
-                                      "Linear"]  # fmt: skip
+        (32, (3, 3), (2, 2)),
+        (64, (3, 3), (2, 2)),
+    ]
+    assert _layers(model.encoder) == [
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Flatten",
+        "Linear",
+        "Linear",
+    ]
     assert model.encoder.mu.in_features == 64 * 7 * 7
-    assert _layers(model.decoder) == ["Linear", "ReLU", "ConvTranspose2d", "ReLU",
-                                      "ConvTranspose2d", "Sigmoid"]  # fmt: skip
+    assert _layers(model.decoder) == [
+        "Linear",
+        "ReLU",
+        "ConvTranspose2d",
+        "ReLU",
+        "ConvTranspose2d",
+        "Sigmoid",
+    ]
     deconvs = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [d.out_channels for d in deconvs] == [32, 1]
 
@@ -148,7 +181,11 @@ def test_resize_upsampling_doubles_like_the_transposed_convolutions() -> None:
     assert "ConvTranspose2d" not in layers and layers.count("Upsample") == 2
     # transpose keeps the layers (so the checkpoint keys) of models from before the choice
     assert [type(m).__name__ for m in transpose.decoder.features] == [
-        "ConvTranspose2d", "ReLU", "ConvTranspose2d", "Sigmoid"]  # fmt: skip
+        "ConvTranspose2d",
+        "ReLU",
+        "ConvTranspose2d",
+        "Sigmoid",
+    ]
     assert transpose.hparams.upsample == "transpose"
     fast = FastDecoder(resize.decoder)  # evaluation's decoder computes the same function
     torch.testing.assert_close(fast(z), resize.decoder.logits(z), rtol=1e-4, atol=1e-4)

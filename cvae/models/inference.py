@@ -30,11 +30,16 @@ class DoublingTaps(nn.Module):
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
         self.register_buffer("bias", bias.clone())
         self.terms = {  # phase (a, b): the (tap row, tap column, e, f) that reach it
-            (a, b): [(a + p - 2 * e, b + p - 2 * f, e, f)
-                     for e in range(-k, k + 1) if 0 <= a + p - 2 * e < k
-                     for f in range(-k, k + 1) if 0 <= b + p - 2 * f < k]
-            for a in range(2) for b in range(2)
-        }  # fmt: skip
+            (a, b): [
+                (a + p - 2 * e, b + p - 2 * f, e, f)
+                for e in range(-k, k + 1)
+                if 0 <= a + p - 2 * e < k
+                for f in range(-k, k + 1)
+                if 0 <= b + p - 2 * f < k
+            ]
+            for a in range(2)
+            for b in range(2)
+        }
 
     @staticmethod
     def applies_to(module: nn.Module) -> bool:
@@ -45,14 +50,20 @@ class DoublingTaps(nn.Module):
         k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
         square = module.kernel_size[1] == k and module.stride[1] == s
         square = square and module.padding[1] == p and len(set(module.output_padding)) == 1
-        return (square and s == 2 and module.groups == 1 and module.dilation == (1, 1)
-                and module.output_padding[0] == 2 - k + 2 * p)  # fmt: skip
+        return (
+            square
+            and s == 2
+            and module.groups == 1
+            and module.dilation == (1, 1)
+            and module.output_padding[0] == 2 - k + 2 * p
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = h.shape
         rows = h.permute(0, 2, 3, 1).reshape(-1, channels)  # free for channels-last input
-        planes = torch.mm(self.tap_weight, rows.T).view(self.out_channels, self.k, self.k,
-                                                        batch, height, width)  # fmt: skip
+        planes = torch.mm(self.tap_weight, rows.T).view(
+            self.out_channels, self.k, self.k, batch, height, width
+        )
         out = h.new_zeros(self.out_channels, 2, 2, batch, height, width)
         for (a, b), terms in self.terms.items():
             phase = out[:, a, b]

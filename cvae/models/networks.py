@@ -13,14 +13,6 @@ DOWNSAMPLING = ("stride", "maxpool")
 UPSAMPLING = ("transpose", "resize")
 
 
-def unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Images as floats in [0, 1]: uint8 pixels are divided by 255, floats pass through.
-
-    Data stays uint8 until it is on the model's device: a quarter of the bytes to move.
-    """
-    return images.float().div_(255) if images.dtype == torch.uint8 else images
-
-
 def reparameterize(
     mu: torch.Tensor,
     log_var: torch.Tensor,
@@ -131,8 +123,10 @@ class ResizeConv(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"),
-                         nn.Conv2d(in_channels, out_channels, 3, padding=1))  # fmt: skip
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
 
     def transposed_weight(self) -> torch.Tensor:
         """The equivalent transposed convolution's kernel, `(C_in, C_out, 4, 4)`: the 3x3
