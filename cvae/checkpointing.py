@@ -76,6 +76,29 @@ def _save_failure(path: Path, reason: str) -> str:
     return f"cannot write checkpoint {path}: {reason}; {left}"
 
 
+class UnfinishedEpoch(Callback):
+    """A run stopped mid-epoch by `trainer.max_steps` (or `trainer.should_stop`): Lightning
+    counts that epoch as completed in the checkpoints saved after the stop (at the epoch's
+    and the training's end), so a resumed run would start the next epoch and never train on
+    the batches this one had left. Write the epoch as unfinished instead, as a checkpoint
+    saved mid-epoch is: the resumed run goes on with the same epoch's remaining batches, as
+    the uninterrupted run does. `training.build` adds it to every run."""
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        loop = trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.completed
+        epochs = loop.epoch_progress.current
+        if not 0 < done < trainer.num_training_batches or epochs.processed < epochs.started:
+            return  # a whole epoch, or one still running (Lightning resumes those exactly)
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        for counts in (progress["total"], progress["current"]):
+            counts["processed"] = counts["started"] - 1
+            counts["completed"] = min(counts["completed"], counts["processed"])
+        checkpoint["epoch"] = progress["current"]["completed"]
+
+
 def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
     """The checkpoint at `path` (loaded on the CPU, `weights_only`), or a one-line
     `CheckpointError` naming `key` and what is wrong with the file."""

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from cvae.checkpointing import UnfinishedEpoch
 from cvae.errors import Interrupted, in_multirun
 from cvae.files import atomic_write
 from cvae.loading import resolve_checkpoint, shown
@@ -98,6 +99,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     # Callbacks first: the sampler fitted when training ends is built here, so its bad
     # settings are one line before the data is read.
     callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks.append(UnfinishedEpoch())  # not a choice: without it max_steps resumes inexactly
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     # A conditional model's classes come from the data (and are saved in its checkpoint).

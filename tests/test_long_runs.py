@@ -50,6 +50,26 @@ def test_kill_9_mid_epoch_then_resume_continues_exactly(tmp_path: Path) -> None:
         assert torch.allclose(value.float(), resumed["state_dict"][name].float(), atol=1e-6), name
 
 
+def test_a_max_steps_stop_mid_epoch_then_resume_continues_exactly(tmp_path: Path) -> None:
+    """7 steps an epoch: a stop at step 10 is 3 steps into the second epoch, and resuming to
+    step 17 trains the rest of it and 3 steps of the third, as one run to step 17 does."""
+    run = [*LONG_RUN, "trainer.max_epochs=3"]
+    train(compose_train(tmp_path / "whole", *run, "trainer.max_steps=17"))
+    whole = _checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+
+    train(compose_train(tmp_path / "stopped", *run, "trainer.max_steps=10"))
+    stopped = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    saved = _checkpoint(stopped)
+    assert (saved["global_step"], saved["epoch"]) == (10, 1)  # the second epoch, unfinished
+    assert saved["ImageDataModule"]["train_order"]["epoch"] == 1
+
+    train(compose_train(tmp_path / "resumed", *run, "trainer.max_steps=17", f"ckpt_path={stopped}"))
+    resumed = _checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert (resumed["global_step"], resumed["epoch"]) == (whole["global_step"], whole["epoch"])
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][name]), name
+
+
 def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
     result = run_cli(
         *LONG_RUN,

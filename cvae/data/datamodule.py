@@ -460,13 +460,17 @@ class ImageDataModule(pl.LightningDataModule):
         sampler, trainer = self._samplers.get("train"), self.trainer
         if sampler is None or trainer is None:
             return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        loop = trainer.fit_loop
+        batches = loop.epoch_loop.batch_progress.current.processed
         if batches >= trainer.num_training_batches:  # the epoch is over: the next starts whole
             batches = 0
+        # The epoch these batches belong to, the last one started: after a stop at
+        # `trainer.max_steps` mid-epoch, Lightning's `current_epoch` is already the next one.
+        epoch = max(loop.epoch_progress.current.started - 1, 0)
         return {
             "train_order": {
                 "seed": sampler.seed,
-                "epoch": trainer.current_epoch,
+                "epoch": epoch,
                 "positions_done": batches * self.hparams.batch_size,
             }
         }
