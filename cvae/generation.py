@@ -205,7 +205,11 @@ def _sample(
     out: Path,
     sampler: LatentSampler,
 ) -> None:
-    label, temperature = plain(cfg.get("label")), float(cfg.temperature)
+    label, temperature = plain(cfg.get("label")), plain(cfg.temperature)
+    if isinstance(temperature, list):  # a hierarchy's, one per level
+        temperature = [float(t) for t in temperature]
+    else:
+        temperature = float(temperature)
     if model.conditional and label in (None, "all"):
         sample_every_class(model, int(cfg.nrow), temperature, generator, out, sampler)
         return

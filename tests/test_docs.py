@@ -142,7 +142,12 @@ def configs() -> list:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return [compose("train"), compose("eval", overrides=["ckpt_path=x"])]
+        # the keys of the model families beside the default's (`model.levels`, ...)
+        return [
+            compose("train"),
+            compose("train", overrides=["model=hvae"]),
+            compose("eval", overrides=["ckpt_path=x"]),
+        ]
 
 
 @pytest.fixture(scope="module")

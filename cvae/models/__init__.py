@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from cvae.models.cvae import CVAE
+from cvae.models.hvae import HVAE
 from cvae.models.likelihoods import build_likelihood
 from cvae.models.losses import kl_divergence
 from cvae.models.networks import Decoder, Encoder, reparameterize
 
-MODELS: dict[str, type[CVAE]] = {"CVAE": CVAE}
+MODELS: dict[str, type[CVAE]] = {"CVAE": CVAE, "HVAE": HVAE}
 
 
 def from_checkpoint(checkpoint: dict, map_location: torch.device | str | None = None) -> CVAE:
@@ -30,6 +31,7 @@ def from_checkpoint(checkpoint: dict, map_location: torch.device | str | None = 
 
 __all__ = [
     "CVAE",
+    "HVAE",
     "MODELS",
     "Decoder",
     "Encoder",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from cvae.models.inference import FastDecoder
-from cvae.models.latents import Posterior
+from cvae.models.latents import Gaussian, Posterior
 from cvae.models.losses import normal_log_density
 from cvae.models.networks import reparameterize
 from cvae.models.user_api import Labels, evaluating
@@ -45,11 +45,29 @@ class Bounds:
         `iw_samples` > 1 the loss is the negative importance-weighted bound instead, its
         log-ratio log p(z) / q(z | x) weighed by `beta` (`recon`: the samples' mean)."""
         x = unit_range(x)
-        mu, log_var = self.encode(x, labels).top
+        encoding = self._encoding(x, labels)
         beta = self.hparams.beta if beta is None else beta
         k = self.hparams.get("iw_samples", 1)
         if k > 1:
-            return self._iw_terms(x, labels, mu, log_var, beta, k)
+            return self._iw_terms(x, labels, encoding, beta, k)
+        return self._one_sample_terms(x, labels, encoding, beta, free_bits)
+
+    def _encoding(self, x: torch.Tensor, labels: torch.Tensor | None) -> Gaussian:
+        """What the bounds compute once per batch of images before drawing latents: here the
+        posterior (its one level). A model with more levels returns what its top-down path
+        needs."""
+        return self.encode(x, labels).top
+
+    def _one_sample_terms(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        encoding: Gaussian,
+        beta: float,
+        free_bits: float,
+    ) -> dict[str, torch.Tensor]:
+        """`loss_terms` of the ELBO, one posterior sample per image."""
+        mu, log_var = encoding
         z = reparameterize(mu, log_var)
         logits = self.decode_logits(z, labels)
         recon = -self.likelihood(logits, x).mean()
@@ -62,37 +80,45 @@ class Bounds:
         self,
         x: torch.Tensor,
         labels: torch.Tensor | None,
-        mu: torch.Tensor,
-        log_var: torch.Tensor,
+        encoding: Gaussian,
         beta: float,
         k: int,
     ) -> dict[str, torch.Tensor]:
         """`loss_terms` of the IWAE bound: `k` samples per image decoded in one call. `kl`:
-        the closed form, or for a mixture prior the mean over the `k` samples of
-        log q(z | x) - log p(z)."""
+        the closed form where there is one (`_closed_form_kl`), else the mean over the `k`
+        samples of log q(z | x) - log p(z)."""
         log_px, log_ratio = self._log_weight_terms(
-            x, self.class_indices(labels, len(x)), mu, log_var, k
+            x, self.class_indices(labels, len(x)), encoding, k
         )
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(k)
-        if self.prior.factorised:
-            kl = self.prior.kl(mu.float(), log_var.float())
-        else:
+        kl = self._closed_form_kl(encoding)
+        if kl is None:
             kl = -log_ratio.mean(0)
         return {"loss": -bound.mean(), "recon": -log_px.mean(), "kl": kl.mean()}
+
+    def _closed_form_kl(self, encoding: Gaussian) -> torch.Tensor | None:
+        """KL(q(z | x) || p(z)) per image in closed form, None where there is none (a
+        mixture prior)."""
+        if not self.prior.factorised:
+            return None
+        mu, log_var = encoding
+        return self.prior.kl(mu.float(), log_var.float())
 
     def _log_weight_terms(
         self,
         x: torch.Tensor,
         labels: torch.Tensor | None,
-        mu: torch.Tensor,
-        log_var: torch.Tensor,
+        encoding: Gaussian,
         n: int,
         generator: torch.Generator | None = None,
         logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two parts of the importance weights of `n` posterior samples per image, each
         `(n, B)`: log p(x | z) and log p(z) - log q(z | x). The IWAE training bound and the
-        likelihood estimate share them; the `n * B` latents are decoded in one call."""
+        likelihood estimate share them; the `n * B` latents are decoded in one call
+        (`logits_of(z, labels)`: the decoder's logits of latents, `decode_logits` by
+        default)."""
+        mu, log_var = encoding
         z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
         repeated = None if labels is None else labels.repeat(n)
         logits = (logits_of or self.decode_logits)(z.flatten(0, 1), repeated)
@@ -168,13 +194,13 @@ class Bounds:
         try:
             with torch.inference_mode(), self.prior.frozen():
                 x = unit_range(x.to(self.device))
-                mu, log_var = self.encode(x, labels).top
+                encoding = self._encoding(x, labels)
                 per_call = max(1, max_decodes // len(x))
                 total = torch.full((len(x),), -math.inf, device=self.device)
                 for start in range(0, k, per_call):
                     n = min(per_call, k - start)
                     log_px, log_ratio = self._log_weight_terms(
-                        x, labels, mu, log_var, n, generator, logits_of
+                        x, labels, encoding, n, generator, logits_of
                     )
                     total = torch.logaddexp(total, torch.logsumexp(log_px + log_ratio, dim=0))
                 return total - math.log(k)

@@ -155,7 +155,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
             in_channels,
             hidden_channels,
             image_size,
-            latent_dim + label_code,
+            self._decoder_latents(latent_dim) + label_code,
             kernel_size,
             batch_norm,
             residual_blocks,
@@ -251,16 +251,30 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         None otherwise (the one place that decides whether a batch's labels enter)."""
         return labels if self.conditional else None
 
-    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
-        """The posterior q(z | x) of images `x` (uint8, or floats in [0, 1]), of class
-        `labels` (a conditional model's class indices, `(B,)`): one latent level here."""
+    def _decoder_latents(self, latent_dim: int) -> int:
+        """How many latent values the decoder reads (every level's, side by side)."""
+        return latent_dim
+
+    @property
+    def latent_levels(self) -> int:
+        """How many latent levels the model has (one here)."""
+        return 1
+
+    def encoder_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """What the encoder reads of images `x` (uint8, or floats in [0, 1]) of class
+        `labels`: [0, 1] pixels, with a conditional model's class plane beside them."""
         x = unit_range(x)
         labels = self.class_indices(labels, len(x))
         if labels is not None:
             x = self.conditioning.encoder_input(x, labels)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return Posterior.one_level(*self.encoder(x))
+        return x
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
+        """The posterior q(z | x) of images `x` (uint8, or floats in [0, 1]), of class
+        `labels` (a conditional model's class indices, `(B,)`): one latent level here."""
+        return Posterior.one_level(*self.encoder(self.encoder_input(x, labels)))
 
     def _encode_top(self, x: torch.Tensor, labels: torch.Tensor | None) -> Gaussian:
         """The top level of `encode`: what a VampPrior's pseudo-inputs are pushed through."""

@@ -35,9 +35,13 @@ class Gaussian(NamedTuple):
 
 @dataclass(frozen=True)
 class Posterior:
-    """q(z | x) of a batch: one `Gaussian` per latent level, the top level first."""
+    """q(z | x) of a batch: one `Gaussian` per latent level, the top level first. A level
+    below the top depends on the levels above it: `priors` holds, for each level, the
+    conditional prior p(z_i | z_<i) it was computed beside (None for the top, whose prior is
+    the model's `prior`; empty for a one-level model)."""
 
     levels: tuple[Gaussian, ...]
+    priors: tuple[Gaussian | None, ...] = ()
 
     @classmethod
     def one_level(cls, mu: torch.Tensor, log_var: torch.Tensor) -> Posterior:
@@ -61,16 +65,23 @@ class Posterior:
         return len(self.top.mu)
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Posterior:
-        """Every level's tensors through `function`."""
-        return Posterior(tuple(level.map(function) for level in self.levels))
+        """Every level's tensors (and conditional priors') through `function`."""
+        return Posterior(
+            tuple(level.map(function) for level in self.levels),
+            tuple(None if prior is None else prior.map(function) for prior in self.priors),
+        )
 
     @classmethod
     def cat(cls, parts: Sequence[Posterior]) -> Posterior:
         """The posteriors of several batches as one, level by level."""
-        levels = zip(*(part.levels for part in parts), strict=True)
-        return cls(
-            tuple(
-                Gaussian(torch.cat([g.mu for g in level]), torch.cat([g.log_var for g in level]))
-                for level in levels
+
+        def joined(gaussians: Sequence[Gaussian | None]) -> Gaussian | None:
+            if gaussians[0] is None:
+                return None
+            return Gaussian(
+                torch.cat([g.mu for g in gaussians]), torch.cat([g.log_var for g in gaussians])
             )
-        )
+
+        levels = zip(*(part.levels for part in parts), strict=True)
+        priors = zip(*(part.priors for part in parts), strict=True)
+        return cls(tuple(joined(level) for level in levels), tuple(joined(p) for p in priors))

@@ -45,6 +45,20 @@ def evaluating(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def level_temperatures(temperature: float | Sequence[float], levels: int) -> list[float]:
+    """One sampling temperature per latent level, top first: a number for every level, or a
+    list of one per level (a one-line error naming the key otherwise)."""
+    if isinstance(temperature, (int, float)):
+        return [float(temperature)] * levels
+    values = [float(t) for t in temperature]
+    if len(values) != levels:
+        raise ValueError(
+            f"temperature={values} has {len(values)} value(s) for a model of "
+            f"{levels} latent level(s): give one number, or one per level"
+        )
+    return values
+
+
 class UserAPI:
     """Sampling (from the prior or a fitted ex-post sampler), per-class grids,
     reconstructions and interpolations: `CVAE`'s user API."""
@@ -52,21 +66,36 @@ class UserAPI:
     def sample(
         self,
         n: int,
-        temperature: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
         generator: torch.Generator | None = None,
         labels: Labels = None,
         sampler: LatentSource | None = None,
     ) -> torch.Tensor:
         """`n` new images decoded from latents of the prior (`sample_latents`), or of a
         `sampler` (`cvae.samplers`: `prior`, or a fitted `gmm`, `two_stage`); a conditional
-        model draws the class `labels` (one for all, or one per image; indices or names)."""
+        model draws the class `labels` (one for all, or one per image; indices or names).
+        `temperature` scales the spread of the top level's draws; a model with several
+        latent levels takes one per level too (a list, top first), the levels below drawn
+        from their conditional priors."""
+        temperatures = level_temperatures(temperature, self.latent_levels)
         labels = self.class_indices(labels, n)
         if sampler is None:
-            z = self.sample_latents(n, temperature, generator)
+            z = self.sample_latents(n, temperatures[0], generator)
         else:
-            z = sampler.latents(self, n, generator, labels, temperature).to(self.device)
+            z = sampler.latents(self, n, generator, labels, temperatures[0]).to(self.device)
         with evaluating(self):
-            return self.decode(z, labels)
+            return self.decode_drawn(z, labels, generator, temperatures[1:])
+
+    def decode_drawn(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        generator: torch.Generator | None,
+        temperatures: Sequence[float],
+    ) -> torch.Tensor:
+        """Images of new top-level latents `z`: here `decode`; a model with levels below
+        draws them from their conditional priors at `temperatures` first."""
+        return self.decode(z, labels)
 
     def sample_latents(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None

@@ -1,0 +1,368 @@
+"""`HVAE`: a hierarchical VAE, a top latent and levels below it on a top-down path.
+
+The top level is the one-level model's latent: q(z_0 | x) from the encoder's heads and p(z_0)
+the `prior` seam (`model/prior=standard|mog|vamp`). Each level below, top to bottom, has a
+conditional prior p(z_i | z_<i) and a posterior q(z_i | x, z_<i) that reads the encoder's
+features beside the latents above it (the Ladder VAE / NVAE / VDVAE scheme: one top-down
+path shared by inference and generation), and the decoder reads every level's latent
+(p(x | z_0, ..., z_L), the two-level model of Tomczak and Welling's VampPrior paper when
+L = 1). With no levels below the top it is the one-level `CVAE`, layer for layer.
+
+`levels` lists the sizes of the levels below the top, top-down (`model.levels`); each
+level's prior and posterior are small MLPs of width `level_width`. The latent structure
+that leaves the model is `latents.Posterior`: `encode` gives every level along the path of
+the upper levels' posterior means, with the conditional prior beside each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cvae.models.cvae import CVAE
+from cvae.models.latents import Gaussian, Posterior
+from cvae.models.losses import free_bits_kl, kl_divergence, kl_per_dimension, normal_log_density
+from cvae.models.networks import reparameterize
+from cvae.models.user_api import evaluating
+from cvae.pixels import unit_range
+
+Choose = Callable[[int, Gaussian | None, Gaussian], torch.Tensor]
+
+
+def check_levels(levels: object, level_width: object) -> list[int]:
+    """The level sizes as plain integers, or a one-line error naming the key."""
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise ValueError(f"model.levels must be a list of latent sizes, got {levels!r}")
+    for size in levels:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(
+                f"model.levels={list(levels)}: every level needs an integer number of "
+                f"latents >= 1, got {size!r}"
+            )
+    if not isinstance(level_width, int) or level_width < 1:
+        raise ValueError(f"model.level_width must be an integer >= 1, got {level_width!r}")
+    return [int(size) for size in levels]
+
+
+def _gaussian_head(inputs: int, width: int, outputs: int) -> nn.Sequential:
+    """Mean and log-variance of `outputs` latents from `inputs` values, through one hidden
+    layer."""
+    return nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, 2 * outputs))
+
+
+def _gaussian(head: nn.Module, inputs: torch.Tensor) -> Gaussian:
+    mu, log_var = head(inputs).chunk(2, dim=-1)
+    return Gaussian(mu, log_var)
+
+
+class TopDown(nn.Module):
+    """The levels below the top: for each, a conditional prior p(z_i | z_<i) from the
+    latents above it and a posterior q(z_i | x, z_<i) from those and the encoder's features
+    (through `bottom_up`, shared by the levels). Inference (`path` with features) and
+    generation (`path` without, `complete`) share it."""
+
+    def __init__(self, top: int, features: int, sizes: Sequence[int], width: int) -> None:
+        super().__init__()
+        self.sizes = list(sizes)
+        # none without levels: then the model is the one-level CVAE, state dict and all
+        self.bottom_up = (
+            nn.Sequential(nn.Linear(features, width), nn.ReLU()) if self.sizes else None
+        )
+        self.priors, self.posteriors = nn.ModuleList(), nn.ModuleList()
+        above = top
+        for size in self.sizes:
+            self.priors.append(_gaussian_head(above, width, size))
+            self.posteriors.append(_gaussian_head(width + above, width, size))
+            above += size
+
+    def path(
+        self, features: torch.Tensor | None, top: torch.Tensor, choose: Choose
+    ) -> tuple[torch.Tensor, list[Gaussian | None], list[Gaussian]]:
+        """Walk the levels: each one's conditional prior from the latents above it, its
+        posterior from those and the encoder's `features` (None when generating: no
+        posterior), and its latent, `choose(level, posterior, prior)` (level 1 is the first
+        below the top). Returns every level's latent side by side with `top` (what the
+        decoder reads), the posteriors and the priors. Leading dimensions of `top` (samples,
+        batch) carry through."""
+        bottom_up = None if features is None or not self.sizes else self.bottom_up(features)
+        above, posteriors, priors = top, [], []
+        for index, (prior_head, posterior_head) in enumerate(
+            zip(self.priors, self.posteriors, strict=True)
+        ):
+            prior = _gaussian(prior_head, above)
+            posterior = None
+            if bottom_up is not None:
+                reading = torch.cat([bottom_up.expand(*above.shape[:-1], -1), above], dim=-1)
+                posterior = _gaussian(posterior_head, reading)
+            above = torch.cat([above, choose(index + 1, posterior, prior)], dim=-1)
+            posteriors.append(posterior)
+            priors.append(prior)
+        return above, posteriors, priors
+
+    def complete(self, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Every level's latent below top-level latents `z`, side by side with it: level i
+        is its conditional prior's mean plus its standard deviation times `eps`'s columns
+        for that level (`eps`: `(B, sum(sizes))` standard normal noise, scaled by a
+        temperature; None: each level at its prior's mean)."""
+        if eps is None:
+            return self.path(None, z, lambda i, q, p: p.mu)[0]
+        ends = [0]
+        for size in self.sizes:
+            ends.append(ends[-1] + size)
+
+        def draw(index: int, posterior: Gaussian | None, prior: Gaussian) -> torch.Tensor:
+            noise = eps[..., ends[index - 1] : ends[index]]
+            return prior.mu + torch.exp(0.5 * prior.log_var) * noise
+
+        return self.path(None, z, draw)[0]
+
+
+class Sampling(nn.Module):
+    """Images of top-level latents `z` and the lower levels' noise `eps` (and a conditional
+    model's `labels`): `HVAE.decode_noise` as a module of its own, what export writes."""
+
+    def __init__(
+        self, top_down: TopDown, decoder: nn.Module, conditioning: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.top_down, self.decoder, self.conditioning = top_down, decoder, conditioning
+
+    def logits(
+        self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        latents = self.top_down.complete(z, eps)
+        if labels is not None:
+            latents = self.conditioning.decoder_input(latents, self.conditioning.code(labels))
+        return self.decoder.logits(latents)
+
+    def forward(
+        self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z, eps, labels))
+
+
+class HVAE(CVAE):
+    """A top latent of `latent_dim` and the levels `levels` below it (sizes, top-down).
+
+    Every other setting is `CVAE`'s. The training objective is the ELBO (or IWAE with
+    `iw_samples` > 1) over all levels: -log p(x | z) + beta * (KL of the top to `prior` +
+    sum of each lower level's KL to its conditional prior, in closed form given the latents
+    drawn above it); `free_bits` floors each dimension of every level. Logged beside `kl`:
+    `kl_level_<i>`, level 0 the top."""
+
+    def __init__(
+        self, *args: object, levels: Sequence[int] = (), level_width: int = 256, **kwargs: object
+    ) -> None:
+        self.level_sizes = check_levels(levels, level_width)  # read by `_decoder_latents`
+        super().__init__(*args, **kwargs)
+        self.top_down = TopDown(
+            self.hparams.latent_dim, self.encoder.mu.in_features, self.level_sizes, level_width
+        )
+
+    # --- the structure ---------------------------------------------------------------------
+    def _decoder_latents(self, latent_dim: int) -> int:
+        return latent_dim + sum(self.level_sizes)
+
+    @property
+    def latent_levels(self) -> int:
+        return 1 + len(self.level_sizes)
+
+    def _features(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's flat features of images `x`: what the top posterior's heads and
+        every level's posterior read."""
+        return self.encoder.features(self.encoder_input(x, labels))
+
+    def _top(self, features: torch.Tensor) -> Gaussian:
+        return Gaussian(self.encoder.mu(features), self.encoder.log_var(features))
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
+        """Every level's posterior of images `x`, along the path of the upper levels'
+        posterior means, with each lower level's conditional prior beside it."""
+        features = self._features(x, labels)
+        top = self._top(features)
+        _, posteriors, priors = self.top_down.path(features, top.mu, lambda i, q, p: q.mu)
+        return Posterior((top, *posteriors), (None, *priors))
+
+    def _encode_top(self, x: torch.Tensor, labels: torch.Tensor | None) -> Gaussian:
+        return self._top(self._features(x, labels))
+
+    def _encoding(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+        features = self._features(x, labels)
+        return features, self._top(features)
+
+    def kl_per_dimension(self, posterior: Posterior) -> tuple[torch.Tensor, ...]:
+        top = self.prior.kl_per_dimension(posterior.mu, posterior.log_var)
+        lower = (
+            kl_per_dimension(q.mu, q.log_var, p.mu, p.log_var)
+            for q, p in zip(posterior.levels[1:], posterior.priors[1:], strict=True)
+        )
+        return (top, *lower)
+
+    # --- decoding --------------------------------------------------------------------------
+    def level_noise(
+        self, n: int, generator: torch.Generator | None, temperatures: Sequence[float]
+    ) -> torch.Tensor:
+        """`(n, sum(levels))` standard normal noise for the levels below the top, each
+        level's columns scaled by its temperature, drawn with a CPU `generator`."""
+        scale = torch.cat(
+            [
+                torch.full((size,), float(t))
+                for size, t in zip(self.level_sizes, temperatures, strict=True)
+            ]
+        )
+        return (torch.randn(n, sum(self.level_sizes), generator=generator) * scale).to(self.device)
+
+    def decode_noise(
+        self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Images of top-level latents `z` and the lower levels' noise `eps`
+        (`TopDown.complete`): the sampling graph `cvae.export` writes (`Sampling`)."""
+        labels = self.class_indices(labels, len(z))
+        return Sampling(self.top_down, self.decoder, self.conditioning)(z, eps, labels)
+
+    def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's logits of top-level latents `z`, the levels below at their
+        conditional priors' means."""
+        return self._logits_of_all(self.top_down.complete(z), labels)
+
+    def _logits_of_all(self, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's logits of every level's latents side by side."""
+        return self.decoder.logits(
+            self._decoder_input(latents, self.class_indices(labels, len(latents)))
+        )
+
+    def decode_drawn(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        generator: torch.Generator | None,
+        temperatures: Sequence[float],
+    ) -> torch.Tensor:
+        if not self.level_sizes:  # the one-level model's draws
+            return super().decode_drawn(z, labels, generator, temperatures)
+        return self.decode_noise(z, self.level_noise(len(z), generator, temperatures), labels)
+
+    def exportable(self) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], list, list]]:
+        """`encoder` as the one-level model's (images -> the top level's `mu`, `log_var`) and
+        `decoder` as the sampling graph: top-level latents `z` and the lower levels' noise
+        `eps` (`decode_noise`; zeros: each level at its prior's mean) -> images."""
+        parts = super().exportable()
+        z = torch.randn(2, self.hparams.latent_dim, device=self.device)
+        eps = torch.randn(2, sum(self.level_sizes), device=self.device)
+        sampling = Sampling(self.top_down, self.decoder, self.conditioning).eval()
+        if self.conditional:
+            labels = parts["decoder"][1][1]
+            parts["decoder"] = (sampling, (z, eps, labels), ["z", "eps", "labels"], ["images"])
+        else:
+            parts["decoder"] = (sampling, (z, eps), ["z", "eps"], ["images"])
+        return parts
+
+    def reconstruct(self, x: torch.Tensor, labels: object = None) -> torch.Tensor:
+        """Images decoded from every level's posterior mean along the path of means."""
+        labels = self.class_indices(labels, len(x))
+        with evaluating(self):
+            features = self._features(x.to(self.device), labels)
+            latents, _, _ = self.top_down.path(
+                features, self._top(features).mu, lambda i, q, p: q.mu
+            )
+            return torch.sigmoid(self._logits_of_all(latents, labels))
+
+    # --- bounds ----------------------------------------------------------------------------
+    def _one_sample_terms(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        encoding: tuple,
+        beta: float,
+        free_bits: float,
+    ) -> dict[str, torch.Tensor]:
+        features, top = encoding
+        z = reparameterize(top.mu, top.log_var)
+        latents, posteriors, priors = self.top_down.path(
+            features, z, lambda i, q, p: reparameterize(q.mu, q.log_var)
+        )
+        recon = -self.likelihood(self._logits_of_all(latents, labels), x).mean()
+        mu, log_var = top.mu.float(), top.log_var.float()
+        kls = [self.prior.kl(mu, log_var, z).mean()]
+        floored = [self.prior.free_bits_kl(mu, log_var, free_bits) if free_bits > 0 else kls[0]]
+        for q, p in zip(posteriors, priors, strict=True):
+            q, p = q.map(torch.Tensor.float), p.map(torch.Tensor.float)
+            kls.append(kl_divergence(q.mu, q.log_var, p.mu, p.log_var).mean())
+            floored.append(
+                free_bits_kl(q.mu, q.log_var, free_bits, p.mu, p.log_var)
+                if free_bits > 0
+                else kls[-1]
+            )
+        kl = torch.stack(kls).sum()
+        terms = {"loss": recon + beta * torch.stack(floored).sum(), "recon": recon, "kl": kl}
+        return terms | {f"kl_level_{i}": value for i, value in enumerate(kls)}
+
+    def _closed_form_kl(self, encoding: tuple) -> None:
+        return None  # the lower levels' KL depends on the latents drawn above them
+
+    def _log_weight_terms(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        encoding: tuple,
+        n: int,
+        generator: torch.Generator | None = None,
+        logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x | z) and sum over levels of log p(z_i | z_<i) - log q(z_i | x, z_<i), for
+        `n` samples of every level per image, `(n, B)` each."""
+        features, top = encoding
+        z = reparameterize(top.mu, top.log_var, generator, samples=n)  # (n, B, latent)
+        log_ratio = self.prior.log_prob(z.float()) - normal_log_density(
+            z.float(), top.mu.float(), top.log_var.float()
+        )
+
+        def draw(index: int, posterior: Gaussian, prior: Gaussian) -> torch.Tensor:
+            nonlocal log_ratio
+            eps = torch.randn(posterior.mu.shape, generator=generator).to(posterior.mu)
+            sample = posterior.mu + torch.exp(0.5 * posterior.log_var) * eps
+            q, p, s = (
+                posterior.map(torch.Tensor.float),
+                prior.map(torch.Tensor.float),
+                sample.float(),
+            )
+            log_ratio = (
+                log_ratio
+                + normal_log_density(s, p.mu, p.log_var)
+                - normal_log_density(s, q.mu, q.log_var)
+            )
+            return sample
+
+        latents, _, _ = self.top_down.path(features, z, draw)
+        repeated = None if labels is None else labels.repeat(n)
+        if logits_of is None:
+            logits = self.decoder.logits(self._decoder_input(latents.flatten(0, 1), repeated))
+        else:
+            logits = logits_of(latents.flatten(0, 1), repeated)
+        log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)
+        return log_px, log_ratio
+
+    def elbo_terms(
+        self,
+        x: torch.Tensor,
+        labels: object = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Posterior]:
+        """`(log p(x | z), KL summed over levels, posterior)` of each image, one sample of
+        every level; the posterior is the one along the sampled path."""
+        labels = self.class_indices(labels, len(x))
+        x = unit_range(x.to(self.device))
+        features, top = self._encoding(x, labels)
+        z = reparameterize(top.mu, top.log_var, generator)
+
+        def draw(index: int, posterior: Gaussian, prior: Gaussian) -> torch.Tensor:
+            return reparameterize(posterior.mu, posterior.log_var, generator)
+
+        latents, posteriors, priors = self.top_down.path(features, z, draw)
+        log_px = self.likelihood(self._logits_of_all(latents, labels), x)
+        kl = self.prior.kl(top.mu, top.log_var, z)
+        for q, p in zip(posteriors, priors, strict=True):
+            kl = kl + kl_divergence(q.mu, q.log_var, p.mu, p.log_var)
+        return log_px, kl, Posterior((top, *posteriors), (None, *priors))

@@ -1,0 +1,192 @@
+"""The hierarchical VAE: with no level below the top it is the one-level model; its bounds
+over all levels are right (KL against Monte Carlo, the likelihood against a brute-force
+integral); bad level settings are one line; its sampling graph exports."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cvae.exporting import export
+from cvae.models import CVAE, HVAE, from_checkpoint
+from cvae.models.losses import normal_log_density
+from cvae.samplers import GaussianMixtureSampler
+from tests.helpers import compose_config
+
+TINY = {"in_channels": 1, "image_size": 8, "latent_dim": 3, "hidden_channels": [4, 8]}
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_a_hierarchy_of_one_level_is_the_one_level_model() -> None:
+    """The same weights give the same ELBO, importance-weighted bound and samples."""
+    torch.manual_seed(0)
+    one = CVAE(**TINY).eval()
+    hierarchy = HVAE(**TINY, levels=[]).eval()
+    hierarchy.load_state_dict(one.state_dict())
+    x = torch.rand(4, 1, 8, 8)
+    for call in (
+        lambda m: m.elbo(x, generator=_generator(1)),
+        lambda m: m.log_likelihood(x, k=16, generator=_generator(2)),
+        lambda m: m.sample(5, generator=_generator(3)),
+        lambda m: m.reconstruct(x),
+    ):
+        assert torch.equal(call(hierarchy), call(one))
+    assert hierarchy.latent_levels == 1 and hierarchy.encode(x).priors == (None,)
+
+
+def _two_levels(**settings: object) -> HVAE:
+    torch.manual_seed(0)
+    return HVAE(**{**TINY, **settings}, levels=[2], level_width=8).eval()
+
+
+def test_the_kl_over_levels_matches_a_monte_carlo_estimate() -> None:
+    """E_q[log q(z_0, z_1 | x) - log p(z_0, z_1)], by many samples of the log-ratio, against
+    the ELBO's KL (closed form per level given the upper latents), averaged over as many."""
+    model = _two_levels()
+    with torch.no_grad():  # a lower posterior far from its prior: a KL worth measuring
+        model.top_down.posteriors[0][-1].bias[:2] += 1.5
+    x = torch.rand(1, 1, 8, 8).expand(20_000, -1, -1, -1)
+    with torch.no_grad():
+        _, kl, posterior = model.elbo_terms(x, generator=_generator(0))
+        encoding = model._encoding(x[:1], None)
+        _, log_ratio = model._log_weight_terms(x[:1], None, encoding, 20_000, _generator(1))
+    monte_carlo = -log_ratio.mean()
+    assert float(kl.mean()) == pytest.approx(float(monte_carlo), abs=0.03)
+    assert len(posterior.levels) == 2 and posterior.levels[1].mu.shape == (20_000, 2)
+
+
+def test_the_importance_weighted_likelihood_matches_brute_force_integration() -> None:
+    """log p(x) = log of the integral of p(x | z_0, z_1) p(z_1 | z_0) p(z_0) over a fine grid
+    of a model with one latent on each of two levels, against the estimate with K samples."""
+    torch.manual_seed(0)
+    model = HVAE(
+        in_channels=1,
+        image_size=4,
+        latent_dim=1,
+        hidden_channels=[4],
+        levels=[1],
+        level_width=8,
+        recon_loss="bce",
+    ).eval()
+    with torch.no_grad():
+        model.encoder.log_var.bias += 1.0  # a proposal wider than the posterior
+        model.top_down.posteriors[0][-1].bias[1:] += 1.0
+        model.decoder.project[0].weight *= 3
+    x = (torch.rand(3, 1, 4, 4) > 0.5).float()
+    step = 0.04
+    axis = torch.arange(-8, 8 + step / 2, step)
+    grid = torch.cartesian_prod(axis, axis)  # (z_0, z_1)
+    with torch.no_grad():
+        prior = model.top_down.path(None, grid[:, :1], lambda i, q, p: grid[:, 1:])[2][0]
+        log_prior = normal_log_density(grid[:, :1]) + normal_log_density(
+            grid[:, 1:], prior.mu, prior.log_var
+        )
+        logits = model.decoder.logits(grid)
+        log_px = torch.stack([model.likelihood(logits, image) for image in x], dim=1)
+        brute = torch.logsumexp(log_px + log_prior[:, None], dim=0) + 2 * math.log(step)
+    estimate = model.log_likelihood(x, k=20_000, generator=_generator(0))
+    torch.testing.assert_close(estimate, brute, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"levels": [4, 0]},
+            "model.levels=[4, 0]: every level needs an integer number of latents >= 1, got 0",
+        ),
+        ({"levels": "16"}, "model.levels must be a list of latent sizes, got '16'"),
+        ({"levels": [4], "level_width": 0}, "model.level_width must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_level_settings_are_one_line_naming_the_key(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        HVAE(**TINY, **settings)
+    assert str(error.value) == message
+
+
+def test_a_temperature_per_level() -> None:
+    """One number for every level, or one per level, top first; the levels below the top
+    are drawn from their conditional priors (temperature 0: at the prior's mean)."""
+    model = _two_levels()
+    at_means = model.sample(4, temperature=[1.0, 0.0], generator=_generator(0))
+    z = model.sample_latents(4, 1.0, _generator(0))
+    torch.testing.assert_close(at_means, model.decode(z))
+    assert not torch.allclose(model.sample(4, 1.0, _generator(0)), at_means)
+    with pytest.raises(ValueError) as error:
+        model.sample(4, temperature=[1.0, 0.5, 0.5])
+    assert str(error.value) == (
+        "temperature=[1.0, 0.5, 0.5] has 3 value(s) for a model of 2 latent level(s): give "
+        "one number, or one per level"
+    )
+
+
+def test_the_posterior_and_its_statistics_have_every_level() -> None:
+    model = _two_levels()
+    posterior = model.encode(torch.rand(6, 1, 8, 8))
+    assert [level.mu.shape for level in posterior.levels] == [(6, 3), (6, 2)]
+    kl = model.kl_per_dimension(posterior)
+    assert [part.shape for part in kl] == [(6, 3), (6, 2)]
+    assert bool((kl[1] >= 0).all())
+
+
+LOAD_WITHOUT_CVAE = """
+import sys, numpy as np, torch
+folder = sys.argv[1]
+decoder = torch.jit.load(f"{folder}/ts/decoder.pt")
+z, eps = np.load(f"{folder}/z.npy"), np.load(f"{folder}/eps.npy")
+images = decoder(torch.from_numpy(z), torch.from_numpy(eps))
+np.save(f"{folder}/images.npy", images.detach().numpy())
+"""
+
+
+def test_the_exported_sampling_graph_gives_the_models_images(tmp_path: Path) -> None:
+    model = _two_levels()
+    export(model, tmp_path / "ts", "torchscript")
+    z, eps = torch.randn(5, 3), torch.randn(5, 2)
+    np.save(tmp_path / "z.npy", z.numpy())
+    np.save(tmp_path / "eps.npy", eps.numpy())
+    subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_CVAE, str(tmp_path)],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    with torch.no_grad():
+        expected = model.decode_noise(z, eps)
+    actual = torch.from_numpy(np.load(tmp_path / "images.npy"))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # zero noise: each lower level at its conditional prior's mean
+        torch.testing.assert_close(model.decode_noise(z, torch.zeros(5, 2)), model.decode(z))
+
+
+def test_hvae_presets_compose_and_a_checkpoint_round_trip_keeps_the_class(tmp_path) -> None:
+    """`model=hvae` and `model=convhvae` build hierarchies; a checkpoint names its class,
+    so every command loads it as one; a sampler fitted to its top level saves and loads."""
+    for preset, levels, size in (("hvae", [64], 32), ("convhvae", [40], 28)):
+        cfg = compose_config(tmp_path, f"model={preset}", f"data.image_size={size}")
+        model = instantiate(cfg.model)
+        assert isinstance(model, HVAE) and model.hparams.levels == levels
+    model = _two_levels()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    loaded = from_checkpoint(checkpoint)
+    assert type(loaded) is HVAE and loaded.level_sizes == [2]
+    path = tmp_path / "last.ckpt"
+    torch.save(checkpoint, path)
+    posterior = loaded.encode(torch.rand(50, 1, 8, 8))
+    sampler = GaussianMixtureSampler(components=2, dims=None).fit(posterior.mu, posterior.log_var)
+    sampler.save(path)
+    again = GaussianMixtureSampler().loaded_for(path)
+    first = loaded.sample(4, generator=_generator(0), sampler=sampler)
+    assert torch.equal(loaded.sample(4, generator=_generator(0), sampler=again), first)
