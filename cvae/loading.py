@@ -15,10 +15,12 @@ from omegaconf import DictConfig
 
 from cvae.checkpointing import read_checkpoint
 from cvae.data import ImageDataModule
+from cvae.errors import CheckpointError
 from cvae.models import CVAE, from_checkpoint
 from cvae.samplers import LatentSampler
 
 log = logging.getLogger(__name__)
+SHOWN_TENSORS = 3  # how many non-finite tensors an error names
 
 
 def device(name: str) -> torch.device:
@@ -44,17 +46,40 @@ def newest_last_checkpoint(log_dir: str | Path, task: str = "*") -> str:
     return str(found[-1])
 
 
-def resolve_checkpoint(cfg: DictConfig, task: str = "*") -> dict | None:
+def resolve_checkpoint(cfg: DictConfig, task: str = "*", resuming: bool = False) -> dict | None:
     """The checkpoint `cfg.ckpt_path` names (`last` replaced by the file it means, and said),
-    read and checked to be a cvae checkpoint: a damaged or foreign file is a one-line error
-    before anything starts."""
+    read and checked to be a cvae checkpoint with finite weights: a damaged or foreign file,
+    or one whose weights hold NaN, is a one-line error before anything starts."""
     path = cfg.get("ckpt_path")
     if not path:
         return None
     if path == "last":
         path = cfg.ckpt_path = newest_last_checkpoint(cfg.paths.log_dir, task)
         log.info("ckpt_path=last: %s", path)
-    return read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    use = "resume from" if resuming else "use"
+    check_finite_weights(checkpoint, path, f"{use} an earlier checkpoint of that run")
+    return checkpoint
+
+
+def check_finite_weights(checkpoint: dict, path: str | os.PathLike, advice: str) -> None:
+    """A one-line error naming the checkpoint's weight tensors that hold NaN or infinite
+    values, ending with `advice`: otherwise such a model evaluates to NaN, samples black
+    images and exports, all without a word."""
+    weights = checkpoint["state_dict"]
+    bad = [
+        name
+        for name, tensor in weights.items()
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if not bad:
+        return
+    named = ", ".join(bad[:SHOWN_TENSORS])
+    more = f" and {len(bad) - SHOWN_TENSORS} more" if len(bad) > SHOWN_TENSORS else ""
+    raise CheckpointError(
+        f"ckpt_path={path} holds weights that are not finite (NaN or infinite values in "
+        f"{len(bad)} of its {len(weights)} tensors: {named}{more}): {advice}"
+    )
 
 
 def load_model(cfg: DictConfig) -> CVAE:

@@ -86,7 +86,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     """Data module, model and trainer, failing on bad input before any training: the
     checkpoint to resume from is read, the data found (and decoded into its cache)."""
     own = _own_last_checkpoint(cfg)
-    checkpoint = resolve_checkpoint(cfg, cfg.task_name)
+    checkpoint = resolve_checkpoint(cfg, cfg.task_name, resuming=True)
     if own is not None:
         log.info(
             "ckpt_path=null, but this run's folder already holds %s (epoch %d, step %d) "
