@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvae.data import ImageDataModule
 from cvae.errors import Interrupted, stopped_by
-from cvae.files import atomic_write, sha256
+from cvae.files import atomic_write, sha256, why_unreadable
 from cvae.loading import fitted_sampler, load_checkpoint, load_model
 from cvae.metrics import PER_IMAGE, combine, image_metrics
 from cvae.models import CVAE
@@ -314,6 +314,22 @@ class ChunkStore:
             return self.memory[index]
         return torch.load(self.path(index), weights_only=True)
 
+    def intact(self, index: int) -> dict | None:
+        """Finished chunk `index`, or None when its file cannot be read as one (truncated,
+        emptied, replaced): that file is removed and said in one log line, so the chunk is
+        evaluated again rather than the whole evaluation failing on it."""
+        try:
+            chunk = self.load(index)
+        except Exception as error:
+            reason = why_unreadable(self.path(index), error)
+        else:
+            if isinstance(chunk, dict) and {"images", "values"} <= chunk.keys():
+                return chunk
+            reason = "not an evaluation chunk"
+        log.warning("%s is damaged (%s): evaluating that chunk again", self.path(index), reason)
+        self.path(index).unlink(missing_ok=True)
+        return None
+
 
 def evaluate_model(
     model: CVAE,
@@ -351,7 +367,7 @@ def evaluate_model(
     if max_decodes is not None and max_decodes < 1:
         raise ValueError(f"eval.max_decodes must be null or >= 1, got {max_decodes}")
     store = ChunkStore(folder)
-    finished = store.done()
+    finished = {i for i in store.done() if store.intact(i) is not None}  # damaged: again
     model.eval()
     total = count_images(batches, max_images)
     already = 0

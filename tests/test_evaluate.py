@@ -329,6 +329,35 @@ def test_sigterm_keeps_the_finished_chunks_and_says_so_in_one_line(
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_chunk"])
+def test_a_damaged_chunk_is_evaluated_again_and_named_in_one_log_line(
+    damage: str, trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import cvae.evaluation
+
+    first = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
+    (folder,) = tmp_path.iterdir()
+    chunk = folder / "chunks" / "00001.pt"
+    data = chunk.read_bytes()
+    if damage == "not_a_chunk":
+        torch.save({"weights": torch.zeros(2)}, chunk)
+    else:
+        chunk.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with caplog.at_level("WARNING", logger=cvae.evaluation.__name__):
+        again = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
+    reason = {
+        "truncated": r"the file is damaged or truncated: .+",
+        "empty": r"the file is empty",
+        "not_a_chunk": r"not an evaluation chunk",
+    }[damage]
+    said = [r.getMessage() for r in caplog.records if r.name == cvae.evaluation.__name__]
+    assert len(said) == 1 and re.fullmatch(
+        rf"{re.escape(str(chunk))} is damaged \({reason}\): evaluating that chunk again",
+        said[0],
+    ), said
+    assert again == first and chunk.read_bytes() == data  # the same chunk, written again
+
+
 def test_each_evaluation_gets_a_folder_of_its_own(trained_run: Path, tmp_path: Path) -> None:
     first = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
     again = _run_evaluation(trained_run, tmp_path, "eval.iw_samples=2", "eval.split=val")
