@@ -3,9 +3,9 @@
 Each training run leaves `result.json` in its folder; a job that raised leaves `failure.json`
 (written by the `SweepSummary` Hydra callback). `write_sweep_summary(sweep_dir)` turns them
 into `summary.csv`, `summary.md` and `rate_distortion.png` at the sweep root. The callback
-checks the objective before the first job and refreshes the summary after every job, so an
-interrupted sweep has a summary of what finished, and `python -m cvae.summarize DIR` rebuilds
-one at any time.
+checks the objective before the first job, refreshes the summary after every job, so an
+interrupted sweep has a summary of what finished, and ends the sweep with one line;
+`python -m cvae.summarize DIR` rebuilds the summary at any time.
 
 Rows are sorted by the sweep objective (`objective.metric`, the same meaning in every job),
 not by `val/loss`, whose beta differs from job to job. Rate is the KL (nats per image),
@@ -59,11 +59,18 @@ FINAL = {
 }
 RESULT, FAILURE, PICTURE = "result.json", "failure.json", "rate_distortion.png"
 DEFAULT_OBJECTIVE = {"metric": ["val/neg_elbo"], "direction": ["minimize"]}
+# How a job stands; "incomplete": started, no record of an end (running, or killed).
+STATUSES = ("completed", "failed", "incomplete")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
-    return sorted(jobs, key=lambda p: (len(p.name), p.name))  # 0, 1, ..., 10
+    return sorted(jobs, key=_job_order)
+
+
+def _job_order(job: Path | str) -> tuple[int, str]:
+    name = Path(job).name
+    return (len(name), name)  # 0, 1, ..., 10
 
 
 def _overrides(job: Path) -> list[str]:
@@ -192,9 +199,50 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     return len(points)
 
 
+def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """The one line a sweep ends with: what finished, what failed (the first failure's
+    error)."""
+    names = {s: [r["job"] for r in rows if r["status"] == s] for s in STATUSES}
+    names = {s: sorted(jobs, key=_job_order) for s, jobs in names.items()}
+    counts = [f"{len(names['completed'])} completed"]
+    for status in STATUSES[1:]:
+        jobs = names[status]
+        if not jobs:
+            continue
+        if status == "failed":
+            first = next(r for r in rows if r["job"] == jobs[0])
+            more = f"; also job{'s' * (len(jobs) > 2)} {', '.join(jobs[1:])}" if jobs[1:] else ""
+            counts.append(f"{len(jobs)} failed (job {jobs[0]}: {first.get('error')}{more})")
+        else:
+            shown = ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "")
+            counts.append(f"{len(jobs)} {status} (job{'s' * (len(jobs) > 1)} {shown})")
+    return f"sweep finished: {', '.join(counts)}; see {sweep_dir / 'summary.md'}"
+
+
+def _sweeper_stops_at_failures(config: DictConfig) -> bool:
+    """Hydra's basic sweeper re-raises a failed job's error once its batch has run: a
+    traceback instead of the sweep's last line, and no `on_multirun_end`."""
+    return str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
+def _study_ends_without_result(config: DictConfig, rows: list[dict[str, Any]]) -> bool:
+    """Whether this job is the last trial of an in-memory, single-objective Optuna study run
+    here that no trial completed: the sweeper would then end in a traceback asking for the
+    best trial, before `on_multirun_end`."""
+    sweeper, launcher = config.hydra.sweeper, config.hydra.launcher
+    if "optuna" not in str(sweeper.get("_target_", "")) or sweeper.get("storage") is not None:
+        return False
+    directions = sweeper.get("direction")
+    single = isinstance(directions, str) or len(directions) == 1
+    last = int(config.hydra.job.num) == int(sweeper.n_trials) - 1
+    here = str(launcher.get("_target_", "")).endswith("BasicLauncher")  # this process
+    return single and last and here and all(row["status"] != "completed" for row in rows)
+
+
 class SweepSummary(Callback):
     """Hydra callback: checks the sweep objective before the first job, records a failed
-    job's error, then refreshes the sweep's summary."""
+    job's error and refreshes the sweep's summary, and ends the sweep with one line (exit
+    status 1 when a job failed)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("objective") is None:  # not a training sweep
@@ -214,7 +262,18 @@ class SweepSummary(Callback):
             cause = user_error(error) or error  # what went wrong, not Hydra's wrapper
             message = f"{type(cause).__name__}: {error_line(cause)}"
             (job_dir / FAILURE).write_text(json.dumps({"error": message}))
-        write_sweep_summary(config.hydra.sweep.dir)
+            if _sweeper_stops_at_failures(config):  # recorded: the other jobs go on
+                job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_sweep_summary(sweep_dir)
+        if _study_ends_without_result(config, rows):
+            print(sweep_line(sweep_dir, rows), file=sys.stderr)
+            sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_summary(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_sweep_summary(sweep_dir)
+        failed = any(row["status"] == "failed" for row in rows)
+        print(sweep_line(sweep_dir, rows), file=sys.stderr if failed else sys.stdout)
+        if failed:
+            sys.exit(1)

@@ -129,17 +129,92 @@ def test_the_picture_has_a_point_per_completed_job(tmp_path: Path) -> None:
     assert not (tmp_path / "none.png").exists()
 
 
+BAD_BETA = "ValueError: model.beta must be a finite number >= 0, got -1"
+
+
+BAD_BETA = "ValueError: model.beta must be a finite number >= 0, got -1"
+
+
+def test_labels_of_nearby_jobs_do_not_overlap() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from cvae.summary import place_labels
+
+    # three clusters of jobs a hair apart, as a short sweep gives them, one near an edge
+    points = [(3.1, 40.2), (3.3, 40.0), (3.2, 40.5), (3.15, 40.3), (9.0, 30.0), (9.3, 30.1)]
+    points += [(15.0, 25.0), (15.2, 25.05)]
+    labels = [f"job {i}: beta 0.25, latent 128" for i in range(len(points))]
+    figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    axes.scatter([x for x, _ in points], [y for _, y in points])
+    axes.margins(x=0.3, y=0.1)
+    figure.tight_layout()
+    boxes = place_labels(figure, axes, points, labels)
+    frame = axes.get_window_extent(figure.canvas.get_renderer())
+    plt.close(figure)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a[0] and a[2] <= frame.x1 and frame.y0 <= a[1] and a[3] <= frame.y1
+        for b in boxes[i + 1 :]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
 def test_a_failing_job_is_recorded_and_the_others_run(tmp_path: Path) -> None:
     result = run_cli(
         "model.beta=1,-1,2", "test=false", f"hydra.sweep.dir={tmp_path}", multirun=True, check=False
     )
-    assert result.returncode != 0  # the sweep reports that a job failed
+    assert result.returncode == 1  # the sweep reports that a job failed, in one line
     assert "error: model.beta must be a finite number >= 0, got -1" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sweep finished: 2 completed, 1 failed (job 1: {BAD_BETA}); see {tmp_path}/summary.md"
+    )
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     rows = {r["job"]: r for r in _read(tmp_path)}
     assert [rows[j]["status"] for j in ("0", "1", "2")] == ["completed", "failed", "completed"]
     assert "ValueError: model.beta must be a finite number >= 0" in rows["1"]["error"]
     assert list(rows) == ["0", "2", "1"] or list(rows) == ["2", "0", "1"]  # failed last
     assert (tmp_path / "rate_distortion.png").is_file()  # what completed is drawn
+
+
+@pytest.mark.parametrize("search", ["optuna", "optuna_rate_distortion"])
+def test_an_optuna_study_records_a_failed_trial_and_goes_on(tmp_path: Path, search: str) -> None:
+    # the seeded sampler's first trial draws beta -1 (refused by the model), the others 1
+    result = run_cli(
+        f"hparams_search={search}",
+        "hydra.sweeper.n_trials=3",
+        "model.beta=choice(1,-1)",
+        "test=false",
+        "sampler=prior",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
+    rows = {r["job"]: r for r in _read(tmp_path)}
+    assert sorted(rows) == ["0", "1", "2"]  # every trial ran
+    failed = sorted(job for job, row in rows.items() if row["status"] == "failed")
+    assert failed and len(failed) < 3 and all(rows[j]["error"] == BAD_BETA for j in failed)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sweep finished: {3 - len(failed)} completed, {len(failed)} failed (job {failed[0]}: "
+        f"{BAD_BETA}{'; also job ' + failed[1] if failed[1:] else ''}); "
+        f"see {tmp_path}/summary.md"
+    )
+    assert (tmp_path / "optimization_results.yaml").is_file()  # the study's result, as always
+
+
+def test_an_optuna_study_where_every_trial_fails_ends_in_one_line(tmp_path: Path) -> None:
+    result = run_cli(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "model.beta=choice(-1)",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sweep finished: 0 completed, 2 failed (job 0: {BAD_BETA}; also job 1); "
+        f"see {tmp_path}/summary.md"
+    )
 
 
 def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
