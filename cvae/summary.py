@@ -1,11 +1,14 @@
 """One table and one picture per sweep: every job's objective, rate and distortion, best first.
 
 Each training run leaves `result.json` in its folder; a job that raised leaves `failure.json`
-(written by the `SweepSummary` Hydra callback). `write_sweep_summary(sweep_dir)` turns them
-into `summary.csv`, `summary.md` and `rate_distortion.png` at the sweep root. The callback
-checks the objective before the first job, refreshes the summary after every job, so an
-interrupted sweep has a summary of what finished, and ends the sweep with one line;
-`python -m cvae.summarize DIR` rebuilds the summary at any time.
+(written by the `SweepSummary` Hydra callback), and every job that ended leaves `job.json`
+(its overrides and how it ended: what lets the same sweep command continue a stopped sweep).
+`write_sweep_summary(sweep_dir)` turns them into `summary.csv`, `summary.md` and
+`rate_distortion.png` at the sweep root, with a row for each job the sweep planned
+(`multirun.yaml`) but did not run. The callback checks the objective before the first job,
+refreshes the summary after every job and ends the sweep with one line; a sweep stopped by a
+signal gets its summary and line from `stopped_sweep`, and `python -m cvae.summarize DIR`
+rebuilds the summary at any time.
 
 Rows are sorted by the sweep objective (`objective.metric`, the same meaning in every job),
 not by `val/loss`, whose beta differs from job to job. Rate is the KL (nats per image),
@@ -16,17 +19,24 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cvae.errors import error_line, user_error
+from cvae.errors import error_line, in_multirun, user_error
 from cvae.objective import check_objective, rank_key
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     "job",
@@ -58,9 +68,11 @@ FINAL = {
     "active_units": "val/active_units",
 }
 RESULT, FAILURE, PICTURE = "result.json", "failure.json", "rate_distortion.png"
+JOB = "job.json"  # {"status", "overrides", "error"}: how the job ended, written when it does
 DEFAULT_OBJECTIVE = {"metric": ["val/neg_elbo"], "direction": ["minimize"]}
+STOPPED = {130: "Ctrl-C", 143: "SIGTERM"}  # exit statuses of a job stopped by a signal
 # How a job stands; "incomplete": started, no record of an end (running, or killed).
-STATUSES = ("completed", "failed", "incomplete")
+STATUSES = ("completed", "failed", "interrupted", "incomplete", "not run")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -73,8 +85,55 @@ def _job_order(job: Path | str) -> tuple[int, str]:
     return (len(name), name)  # 0, 1, ..., 10
 
 
+def planned_jobs(sweep_dir: Path) -> dict[str, list[str] | None]:
+    """The jobs the sweep in `sweep_dir` set out to run, by folder name, from the
+    `multirun.yaml` its sweeper saved: a grid's overrides of each job (expanded as Hydra's
+    basic sweeper does), or, for a sweeper that picks its trials as it goes (Optuna),
+    `None` for each of its `n_trials`. Empty when the file is missing or names another
+    layout (a `hydra.sweep.subdir` other than the job number)."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        hydra_cfg = OmegaConf.load(path).hydra
+        if OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir") != (
+            "${hydra.job.num}"
+        ):
+            return {}
+        sweeper = hydra_cfg.sweeper
+        if str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+            typed = [str(o) for o in hydra_cfg.overrides.task]
+            parsed = OverridesParser.create().parse_overrides([*params, *typed])
+            batches = BasicSweeper.split_arguments(parsed, sweeper.get("max_batch_size"))
+            return {str(i): job for i, job in enumerate(j for b in batches for j in b)}
+        if sweeper.get("n_trials") is not None:
+            return {str(i): None for i in range(int(sweeper.n_trials))}
+    except Exception as error:  # a file this code cannot expand: list the folders only
+        log.warning("%s: cannot list the planned jobs (%s)", path, error_line(error))
+    return {}
+
+
 def _overrides(job: Path) -> list[str]:
     return yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+
+
+def _record(job: Path) -> dict[str, Any]:
+    """The job's `job.json`, or {} (a sweep from before it, a job still running or killed)."""
+    try:
+        return json.loads((job / JOB).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(job: Path, status: str, overrides: list[str], error: str | None) -> None:
+    record = {"status": status, "overrides": overrides, "error": error}
+    partial = job / f".{JOB}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(job / JOB)
 
 
 def _model_settings(job: Path) -> dict[str, Any]:
@@ -92,7 +151,10 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
         "overrides": " ".join(overrides),
         **_model_settings(job),
     }
-    if (job / RESULT).is_file():
+    record = _record(job)
+    if record.get("status") == "interrupted":  # stopped by a signal; no result yet
+        row.update(status="interrupted", error=record.get("error"))
+    elif (job / RESULT).is_file():
         result = json.loads((job / RESULT).read_text())
         final = result.get("final", {})
         objective = result.get("objective", DEFAULT_OBJECTIVE)
@@ -115,9 +177,16 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
     return row
 
 
-def _sort_key(row: dict[str, Any]) -> tuple[int, float]:
+def _not_run(name: str, overrides: list[str] | None, shared: set[str]) -> dict[str, Any]:
+    """A planned job that never started: its overrides (a trial's are picked when it runs)."""
+    shown = " ".join(o for o in overrides if o not in shared) if overrides is not None else ""
+    return {"job": name, "status": "not run", "overrides": shown}
+
+
+def _sort_key(row: dict[str, Any]) -> tuple[int, float, int, tuple[int, str]]:
     value = row.get("objective") if row["status"] == "completed" else None
-    return rank_key(value, row.get("objective_direction", "minimize"))
+    ranked = rank_key(value, row.get("objective_direction", "minimize"))
+    return (*ranked, row["status"] == "not run", _job_order(row["job"]))
 
 
 def _cell(value: Any) -> str:
@@ -138,8 +207,14 @@ def write_sweep_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     jobs = _job_dirs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml)")
-    shared = set.intersection(*(set(_overrides(job)) for job in jobs)) if len(jobs) > 1 else set()
-    rows = sorted((_row(job, shared) for job in jobs), key=_sort_key)
+    started = {job.name for job in jobs}
+    waiting = {k: v for k, v in planned_jobs(sweep_dir).items() if k not in started}
+    listed = [set(_overrides(job)) for job in jobs]
+    listed += [set(v) for v in waiting.values() if v is not None]
+    shared = set.intersection(*listed) if len(listed) > 1 else set()
+    rows = [_row(job, shared) for job in jobs]
+    rows += [_not_run(name, overrides, shared) for name, overrides in waiting.items()]
+    rows.sort(key=_sort_key)
     with open(sweep_dir / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -199,9 +274,10 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     return len(points)
 
 
-def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]], stop: str | None = None) -> str:
     """The one line a sweep ends with: what finished, what failed (the first failure's
-    error)."""
+    error), and, for a sweep stopped by `stop` ("SIGTERM", "Ctrl-C"), what did not run and
+    the command that continues it."""
     names = {s: [r["job"] for r in rows if r["status"] == s] for s in STATUSES}
     names = {s: sorted(jobs, key=_job_order) for s, jobs in names.items()}
     counts = [f"{len(names['completed'])} completed"]
@@ -216,7 +292,79 @@ def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
         else:
             shown = ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "")
             counts.append(f"{len(jobs)} {status} (job{'s' * (len(jobs) > 1)} {shown})")
-    return f"sweep finished: {', '.join(counts)}; see {sweep_dir / 'summary.md'}"
+    line = f"{', '.join(counts)}; see {sweep_dir / 'summary.md'}"
+    if stop is None:
+        return f"sweep finished: {line}"
+    return f"sweep stopped by {stop}: {line}; continue with: {continue_command(sweep_dir)}"
+
+
+def continue_command(sweep_dir: Path) -> str:
+    """The sweep's own command line (from its `multirun.yaml`) into the same folder: the jobs
+    it finished are kept (`kept_result`), an interrupted one resumes from its `last.ckpt`,
+    the rest run."""
+    hydra_cfg = OmegaConf.load(sweep_dir / "multirun.yaml").hydra
+    typed = hydra_cfg.overrides
+    skip = ("hydra.sweep.dir=", "hydra.mode=")
+    words = [o for o in typed.hydra if not str(o).startswith(skip)] + list(typed.task)
+    python = os.path.relpath(sys.executable)
+    return " ".join(
+        shlex.quote(str(word))
+        for word in [
+            python if not python.startswith("..") else sys.executable,
+            "-m",
+            f"cvae.{hydra_cfg.job.name}",
+            "-m",
+            *words,
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
+    )
+
+
+def kept_result(cfg: DictConfig) -> dict[str, float] | None:
+    """In a sweep started again into its own folder (`continue_command`): the final metrics
+    of this job if an earlier start finished it with the same overrides, so it is not run
+    (and its folder not touched) again; None otherwise."""
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    job = Path(hydra_cfg.runtime.output_dir)
+    record = _record(job)
+    same = record.get("overrides") == list(hydra_cfg.overrides.task)
+    if record.get("status") != "completed" or not same or not (job / RESULT).is_file():
+        return None
+    log.info("job %s: finished by an earlier start of this sweep (%s): kept", job.name, RESULT)
+    return json.loads((job / RESULT).read_text()).get("final", {})
+
+
+@contextmanager
+def stopped_sweep(cfg: DictConfig) -> Iterator[None]:
+    """Around a sweep job: when a signal stops it (the job has said so and exits 130 or
+    143), record the job as interrupted, write the summary with it and the jobs not run,
+    and end with `sweep_line`, before the process exits with that status."""
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code not in STOPPED or not in_multirun():
+            raise
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        job, sweep_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra_cfg.sweep.dir)
+        signal_name = STOPPED[int(stop.code)]
+        if job.is_dir():  # else the job had written nothing, and its folder is gone
+            last = job / "checkpoints" / "last.ckpt"
+            kept = f"; {last} kept" if last.is_file() else "; nothing saved"
+            error = f"stopped by {signal_name}{kept}"
+            _write_record(job, "interrupted", list(hydra_cfg.overrides.task), error)
+        try:
+            rows = write_sweep_summary(sweep_dir)
+        except (OSError, ValueError) as error:  # the stop line above still says how to resume
+            print(f"error: sweep summary not written: {error_line(error)}", file=sys.stderr)
+            raise stop from None
+        print(sweep_line(sweep_dir, rows, signal_name), file=sys.stderr)
+        raise
 
 
 def _sweeper_stops_at_failures(config: DictConfig) -> bool:
@@ -240,8 +388,8 @@ def _study_ends_without_result(config: DictConfig, rows: list[dict[str, Any]]) -
 
 
 class SweepSummary(Callback):
-    """Hydra callback: checks the sweep objective before the first job, records a failed
-    job's error and refreshes the sweep's summary, and ends the sweep with one line (exit
+    """Hydra callback: checks the sweep objective before the first job, records how each
+    job ended and refreshes the sweep's summary, and ends the sweep with one line (exit
     status 1 when a job failed)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -257,13 +405,18 @@ class SweepSummary(Callback):
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
         job_dir = Path(config.hydra.runtime.output_dir)
+        overrides = list(config.hydra.overrides.task)
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
             cause = user_error(error) or error  # what went wrong, not Hydra's wrapper
             message = f"{type(cause).__name__}: {error_line(cause)}"
             (job_dir / FAILURE).write_text(json.dumps({"error": message}))
+            _write_record(job_dir, "failed", overrides, message)
             if _sweeper_stops_at_failures(config):  # recorded: the other jobs go on
                 job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+        else:
+            (job_dir / FAILURE).unlink(missing_ok=True)  # from an earlier start of the sweep
+            _write_record(job_dir, "completed", overrides, None)
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_sweep_summary(sweep_dir)
         if _study_ends_without_result(config, rows):

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cvae.summarize import main as summarize_main
 from cvae.summary import draw_rate_distortion
-from tests.helpers import run_cli
+from tests.helpers import REPO, TINY, run_cli
 
 pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
@@ -217,6 +223,70 @@ def test_an_optuna_study_where_every_trial_fails_ends_in_one_line(tmp_path: Path
     )
 
 
+def _sweep_process(*overrides: str) -> subprocess.Popen:
+    """A `-m` sweep of the tiny settings in the background, as a user or scheduler starts it."""
+    command = [sys.executable, "-m", "cvae.train", "-m", *TINY, *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_sweep_stopped_by_sigterm_lists_every_job_and_continues(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["trainer.max_epochs=1,40,1", "test=false", "sampler=prior", f"hydra.sweep.dir={sweep}"]
+    process = _sweep_process(*args)
+    log = sweep / "1" / "train.log"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and "epoch end: epoch 2/40" in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    last = stderr.strip().splitlines()[-1]
+    command = last.split("; continue with: ")[1]
+    assert last == (
+        "sweep stopped by SIGTERM: 1 completed, 1 interrupted (job 1), 1 not run (job 2); "
+        f"see {sweep}/summary.md; continue with: {command}"
+    )
+    rows = {r["job"]: r for r in _read(sweep)}
+    assert [(j, rows[j]["status"]) for j in sorted(rows)] == [
+        ("0", "completed"),
+        ("1", "interrupted"),
+        ("2", "not run"),
+    ]
+    assert rows["1"]["error"] == f"stopped by SIGTERM; {sweep}/1/checkpoints/last.ckpt kept"
+    assert rows["2"]["overrides"] == "trainer.max_epochs=1"  # what differs between jobs
+    summarize_main([str(sweep)])  # afterwards, from the files alone: the same
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [
+        "3 jobs: 1 completed, 0 failed, 1 interrupted, 1 not run",
+        f"continue with: {command}",
+    ]
+    assert [r["status"] for r in _read(sweep)] == [rows[j]["status"] for j in ("0", "1", "2")]
+
+    kept = (sweep / "0" / "result.json").read_text()
+    done = subprocess.run(
+        shlex.split(command),
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"sweep finished: 3 completed; see {sweep}/summary.md"
+    )
+    assert (sweep / "0" / "result.json").read_text() == kept  # job 0 was not run again
+    assert "finished by an earlier start of this sweep (result.json): kept" in done.stdout
+    assert "resuming from it" in (sweep / "1" / "train.log").read_text()
+    rows = {r["job"]: r for r in _read(sweep)}
+    assert {r["status"] for r in rows.values()} == {"completed"}
+    assert [rows[j]["epochs"] for j in ("0", "1", "2")] == ["1", "40", "1"]
+
+
 def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
     finals = {"val/loss": 3.5, "val/neg_elbo": 3.6, "val/kl": 0.6, "val/recon": 3.0}
     for job, result in (("0", {"best_val_loss": 3.0, "final": finals}), ("1", None)):
@@ -228,7 +298,7 @@ def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
     rows = _read(tmp_path)
     assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "incomplete")]
     assert float(rows[0]["objective"]) == 3.6
-    assert "2 jobs: 1 completed, 0 failed" in capsys.readouterr().out
+    assert "2 jobs: 1 completed, 0 failed, 1 incomplete" in capsys.readouterr().out
     assert (tmp_path / "rate_distortion.png").is_file()
 
 
