@@ -248,9 +248,6 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     for row in points:
         x, y = row["rate_kl"], row["distortion_recon"]
         axes.scatter([x], [y], color="tab:red" if row is best else "tab:blue", zorder=3)
-        beta, latent = _cell(row.get("beta")), _cell(row.get("latent_dim"))
-        label = f"job {row['job']}: beta {beta}, latent {latent}"
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     # rate + distortion is the negative ELBO at beta = 1: points on one diagonal tie on it
     rates = [r["rate_kl"] for r in points]
     total = best["rate_kl"] + best["distortion_recon"]
@@ -267,11 +264,82 @@ def draw_rate_distortion(rows: list[dict[str, Any]], path: Path) -> int:
     )
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    labels = [
+        f"job {r['job']}: beta {_cell(r.get('beta'))}, latent {_cell(r.get('latent_dim'))}"
+        for r in points
+    ]
+    place_labels(figure, axes, [(r["rate_kl"], r["distortion_recon"]) for r in points], labels)
     partial = path.with_suffix(".partial.png")
     figure.savefig(partial)
     plt.close(figure)
     partial.replace(path)
     return len(points)
+
+
+# Where a label may go, around its point, in points: nearest first, then further out.
+_DIRECTIONS = ((1, 0.5), (1, -0.5), (-1, 0.5), (-1, -0.5), (0, 1), (0, -1), (1, 0), (-1, 0))
+_RADII = (6, 16, 28, 42, 60)
+
+
+def place_labels(
+    figure: Any, axes: Any, points: list[tuple[float, float]], labels: list[str]
+) -> list[tuple[float, float, float, float]]:
+    """Each label beside its point, in the first place around it (nearest first) where it
+    covers no other label or point and stays inside the axes; a thin line leads back to a
+    label that had to move away. Where no place is free (a crowd of points), the one that
+    overlaps least. Nearby jobs of a sweep often differ only in their last digits. Returns
+    each label's box, in pixels (x0, y0, x1, y1)."""
+    renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    # around each point a square no other point's label enters: a label beside a point then
+    # belongs to it (the marker's radius is about 4 points)
+    keep = 10 * figure.dpi / 72
+    centres = [axes.transData.transform(point) for point in points]
+    dots = [(cx - keep, cy - keep, cx + keep, cy + keep) for cx, cy in centres]
+    placed_boxes: list[tuple[float, float, float, float]] = []
+
+    def overlap(box: tuple[float, float, float, float], own: int) -> float:
+        others = [d for i, d in enumerate(dots) if i != own] + placed_boxes
+        covered = sum(
+            max(0.0, min(box[2], t[2]) - max(box[0], t[0]))
+            * max(0.0, min(box[3], t[3]) - max(box[1], t[1]))
+            for t in others
+        )
+        inside = (
+            box[0] >= frame.x0 and box[1] >= frame.y0 and box[2] <= frame.x1 and box[3] <= frame.y1
+        )
+        return covered + (0.0 if inside else 1e9)
+
+    places = [(radius, *direction) for radius in _RADII for direction in _DIRECTIONS]
+    pixels = figure.dpi / 72  # per point
+    for own, (point, label) in enumerate(zip(points, labels, strict=True)):
+        probe = axes.text(0, 0, label, fontsize=8)  # its size, once: the same everywhere
+        size = probe.get_window_extent(renderer)
+        probe.remove()
+        width, height = size.width, size.height
+        tried = []
+        for radius, ux, uy in places:
+            x = centres[own][0] + ux * radius * pixels - width * (ux < 0) - width / 2 * (ux == 0)
+            y = centres[own][1] + uy * radius * pixels - height * (uy < 0) - height / 2 * (uy == 0)
+            box = (x, y, x + width, y + height)
+            tried.append((overlap(box, own), (radius, ux, uy), box))
+            if tried[-1][0] == 0:
+                break
+        _, (radius, ux, uy), box = min(tried, key=lambda entry: entry[0])  # first of the least
+        axes.annotate(
+            label,
+            point,
+            textcoords="offset points",
+            xytext=(ux * radius, uy * radius),
+            ha="left" if ux > 0 else "right" if ux < 0 else "center",
+            va="bottom" if uy > 0 else "top" if uy < 0 else "center",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6}
+            if radius > _RADII[0]
+            else None,
+        )
+        placed_boxes.append(box)
+    return placed_boxes
 
 
 def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]], stop: str | None = None) -> str:

@@ -138,9 +138,6 @@ def test_the_picture_has_a_point_per_completed_job(tmp_path: Path) -> None:
 BAD_BETA = "ValueError: model.beta must be a finite number >= 0, got -1"
 
 
-BAD_BETA = "ValueError: model.beta must be a finite number >= 0, got -1"
-
-
 def test_labels_of_nearby_jobs_do_not_overlap() -> None:
     import matplotlib
 
