@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from cvae.errors import Interrupted, stopped_by
 from cvae.metrics import PosteriorStatistics
 from cvae.objective import LOGGED
 from cvae.pixels import dequantize
@@ -102,7 +103,9 @@ class SamplerFit(pl.Callback):
     `on_fit_end`, before the loggers close, so they land in the run's one events file. Rank
     0 only; a run stopped by an error or an interrupt fits nothing, and the prior has nothing
     to fit. A fit that fails (a class with a single image) is a warning that gives the
-    command, not a failed run."""
+    command, not a failed run. Ctrl-C or SIGTERM during the fit stops the run with
+    `Interrupted`, whose line says that training finished and gives the fit command (a
+    KeyboardInterrupt would end in Lightning's exit status 1 and no word of what is left)."""
 
     def __init__(
         self, sampler: LatentSampler, checkpoint: str | Path, folder: str | Path, seed: int = 0
@@ -112,11 +115,24 @@ class SamplerFit(pl.Callback):
         self.seed = seed
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name = self.sampler.name
         if not self.sampler.needs_fit or not trainer.is_global_zero:
             return
         if not self.checkpoint.is_file():
             return
+        try:
+            self._fit(trainer, pl_module)
+        except KeyboardInterrupt as stop:
+            what, status = stopped_by(stop)
+            name = self.sampler.name
+            raise Interrupted(
+                f"{what}: training finished (step {trainer.global_step}; saved "
+                f"{self.checkpoint}), but sampler={name} was not fitted to it: fit it with: "
+                f"{fit_command(self.checkpoint, name)}",
+                status,
+            ) from None
+
+    def _fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = self.sampler.name
         checkpoint = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         model = type(pl_module).from_checkpoint(checkpoint, pl_module.device)
         batches = trainer.datamodule.ordered_dataloader("train")

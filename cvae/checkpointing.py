@@ -140,6 +140,11 @@ class SaveOnInterrupt(Callback):
 
     Under data-parallel training every rank learns of the signal at the same step (one
     small all-reduce per step), so all of them save and stop together.
+
+    During the test that follows training, Ctrl-C or SIGTERM finishes the current batch and
+    stops with `Interrupted` too (there is nothing to save): `training.train` says what
+    finished and how to test. A KeyboardInterrupt there would end in Lightning's exit
+    status 1 and no word of what is left.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -147,16 +152,19 @@ class SaveOnInterrupt(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.received: int | None = None
+        self.testing = False
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        self.received = None
         requeue = requeue_signal()
         # submitit's requeue signal only where a handler waits for it (a submitit job)
         waited = requeue and requeue not in self.SIGNALS and callable(signal.getsignal(requeue))
-        handed_on = (requeue,) if waited else ()
+        self._install((requeue,) if waited else ())
+
+    def _install(self, handed_on: tuple[int, ...] = ()) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self.received = None
         for signum in (*self.SIGNALS, *handed_on):
             previous = signal.getsignal(signum)
             if previous == signal.SIG_IGN:  # ignored on purpose (nohup, a shell's `&`): leave it
@@ -174,7 +182,10 @@ class SaveOnInterrupt(Callback):
         hint = " (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""
         if signum not in self.SIGNALS:
             hint = " (time limit or preemption), then requeueing the job"
-        rank_zero_info(f"\n{what}: saving last.ckpt after this step{hint}")
+        if self.testing:
+            rank_zero_info(f"\n{what}: stopping the test after this batch{hint}")
+        else:
+            rank_zero_info(f"\n{what}: saving last.ckpt after this step{hint}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
@@ -217,6 +228,22 @@ class SaveOnInterrupt(Callback):
                 message += f"; {str(error).rstrip('.')}"
         raise Interrupted(message, 128 + signum, str(path))
 
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.testing = True
+        self._install()
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        if self._received(trainer):
+            signum = self.received or signal.SIGTERM  # a rank told by another rank
+            self._restore()
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            raise Interrupted(f"{what}: the test stopped", 128 + signum)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -225,4 +252,4 @@ class SaveOnInterrupt(Callback):
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        self._previous = {}
+        self._previous, self.testing = {}, False

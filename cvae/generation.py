@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
+from cvae.errors import Interrupted, stopped_by
 from cvae.loading import fitted_sampler, load_checkpoint
 from cvae.loading import sampler as configured_sampler
 from cvae.metrics import PosteriorStatistics
@@ -182,10 +183,7 @@ def generate(cfg: DictConfig) -> Path:
         raise ValueError(f"directions={cfg.directions!r} is not one of {', '.join(DIRECTIONS)}")
     model, datamodule = load_checkpoint(cfg)
     if cfg.mode == "fit":
-        batches = datamodule.ordered_dataloader("train")  # every training image
-        return fit_and_save(
-            configured_sampler(cfg), model, batches, cfg.ckpt_path, cfg.paths.output_dir
-        )
+        return _fit(cfg, model, datamodule)
     sampler = fitted_sampler(cfg)  # before any image: an unfitted one is a one-line error
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +193,23 @@ def generate(cfg: DictConfig) -> Path:
         RENDER[mode](model, datamodule, cfg, generator, out, sampler)
     log.info("%s: images written to %s", cfg.mode, out)
     return out
+
+
+def _fit(cfg: DictConfig, model: CVAE, datamodule: ImageDataModule) -> Path:
+    """`mode=fit`: the sampler fitted to every training image and saved beside the
+    checkpoint. Stopped by Ctrl-C or SIGTERM, one line says what is not done and how to do
+    it (a fit has no partial result to keep)."""
+    sampler = configured_sampler(cfg)
+    batches = datamodule.ordered_dataloader("train")  # every training image
+    try:
+        return fit_and_save(sampler, model, batches, cfg.ckpt_path, cfg.paths.output_dir)
+    except KeyboardInterrupt as stop:
+        what, status = stopped_by(stop)
+        raise Interrupted(
+            f"{what}: sampler={sampler.name} was not fitted to {cfg.ckpt_path}; the same "
+            "command fits it",
+            status,
+        ) from None
 
 
 def _sample(

@@ -149,9 +149,8 @@ def resume_command(cfg: DictConfig, checkpoint: str | Path) -> str:
         overrides = [o for o in typed.hydra if not o.startswith(skip)]
         # a sweep job's own values are in `task`; the sweep itself is not resumed
         overrides += [o for o in typed.task if not o.startswith(("ckpt_path=", "hparams_search="))]
-    python = os.path.relpath(sys.executable)
     words = [
-        python if not python.startswith("..") else sys.executable,
+        _python(),
         "-m",
         "cvae.train",
         *sweep[:1],
@@ -160,6 +159,21 @@ def resume_command(cfg: DictConfig, checkpoint: str | Path) -> str:
         f"ckpt_path={shown(checkpoint)}",
     ]
     return " ".join(shlex.quote(word) for word in words)
+
+
+def _test_command(trainer: pl.Trainer) -> str:
+    """How to test what a stopped run trained: `cvae.evaluate` on its best checkpoint (the
+    one the test would have read), else its last."""
+    checkpoint = trainer.checkpoint_callback
+    path = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+    words = [_python(), "-m", "cvae.evaluate", f"ckpt_path={shown(path)}"]
+    return f"test it with: {' '.join(shlex.quote(word) for word in words)}"
+
+
+def _python() -> str:
+    """This Python as a user would type it: relative to the working folder when inside it."""
+    python = os.path.relpath(sys.executable)
+    return python if not python.startswith("..") else sys.executable
 
 
 def _write_result(
@@ -204,8 +218,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
             )
         except Interrupted as stop:
-            command = resume_command(cfg, stop.checkpoint)
-            message = f"{stop}; resume with: {command}"
+            if stop.checkpoint is None:  # after training, in the sampler fit: said there
+                untested = f"; the test did not run either: {_test_command(trainer)}"
+                message = f"{stop}{untested if cfg.get('test') else ''}"
+            else:
+                message = f"{stop}; resume with: {resume_command(cfg, stop.checkpoint)}"
             raise Interrupted(message, stop.exit_status, stop.checkpoint) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
@@ -215,7 +232,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test"):
             checkpoint = trainer.checkpoint_callback
             best = checkpoint.best_model_path if checkpoint else ""
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            try:
+                trainer.test(
+                    model, datamodule=datamodule, ckpt_path=best or None, weights_only=True
+                )
+            except Interrupted as stop:  # SaveOnInterrupt's "<Ctrl-C|SIGTERM>: the test stopped"
+                what = str(stop).split(":", 1)[0]
+                result = shown(Path(cfg.paths.output_dir) / "result.json")
+                message = (
+                    f"{what}: training finished (step {trainer.global_step}; {result} written), "
+                    f"the test did not: {_test_command(trainer)}"
+                )
+                raise Interrupted(message, stop.exit_status) from None
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     log.info("output folder: %s", cfg.paths.output_dir)
     return metrics

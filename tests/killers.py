@@ -76,3 +76,34 @@ class SignalAtValidation(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.global_step == self.step and not trainer.sanity_checking:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalInSamplerFit(Callback):
+    """Send this process `signum` as the sampler fitted when training ends (`SamplerFit`)
+    starts its fit, after the training images are encoded."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = signum
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from cvae.callbacks import SamplerFit
+
+        (callback,) = [c for c in trainer.callbacks if isinstance(c, SamplerFit)]
+        fit = callback.sampler.fit
+
+        def signalled(*args, **kwargs):
+            os.kill(os.getpid(), self.signum)
+            return fit(*args, **kwargs)
+
+        callback.sampler.fit = signalled
+
+
+class SignalAtTest(Callback):
+    """Send this process `signum` as the first batch of the test after training starts."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = signum
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, *args) -> None:
+        if batch_idx == 0:
+            os.kill(os.getpid(), self.signum)

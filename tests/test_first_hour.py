@@ -125,6 +125,77 @@ def test_sigterm_during_the_last_validation_stops_before_what_follows_training(
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 14
 
 
+def _stopped_after_training(run: Path, killer: str) -> tuple[str, str]:
+    """A tiny run (4 steps, then the sampler fit and the test) on the command line, sent
+    SIGTERM by `tests.killers.<killer>` after training: its last line and all it printed."""
+    stop = [f"+callbacks.stop._target_=tests.killers.{killer}"]
+    result = run_cli(f"hydra.run.dir={run}", "test=true", *stop, check=False)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 143, printed[-3000:]
+    assert "Traceback" not in result.stderr and "Detected KeyboardInterrupt" not in printed
+    return result.stderr.strip().splitlines()[-1], printed
+
+
+def _evaluate_command(checkpoint: Path) -> str:
+    python = os.path.relpath(sys.executable, REPO)
+    return f"test it with: {python} -m cvae.evaluate ckpt_path={checkpoint}"
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_sampler_fit_after_training_says_what_is_left_in_one_line(
+    tmp_path: Path,
+) -> None:
+    last_line, _ = _stopped_after_training(tmp_path, "SignalInSamplerFit")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last_line == (
+        f"SIGTERM: training finished (step 4; saved {last}), but sampler=gmm was not fitted "
+        f"to it: fit it with: .venv/bin/python -m cvae.generate mode=fit sampler=gmm "
+        f"ckpt_path={last}; the test did not run either: "
+        + _evaluate_command(tmp_path / "checkpoints" / "epoch_000.ckpt")
+    )
+    assert not (tmp_path / "checkpoints" / "last.gmm.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_test_after_training_says_what_is_left_in_one_line(
+    tmp_path: Path,
+) -> None:
+    last_line, printed = _stopped_after_training(tmp_path, "SignalAtTest")
+    assert "SIGTERM: stopping the test after this batch" in printed
+    assert last_line == (
+        f"SIGTERM: training finished (step 4; {tmp_path / 'result.json'} written), the test "
+        "did not: " + _evaluate_command(tmp_path / "checkpoints" / "epoch_000.ckpt")
+    )
+    assert (tmp_path / "result.json").is_file()
+    assert (tmp_path / "checkpoints" / "last.gmm.pt").is_file()  # the fit before it finished
+
+
+def test_sigterm_in_generate_mode_fit_is_one_line(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from cvae.generation import generate
+    from cvae.samplers import GaussianMixtureSampler
+
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", checkpoint)
+    fit = GaussianMixtureSampler.fit
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill, mid-fit
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(GaussianMixtureSampler, "fit", terminated)
+    cfg = compose_tool("generate", tmp_path / "out", f"ckpt_path={checkpoint}", "mode=fit")
+    with pytest.raises(SystemExit) as stopped:
+        run_or_report(generate, cfg)
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"SIGTERM: sampler=gmm was not fitted to {checkpoint}; the same command fits it"
+    ]
+    assert not (tmp_path / "last.gmm.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
+
+
 def test_a_resumed_run_logs_what_the_first_one_did(trained_run: Path, tmp_path: Path) -> None:
     from tests.helpers import event_tags
 
