@@ -190,3 +190,23 @@ def test_hvae_presets_compose_and_a_checkpoint_round_trip_keeps_the_class(tmp_pa
     again = GaussianMixtureSampler().loaded_for(path)
     first = loaded.sample(4, generator=_generator(0), sampler=sampler)
     assert torch.equal(loaded.sample(4, generator=_generator(0), sampler=again), first)
+
+
+def test_a_kl_warm_up_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`level_warmup_steps`: each level's KL weight ramps over its own steps in training;
+    validation scores the final objective; a list of the wrong length is one line."""
+    model = _two_levels(level_warmup_steps=[0, 100])
+    model.train()
+    monkeypatch.setattr(HVAE, "global_step", property(lambda self: 25))
+    assert model._level_weights().tolist() == [1.0, 0.25]
+    x = torch.rand(4, 1, 8, 8)
+    torch.manual_seed(1)
+    terms = model.loss_terms(x)
+    expected = terms["recon"] + terms["kl_level_0"] + 0.25 * terms["kl_level_1"]
+    torch.testing.assert_close(terms["loss"], expected)
+    model.eval()
+    assert model._level_weights().tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"model.level_warmup_steps must be null or a list of 2"):
+        _two_levels(level_warmup_steps=[100])
+    with pytest.raises(ValueError, match=r"it needs model.iw_samples=1"):
+        _two_levels(level_warmup_steps=[0, 100], iw_samples=4)

@@ -267,3 +267,58 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     good = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
+
+
+def test_a_gradient_spike_is_skipped_counted_and_leaves_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model.skip_updates_above`: an update whose gradient norm jumps far above its running
+    level is dropped (the weights and optimizer moments stay), counted, and training goes
+    on; the level and the count travel in the checkpoint."""
+    import cvae.models.cvae
+
+    monkeypatch.setattr(cvae.models.cvae, "SKIP_WARMUP", 2)
+    cfg = compose_train(
+        tmp_path, "trainer.max_epochs=2", "test=false", "model.skip_updates_above=10"
+    )
+    datamodule, model, trainer = build(cfg)
+    seen: dict[str, object] = {}
+
+    class Spike(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step != 4 or "before" in seen:
+                return
+            seen["before"] = {k: v.clone() for k, v in pl_module.named_parameters()}
+            weight = list(pl_module.decoder.parameters())[-2]
+            handle = weight.register_hook(lambda g: (handle.remove(), g * 1e6)[1])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if "before" in seen and "after" not in seen:
+                seen["after"] = {k: v.clone() for k, v in pl_module.named_parameters()}
+
+    trainer.callbacks.append(Spike())
+    trainer.fit(model, datamodule=datamodule)
+    assert int(model.skipped_updates) == 1 and trainer.state.finished
+    assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(saved["skipped_updates"]) == 1 and float(saved["grad_norm_level"]) > 0
+    with pytest.raises(ValueError, match=r"model.skip_updates_above must be null or a number > 1"):
+        CVAE(skip_updates_above=0.5)
+
+
+@pytest.mark.slow
+def test_callbacks_ema_keeps_an_average_that_the_commands_load(tmp_path: Path) -> None:
+    """`callbacks=ema`: checkpoints hold the exponential moving average as their weights (what
+    every command loads) and the live weights beside them, to resume training from."""
+    from cvae.models import from_checkpoint
+
+    train(
+        compose_train(
+            tmp_path, "callbacks=ema", "trainer.max_epochs=2", "test=false", "sampler=prior"
+        )
+    )
+    checkpoint = torch.load(tmp_path / "checkpoints" / "epoch_000.ckpt", weights_only=True)
+    key = "decoder.project.0.weight"
+    average, live = checkpoint["state_dict"][key], checkpoint["current_model_state"][key]
+    assert not torch.equal(average, live)
+    assert torch.equal(from_checkpoint(checkpoint).state_dict()[key], average)

@@ -32,7 +32,7 @@ from cvae.models.likelihoods import build_likelihood
 from cvae.models.losses import beta_at
 from cvae.models.networks import Decoder, Encoder, reparameterize
 from cvae.models.priors import VampPrior, build_prior, check_prior
-from cvae.models.settings import check_network, check_training
+from cvae.models.settings import check_network, check_skip_factor, check_training
 from cvae.models.user_api import Labels, UserAPI
 from cvae.pixels import is_binary, unit_range
 from cvae.rng import capture_rng_states, restore_rng_states
@@ -40,6 +40,9 @@ from cvae.rng import capture_rng_states, restore_rng_states
 log = logging.getLogger(__name__)
 # The defaults of settings that changed after checkpoints were written without them: a
 # checkpoint that does not name one was trained with the value here, not today's default.
+# `skip_updates_above`: updates that set the running gradient-norm level before any is
+# skipped, and the weight of each accepted norm in it
+SKIP_WARMUP, SKIP_MOMENTUM = 100, 0.01
 LEGACY_DEFAULTS = {"in_channels": 3, "upsample": "transpose", "recon_loss": "mse"}
 
 
@@ -54,6 +57,9 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
     `kl` is always the true KL, and `val/loss` and `test/loss` always use the final `beta`, so
     epochs stay comparable. A training step with a non-finite loss or gradients is skipped and
     counted (`train/skipped_steps`); `max_bad_steps` in a row stop training.
+    `skip_updates_above` (None: off) skips an update whose gradient norm is more than that
+    many times its running level, an exponential average of the accepted updates' norms
+    (VDVAE's guard against gradient spikes), counted in `train/skipped_updates`.
 
     `conditional` conditions encoder and decoder on the class label (`conditioning.py`):
     every method that takes images or latents then takes `labels` too (class indices or
@@ -95,6 +101,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         free_bits: float = 0.0,
         iw_samples: int = 1,
         max_bad_steps: int = 10,
+        skip_updates_above: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
         lr: float = 1e-3,
@@ -175,6 +182,14 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         if channels_last:  # NHWC: the layout oneDNN and tensor cores convolve fastest
             self.to(memory_format=torch.channels_last)
         self.skipped_steps = 0  # training steps skipped for a non-finite loss or gradients
+        if skip_updates_above is not None:
+            check_skip_factor(skip_updates_above)
+            # the running level of accepted gradient norms and updates seen, saved with the
+            # model (so a resumed run goes on with them); only when the option is on, so the
+            # state dict of every other model is as it was
+            self.register_buffer("grad_norm_level", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("grad_norm_updates", torch.zeros((), dtype=torch.long))
+            self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self.bad_steps_in_a_row = 0
         self._last_loss = torch.tensor(0.0)
         self._epoch_loss, self._epoch_steps = torch.zeros(()), 0  # for train/loss_epoch
@@ -465,14 +480,42 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        # The total norm is finite exactly when every gradient is (one fused pass).
-        if not grads or bool(torch.nn.utils.get_total_norm(grads).isfinite()):
-            self.bad_steps_in_a_row = 0
+        if not grads:
             return
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(self._last_loss)
-        what = "the gradients are not finite" if math.isfinite(loss) else f"train/loss is {loss}"
-        self._skip_bad_step(what)
+        # The total norm is finite exactly when every gradient is (one fused pass).
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not bool(norm.isfinite()):
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(self._last_loss)
+            what = (
+                "the gradients are not finite" if math.isfinite(loss) else f"train/loss is {loss}"
+            )
+            self._skip_bad_step(what)
+            return
+        self.bad_steps_in_a_row = 0
+        if self.hparams.get("skip_updates_above") is not None and self._gradient_spike(norm):
+            optimizer.zero_grad(set_to_none=True)
+
+    def _gradient_spike(self, norm: torch.Tensor) -> bool:
+        """Whether a finite gradient norm is more than `skip_updates_above` times the running
+        level (after the first `SKIP_WARMUP` updates, which set it); an accepted norm moves
+        the level. A skipped update is counted and logged."""
+        level, seen = self.grad_norm_level, int(self.grad_norm_updates)
+        if seen >= SKIP_WARMUP and float(norm) > self.hparams.skip_updates_above * float(level):
+            self.skipped_updates += 1
+            self.log(
+                "train/skipped_updates", float(self.skipped_updates), on_step=True, on_epoch=False
+            )
+            log.info(
+                "skipped the update of step %d: gradient norm %.3g, %.1f times its running level",
+                self.global_step,
+                float(norm),
+                float(norm) / float(level),
+            )
+            return True
+        level.lerp_(norm.to(level), 1.0 if seen == 0 else SKIP_MOMENTUM)
+        self.grad_norm_updates += 1
+        return False
 
     def _skip_bad_step(self, what: str) -> None:
         """Count a skipped step; stop after `max_bad_steps` in a row."""

@@ -46,6 +46,27 @@ def check_levels(levels: object, level_width: object) -> list[int]:
     return [int(size) for size in levels]
 
 
+def check_level_warmup(steps: object, lower_levels: int, iw_samples: object) -> None:
+    """`model.level_warmup_steps`: null, or one integer >= 0 per level (top first)."""
+    if steps is None:
+        return
+    levels = lower_levels + 1
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or len(steps) != levels:
+        raise ValueError(
+            f"model.level_warmup_steps must be null or a list of {levels} step "
+            f"counts (one per latent level, top first), got {steps!r}"
+        )
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in steps):
+        raise ValueError(
+            f"model.level_warmup_steps={list(steps)}: every entry must be an integer >= 0"
+        )
+    if iw_samples != 1:
+        raise ValueError(
+            "model.level_warmup_steps weighs each level's KL in the ELBO: it "
+            "needs model.iw_samples=1"
+        )
+
+
 def _gaussian_head(inputs: int, width: int, outputs: int) -> nn.Sequential:
     """Mean and log-variance of `outputs` latents from `inputs` values, through one hidden
     layer."""
@@ -150,12 +171,20 @@ class HVAE(CVAE):
     `iw_samples` > 1) over all levels: -log p(x | z) + beta * (KL of the top to `prior` +
     sum of each lower level's KL to its conditional prior, in closed form given the latents
     drawn above it); `free_bits` floors each dimension of every level. Logged beside `kl`:
-    `kl_level_<i>`, level 0 the top."""
+    `kl_level_<i>`, level 0 the top. `level_warmup_steps` (one per level, top first; None:
+    off) ramps each level's KL weight from 0 to `beta` over its own number of training steps,
+    on top of `beta_schedule` (the ELBO only: not with `iw_samples` > 1)."""
 
     def __init__(
-        self, *args: object, levels: Sequence[int] = (), level_width: int = 256, **kwargs: object
+        self,
+        *args: object,
+        levels: Sequence[int] = (),
+        level_width: int = 256,
+        level_warmup_steps: Sequence[int] | None = None,
+        **kwargs: object,
     ) -> None:
         self.level_sizes = check_levels(levels, level_width)  # read by `_decoder_latents`
+        check_level_warmup(level_warmup_steps, len(self.level_sizes), kwargs.get("iw_samples", 1))
         super().__init__(*args, **kwargs)
         self.top_down = TopDown(
             self.hparams.latent_dim, self.encoder.mu.in_features, self.level_sizes, level_width
@@ -296,8 +325,17 @@ class HVAE(CVAE):
                 else kls[-1]
             )
         kl = torch.stack(kls).sum()
-        terms = {"loss": recon + beta * torch.stack(floored).sum(), "recon": recon, "kl": kl}
+        weighted = torch.stack(floored) * self._level_weights().to(recon)
+        terms = {"loss": recon + beta * weighted.sum(), "recon": recon, "kl": kl}
         return terms | {f"kl_level_{i}": value for i, value in enumerate(kls)}
+
+    def _level_weights(self) -> torch.Tensor:
+        """Each level's KL weight at this training step under `level_warmup_steps` (ones
+        when it is off, and outside training: validation scores the final objective)."""
+        steps = self.hparams.get("level_warmup_steps")
+        if steps is None or not self.training:
+            return torch.ones(self.latent_levels)
+        return torch.tensor([min(1.0, self.global_step / n) if n > 0 else 1.0 for n in steps])
 
     def _closed_form_kl(self, encoding: tuple) -> None:
         return None  # the lower levels' KL depends on the latents drawn above them

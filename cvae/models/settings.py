@@ -90,3 +90,12 @@ def check_training(
             "model.free_bits works on the ELBO's KL term: set model.free_bits=0 "
             f"with model.iw_samples={iw_samples}"
         )
+
+
+def check_skip_factor(factor: object) -> None:
+    """`model.skip_updates_above`: null, or a number > 1 (a factor of the running level)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(
+            f"model.skip_updates_above must be null or a number > 1 (times the running "
+            f"gradient-norm level), got {factor!r}"
+        )
