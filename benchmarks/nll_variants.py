@@ -37,6 +37,12 @@ VARIANTS = {
         "model.hidden_channels=[64,128]",
         "model.residual_blocks=1",
     ],
+    "IWAE k=5, two levels (model=convhvae: 40 + 40)": ["model=convhvae", "model.iw_samples=5"],
+    "IWAE k=5, two levels, VampPrior on the top": [
+        "model=convhvae",
+        "model.iw_samples=5",
+        "model/prior=vamp",
+    ],
 }
 
 
