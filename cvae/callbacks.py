@@ -4,12 +4,14 @@ progress lines for runs without a terminal, and the sampler fitted when training
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from cvae.errors import Interrupted, stopped_by
 from cvae.metrics import PosteriorStatistics
@@ -271,9 +273,17 @@ class LikelihoodMonitor(pl.Callback):
 
 
 class TextProgress(pl.Callback):
-    """A log line at least every `every_minutes` and at each epoch end: epoch, step,
-    images/s, elapsed and time left, the latest train and val metrics. `when`: `auto` (only
-    when stdout is not a terminal), `always` or `never`."""
+    """What a run will cost and how far it is. Before the first step, its expected length
+    (`plan_line`: the steps, and `trainer.max_time` if set) and, once the first steps are
+    timed, the time they take (`timed_line`): in every run, so a user knows before a long
+    wait. Then a line at least every `every_minutes` and at each epoch end: epoch, step,
+    images/s, elapsed and time left (the first of `max_epochs`, `max_steps` and `max_time`
+    to end the run), the latest train and val metrics. `when`: `auto` (those lines only when
+    stdout is not a terminal, where the rich bar shows progress), `always` or `never` (no
+    line at all, the expected length included)."""
+
+    TIMED_STEPS = 10  # steps timed for the expected time (the first, warming up, is not)
+    TIMED_SECONDS = 60.0  # or fewer steps, once this long has been timed
 
     def __init__(self, every_minutes: float = 2.0, when: str = "auto") -> None:
         super().__init__()
@@ -287,13 +297,22 @@ class TextProgress(pl.Callback):
             )
         self.every = every_minutes * 60
         self.enabled = when == "always" or (when == "auto" and not sys.stdout.isatty())
+        self.planned = when != "never"
         self.started = self.last_line = 0.0
         self.first_step = 0
         self.images = 0
+        self.timed_steps, self.timed_seconds = 0, 0.0
+        self.previous_end: float | None = None  # the last step's end, within one epoch
+        self.timed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = self.last_line = time.monotonic()
         self.first_step, self.images = trainer.global_step, 0  # a resumed run: from here
+        if self.planned and trainer.is_global_zero:
+            log.info("%s", plan_line(trainer))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.previous_end = None  # a step interval spanning validation is not timed
 
     def on_train_batch_end(
         self,
@@ -304,8 +323,27 @@ class TextProgress(pl.Callback):
         batch_idx: int,
     ) -> None:
         self.images += len(batch[0]) * trainer.world_size
-        if self.enabled and time.monotonic() - self.last_line >= self.every:
+        now = time.monotonic()
+        self._time_step(trainer, now)
+        if self.enabled and now - self.last_line >= self.every:
             self._line(trainer, "")
+
+    def _time_step(self, trainer: pl.Trainer, now: float) -> None:
+        """Time steps (not validation) until there are enough, then say the expected time."""
+        if self.timed or not self.planned:
+            return
+        if self.previous_end is not None:
+            self.timed_steps += 1
+            self.timed_seconds += now - self.previous_end
+        self.previous_end = now
+        enough = self.timed_steps >= self.TIMED_STEPS or (
+            self.timed_steps and self.timed_seconds >= self.TIMED_SECONDS
+        )
+        if enough:
+            self.timed = True
+            if trainer.is_global_zero:
+                per_step = self.timed_seconds / self.timed_steps
+                log.info("%s", timed_line(trainer, per_step, self.first_step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after validation, so the line carries this epoch's val metrics
@@ -321,12 +359,85 @@ class TextProgress(pl.Callback):
         total = trainer.estimated_stepping_batches
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         text = f"{what}epoch {trainer.current_epoch + 1}{epochs}, step {trainer.global_step:,}"
-        if total and total != float("inf"):
+        if math.isfinite(total):
             text += f"/{int(total):,}"
         text += f", {self.images / elapsed:.0f} images/s" if elapsed > 0 else ""
         text += f", {duration(elapsed)} elapsed"
-        if steps > 0 and total and total != float("inf"):
-            left = (total - trainer.global_step) * elapsed / steps
-            text += f", about {duration(left)} left"
+        left, limit = time_left(trainer, elapsed / steps if steps > 0 else None)
+        if left is not None:
+            text += f", about {duration(left)} left{' (trainer.max_time)' if limit else ''}"
         shown = metrics_text(trainer.callback_metrics, SHOWN)
         log.info("%s%s", text, f"; {shown}" if shown else "")
+
+
+def time_limit(trainer: pl.Trainer) -> float | None:
+    """Seconds of training `trainer.max_time` leaves (Lightning's `Timer`, which counts a
+    resumed run's earlier training too); None without a limit."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer):
+            return callback.time_remaining()
+    return None
+
+
+def time_left(trainer: pl.Trainer, per_step: float | None) -> tuple[float | None, bool]:
+    """Seconds until the run ends at `per_step` seconds a step, and whether
+    `trainer.max_time` ends it (before `max_epochs` or `max_steps`, which
+    `estimated_stepping_batches` weighs); None when neither is known yet."""
+    total, limit = trainer.estimated_stepping_batches, time_limit(trainer)
+    by_steps = None
+    if per_step is not None and math.isfinite(total):
+        by_steps = max(total - trainer.global_step, 0) * per_step
+    if limit is not None and (by_steps is None or limit < by_steps):
+        return max(limit, 0.0), True
+    return by_steps, False
+
+
+def plan_line(trainer: pl.Trainer) -> str:
+    """`expected length: 42,200 steps (50 epochs x 844 steps, trainer.max_epochs=50)`, with
+    what is left of a resumed run and the `trainer.max_time` limit."""
+    max_epochs, max_steps = trainer.max_epochs or -1, trainer.max_steps
+    per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+    per_epoch = math.ceil(per_epoch) if math.isfinite(per_epoch) else None
+    by_epochs = max_epochs * per_epoch if max_epochs > 0 and per_epoch is not None else None
+    if max_steps != -1 and (by_epochs is None or max_steps < by_epochs):
+        text = f"{max_steps:,} steps (trainer.max_steps={max_steps}"
+        if by_epochs is not None:
+            text += f"; {_epochs(max_epochs)} of {per_epoch:,} steps would be {by_epochs:,}"
+        text += ")"
+    elif by_epochs is not None:
+        text = (
+            f"{by_epochs:,} steps ({_epochs(max_epochs)} x {per_epoch:,} steps, "
+            f"trainer.max_epochs={max_epochs})"
+        )
+    else:
+        text = "no step limit"
+    total = trainer.estimated_stepping_batches
+    if trainer.global_step > 0 and math.isfinite(total):
+        left = max(int(total) - trainer.global_step, 0)
+        text += f", {left:,} left from step {trainer.global_step:,}"
+    limit = time_limit(trainer)
+    if limit is not None:
+        text += f"; trainer.max_time stops it after {duration(max(limit, 0.0))} if that is sooner"
+    return f"expected length: {text}; the time follows once the first steps are timed"
+
+
+def timed_line(trainer: pl.Trainer, per_step: float, first_step: int = 0) -> str:
+    """`timed: 0.43 s per step: the 42,200 steps take about 5.0 h` (a resumed run: those
+    from `first_step`), or when `trainer.max_time` stops the run first, and near which step."""
+    total = trainer.estimated_stepping_batches
+    rate = f"{per_step:.2g} s" if per_step < 10 else duration(per_step)
+    text = f"timed: {rate} per step"
+    seconds, limited = time_left(trainer, per_step)
+    if limited and seconds is not None:
+        near = trainer.global_step + int(seconds / per_step)
+        of = f" of {int(total):,}" if math.isfinite(total) else ""
+        text += f": trainer.max_time stops it in {duration(seconds)}, near step {near:,}{of}"
+    elif math.isfinite(total):
+        steps = max(int(total) - first_step, 0)
+        start = f" from step {first_step:,}" if first_step > 0 else ""
+        text += f": the {steps:,} steps{start} take about {duration(steps * per_step)}"
+    return f"{text} (validation and what follows training come on top)"
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'s' if count != 1 else ''}"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Timer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cvae import CVAE, ImageDataModule
+from cvae.callbacks import TextProgress, plan_line, timed_line
 from cvae.errors import CheckpointError
 from cvae.training import build, train
 from tests.helpers import compose_train, event_tags, run_cli, write_broken_files
@@ -37,6 +41,10 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
         assert line and int(line[1]) == epoch * int(line[2]) // 2, log
         assert line[0] in result.stdout
     assert re.search(r"\] - epoch 1/2, step \d+/\d+, ", log)  # between epoch ends too
+    # its expected length comes before the first step
+    planned = re.search(r"expected length: (\d+) steps \(2 epochs x (\d+) steps, ", log)
+    assert planned and int(planned[1]) == 2 * int(planned[2]), log
+    assert planned.start() < log.index("epoch 1/2, step")
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert len(list((tmp_path / "checkpoints").glob("epoch_*.ckpt"))) == 1  # the best one
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
@@ -322,3 +330,62 @@ def test_callbacks_ema_keeps_an_average_that_the_commands_load(tmp_path: Path) -
     average, live = checkpoint["state_dict"][key], checkpoint["current_model_state"][key]
     assert not torch.equal(average, live)
     assert torch.equal(from_checkpoint(checkpoint).state_dict()[key], average)
+
+
+def _trainer(*callbacks: Callback, **settings: object) -> SimpleNamespace:
+    """What TextProgress reads of a trainer: 50 epochs of 844 steps, at step 100."""
+    defaults = {
+        "global_step": 100,
+        "estimated_stepping_batches": 42_200,
+        "max_epochs": 50,
+        "max_steps": -1,
+        "num_training_batches": 844,
+        "accumulate_grad_batches": 1,
+        "current_epoch": 0,
+        "is_global_zero": True,
+        "callback_metrics": {},
+        "world_size": 1,
+    }
+    return SimpleNamespace(callbacks=list(callbacks), **(defaults | settings))
+
+
+def test_the_time_left_ends_at_max_time_when_that_comes_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One second before a 6-minute limit the line says 1 s, not the hours the steps need."""
+    timer = Timer(duration="00:00:06:00")
+    timer.load_state_dict({"time_elapsed": {"train": 359.0}})  # a resumed run's clock too
+    lines = {}
+    for name, callbacks in (("limited", [timer]), ("free", [])):
+        trainer = _trainer(*callbacks)
+        progress = TextProgress(when="always")
+        progress.on_train_start(trainer, None)
+        progress.started -= 100  # 10 steps in 100 s: 42,090 steps left take 116.9 h
+        trainer.global_step = 110
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cvae.callbacks"):
+            progress.on_train_epoch_end(trainer, None)
+        lines[name] = caplog.messages[-1]
+    assert "about 1 s left (trainer.max_time)" in lines["limited"]
+    assert "about 116.9 h left;" in lines["free"] or lines["free"].endswith("about 116.9 h left")
+
+
+def test_the_expected_length_names_what_ends_the_run() -> None:
+    six_minutes = Timer(duration="00:00:06:00")
+    assert plan_line(_trainer(global_step=0)).startswith(
+        "expected length: 42,200 steps (50 epochs x 844 steps, trainer.max_epochs=50); the "
+        "time follows once the first steps are timed"
+    )
+    by_steps = plan_line(_trainer(global_step=0, max_steps=1000))
+    assert "1,000 steps (trainer.max_steps=1000; 50 epochs of 844 steps would be 42,200)" in (
+        by_steps
+    )
+    resumed = plan_line(_trainer(six_minutes, global_step=1200))
+    assert ", 41,000 left from step 1,200; trainer.max_time stops it after 6.0 min" in resumed
+    timed = timed_line(_trainer(six_minutes, global_step=0), 0.5)  # the timer not started
+    assert timed.startswith(
+        "timed: 0.5 s per step: trainer.max_time stops it in 6.0 min, near step 720 of 42,200"
+    )
+    assert timed_line(_trainer(global_step=0), 0.5).startswith(
+        "timed: 0.5 s per step: the 42,200 steps take about 5.9 h"
+    )
