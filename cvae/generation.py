@@ -284,7 +284,14 @@ def _interpolate(
         frames = model.interpolate_classes(first, second, z, int(cfg.steps))
     else:
         (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model, label)
-        frames = model.interpolate(first, second, int(cfg.steps), bool(cfg.spherical), labels)
+        frames = model.interpolate(
+            first,
+            second,
+            int(cfg.steps),
+            bool(cfg.spherical),
+            labels,
+            level=int(cfg.get("level", 0)),
+        )
     visualize_batch(frames, out / "interpolation.png", nrow=len(frames))
     save_gif(frames, out / "interpolation.gif")
 

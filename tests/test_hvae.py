@@ -210,3 +210,21 @@ def test_a_kl_warm_up_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
         _two_levels(level_warmup_steps=[100])
     with pytest.raises(ValueError, match=r"it needs model.iw_samples=1"):
         _two_levels(level_warmup_steps=[0, 100], iw_samples=4)
+
+
+def test_interpolation_at_a_chosen_level() -> None:
+    """Level i walks between the two images' posterior means, the other levels held at the
+    first image's: the first frame is its reconstruction; a level the model lacks is one
+    line naming the key."""
+    model = _two_levels()
+    x = torch.rand(2, 1, 8, 8)
+    for level in (0, 1):
+        frames = model.interpolate(x[0], x[1], steps=5, level=level)
+        assert frames.shape == (5, 1, 8, 8)
+        torch.testing.assert_close(frames[0], model.reconstruct(x[:1])[0])
+        assert not torch.allclose(frames[0], frames[-1])
+    with pytest.raises(ValueError) as error:
+        model.interpolate(x[0], x[1], level=2)
+    assert str(error.value) == "level=2: this model has 2 latent level(s), 0 (the top) to 1"
+    with pytest.raises(ValueError, match="this model has 1 latent level"):
+        CVAE(**TINY).interpolate(x[0], x[1], level=1)

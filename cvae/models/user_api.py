@@ -59,6 +59,24 @@ def level_temperatures(temperature: float | Sequence[float], levels: int) -> lis
     return values
 
 
+def check_level(level: object, levels: int) -> None:
+    """A latent level's index (0: the top), or a one-line error naming the key."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < levels:
+        raise ValueError(
+            f"level={level!r}: this model has {levels} latent level(s), 0 (the top) to {levels - 1}"
+        )
+
+
+def walk(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """Points from `a` to `b` at fractions `t` `(steps, 1)`: a straight line, or a great
+    circle (`spherical`); parallel vectors' great circle is the line."""
+    if spherical:
+        omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1))
+        if omega.abs() > 1e-6:
+            return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
+    return (1 - t) * a + t * b
+
+
 class UserAPI:
     """Sampling (from the prior or a fitted ex-post sampler), per-class grids,
     reconstructions and interpolations: `CVAE`'s user API."""
@@ -140,20 +158,19 @@ class UserAPI:
         steps: int = 8,
         spherical: bool = False,
         labels: Labels = None,
+        level: int = 0,
     ) -> torch.Tensor:
         """`steps` images decoded along the path between the posterior means of two images
         `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
         that latents of a Gaussian prior concentrate at. A conditional model takes the two
-        images' `labels`; the class code walks from one to the other along with `z`."""
+        images' `labels`; the class code walks from one to the other along with `z`. `level`:
+        the latent level that walks (0, the top, the only one of a one-level model)."""
+        check_level(level, self.latent_levels)
         labels = self.class_indices(labels, 2)
         with evaluating(self):
             a, b = self.encode(torch.stack([x1, x2]).to(self.device), labels).mu
             t = torch.linspace(0, 1, steps, device=self.device)[:, None]
-            z = (1 - t) * a + t * b
-            if spherical:
-                omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1))
-                if omega.abs() > 1e-6:  # (parallel means: the great circle is the line)
-                    z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / omega.sin()
+            z = walk(a, b, t, spherical)
             if labels is None:
                 return self.decode(z)
             return self._decode_between(z, labels[0], labels[1], t)
