@@ -188,4 +188,7 @@ def combine(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
     )
     if len(posterior.sizes) > 1:
         metrics["active_units_per_level"] = posterior.active_units_per_level()
+        metrics["kl_per_level"] = [
+            round(float(part.sum()), 6) for part in posterior.kl_per_dim().split(posterior.sizes)
+        ]
     return metrics

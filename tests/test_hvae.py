@@ -228,3 +228,16 @@ def test_interpolation_at_a_chosen_level() -> None:
     assert str(error.value) == "level=2: this model has 2 latent level(s), 0 (the top) to 1"
     with pytest.raises(ValueError, match="this model has 1 latent level"):
         CVAE(**TINY).interpolate(x[0], x[1], level=1)
+
+
+def test_evaluation_metrics_report_each_level() -> None:
+    """`cvae.evaluate`'s metrics of a hierarchy: active units and the KL of each level (the
+    levels' shares of the per-latent KL), beside the totals."""
+    from cvae.metrics import combine, image_metrics
+
+    model = _two_levels()
+    chunk = image_metrics(model, torch.rand(6, 1, 8, 8), None, 4, _generator(0))
+    metrics = combine([chunk], model, 4)
+    assert len(metrics["active_units_per_level"]) == len(metrics["kl_per_level"]) == 2
+    assert metrics["latent_dim"] == 5 and len(metrics["kl_per_dim"]) == 5
+    assert sum(metrics["kl_per_level"]) == pytest.approx(sum(metrics["kl_per_dim"]), abs=1e-4)
