@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from cvae.errors import Interrupted, stopped_by
 from cvae.metrics import PosteriorStatistics
@@ -270,6 +270,31 @@ class LikelihoodMonitor(pl.Callback):
                 x, pl_module.given(labels), k=self.iw_samples, generator=generator
             ).sum()
         pl_module.log("val/iw_nll", total / self.collected, sync_dist=True)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar with the epochs numbered from 1, as the log lines, the interrupt
+    line and the resume line number them (`Epoch 1/50`, where Lightning's says `Epoch 0/49`),
+    and off where stdout is not a terminal (a log file), where rich would write its last
+    frame into the log: `TextProgress` writes lines there. `when`: `auto`, `always` or
+    `never`; the trainer's `enable_progress_bar` stays on, else Lightning adds a bar of its
+    own."""
+
+    def __init__(self, when: str = "auto", **settings: object) -> None:
+        if when not in WHEN:
+            raise ValueError(
+                f"callbacks.rich_progress_bar.when={when!r} is not one of {', '.join(WHEN)}"
+            )
+        super().__init__(**settings)
+        if when == "never" or (when == "auto" and not sys.stdout.isatty()):
+            self.disable()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        """The text before the training bar (Lightning's hook for it, which it pads to the
+        validation bar's text so the two do not flicker)."""
+        epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch + 1}" + (f"/{epochs}" if epochs and epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}"
 
 
 class TextProgress(pl.Callback):

@@ -191,7 +191,7 @@ class SaveOnInterrupt(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
         if self._received(trainer):
-            where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+            where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
             self._save_and_stop(trainer, f"training stopped at {where}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -93,7 +93,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
             "from an earlier start (a requeued job, or the same hydra.run.dir): "
             "resuming from it",
             shown(own),
-            checkpoint["epoch"],
+            checkpoint["epoch"] + 1,  # numbered from 1, as the progress lines and bar are
             checkpoint["global_step"],
         )
     # Callbacks first: the sampler fitted when training ends is built here, so its bad

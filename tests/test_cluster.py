@@ -53,7 +53,7 @@ def test_a_run_started_again_in_its_folder_resumes_from_its_last_ckpt(
     caplog.set_level("INFO", logger="cvae.training")
     train(compose_train(tmp_path, *LONG_RUN))
     own = tmp_path / "checkpoints" / "last.ckpt"
-    assert f"already holds {own} (epoch 0, step 5) from an earlier start" in caplog.text
+    assert f"already holds {own} (epoch 1, step 5) from an earlier start" in caplog.text
     final = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 14
     assert same_weights(uninterrupted, final)  # continued exactly, not started over
@@ -94,7 +94,7 @@ def test_a_job_submitit_does_not_requeue_stops_with_the_reason_and_a_resume_line
     with pytest.raises(Interrupted) as stop:
         train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGUSR2)))
     message = str(stop.value)
-    assert message.startswith("SIGUSR2: training stopped at epoch 0, step 5; saved ")
+    assert message.startswith("SIGUSR2: training stopped at epoch 1, step 5; saved ")
     assert "; Job not requeued because: timed-out too many times; resume with: " in message
     assert stop.value.exit_status == 128 + signal.SIGUSR2
 
@@ -117,7 +117,7 @@ def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
     assert same_weights(uninterrupted, final)
     log = (job / "train.log").read_text()
     assert "handing SIGUSR2 to submitit to requeue the job" in log
-    assert "(epoch 0, step 5) from an earlier start" in log
+    assert "(epoch 1, step 5) from an earlier start" in log
     assert "completed" in (sweep / "summary.csv").read_text()
 
 

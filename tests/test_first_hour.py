@@ -73,7 +73,7 @@ def test_ctrl_c_saves_the_step_and_prints_a_resume_command_that_continues_exactl
     run = tmp_path / "run"
     last_line, printed, saved = _stopped_run(run, signal.SIGINT, 11)
     assert "Ctrl-C: saving last.ckpt after this step (Ctrl-C again quits at once)" in printed
-    assert last_line.startswith("Ctrl-C: training stopped at epoch 1, step 12; saved ")
+    assert last_line.startswith("Ctrl-C: training stopped at epoch 2, step 12; saved ")
     assert saved["global_step"] == 12  # the step that was running finished, then it saved
     command = last_line.split("resume with: ", 1)[1]
     assert f"hydra.run.dir={run}" in command  # the folder the user chose: it goes on there
@@ -96,7 +96,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_thesame_weights(
     last_line, printed, saved = _stopped_run(tmp_path / "run", signal.SIGTERM, 4)
     assert "SIGTERM: saving last.ckpt after this step" in printed
     assert "quits at once" not in printed  # only after a Ctrl-C does a second one quit
-    assert last_line.startswith("SIGTERM: training stopped at epoch 0, step 5; saved ")
+    assert last_line.startswith("SIGTERM: training stopped at epoch 1, step 5; saved ")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     train(compose_train(tmp_path / "resumed", *LONG_RUN, f"ckpt_path={last}"))
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import pty
 import re
+import select
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +23,7 @@ from cvae import CVAE, ImageDataModule
 from cvae.callbacks import TextProgress, plan_line, timed_line
 from cvae.errors import CheckpointError
 from cvae.training import build, train
-from tests.helpers import compose_train, event_tags, run_cli, write_broken_files
+from tests.helpers import REPO, TINY, compose_train, event_tags, run_cli, write_broken_files
 
 
 @pytest.mark.slow
@@ -267,7 +273,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         return terms
 
     monkeypatch.setattr(CVAE, "loss_terms", diverge_in_second_epoch)
-    message = rf"{stage}/loss is nan at epoch 1, step \d+"
+    message = rf"{stage}/loss is nan at epoch 2, step \d+"  # numbered from 1
     if stage == "train":  # skipped and counted until max_bad_steps in a row
         message += ": 3 training steps in a row were skipped"
     with pytest.raises(FloatingPointError, match=message):
@@ -389,3 +395,48 @@ def test_the_expected_length_names_what_ends_the_run() -> None:
     assert timed_line(_trainer(global_step=0), 0.5).startswith(
         "timed: 0.5 s per step: the 42,200 steps take about 5.9 h"
     )
+
+
+# The rich bar back in a tiny run (TINY drops it): what a user's run has.
+WITH_BAR = [
+    "+callbacks.rich_progress_bar._target_=cvae.callbacks.ProgressBar",
+    "trainer.enable_progress_bar=true",
+    "trainer.max_epochs=2",
+    "test=false",
+    "sampler=prior",
+]
+
+
+def _in_a_terminal(*overrides: str, timeout: float = 300) -> str:
+    """What `python -m cvae.train` with the tiny settings shows in a terminal (a
+    pseudo-terminal), escape sequences removed."""
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "cvae.train", *TINY, *overrides]
+    process = subprocess.Popen(command, cwd=REPO, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([leader], [], [], 1.0)[0]:
+            continue
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the run ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=30) == 0
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+
+
+@pytest.mark.slow
+def test_the_bar_numbers_epochs_from_1_and_stays_out_of_log_files(tmp_path: Path) -> None:
+    """Lightning's bar says `Epoch 0/1` where the lines say `epoch 1/2`; and in a log file
+    (stdout not a terminal) it wrote its last frame there."""
+    logged = run_cli(*WITH_BAR, f"hydra.run.dir={tmp_path / 'logged'}")
+    assert "epoch end: epoch 2/2, step" in logged.stdout  # the lines instead
+    assert "Epoch " not in logged.stdout + logged.stderr  # no bar frame
+    shown = _in_a_terminal(*WITH_BAR, f"hydra.run.dir={tmp_path / 'shown'}")
+    assert "Epoch 1/2" in shown and "Epoch 2/2" in shown
+    assert "Epoch 0/" not in shown

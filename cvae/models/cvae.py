@@ -444,7 +444,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         """Stop before a diverged model is checkpointed (validation)."""
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"{stage}/loss is {loss.item()} at epoch {self.current_epoch}, step "
+                f"{stage}/loss is {loss.item()} at epoch {self.current_epoch + 1}, step "
                 f"{self.global_step}: training stopped, the last good checkpoint is kept "
                 "(try a lower model.lr or set trainer.gradient_clip_val)"
             )
@@ -531,7 +531,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         )
         if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
             raise FloatingPointError(
-                f"{what} at epoch {self.current_epoch}, step {self.global_step}: "
+                f"{what} at epoch {self.current_epoch + 1}, step {self.global_step}: "
                 f"{self.bad_steps_in_a_row} training steps in a row were skipped as non-finite, "
                 "training stopped, the last good checkpoint is kept (try a lower model.lr or "
                 "set trainer.gradient_clip_val)"
