@@ -12,6 +12,11 @@ callback that, before anything is submitted,
   (`AccountingStorageType=accounting_storage/none`, common on small clusters), so the
   launcher polled forever. `QueueWatcher` asks `squeue` whenever `sacct` cannot answer.
 
+A job that ends without a result (`scancel`, a node failure, a time limit without requeue)
+made submitit's `Job.results` raise in the launching process, which ended the sweep command
+with submitit's traceback while the other jobs still ran: `record_jobs_without_result`
+makes it one row of the sweep's summary (`cvae.summary`) and lets the sweep go on.
+
 What happens inside a job (time limit, requeue, resume) is in `checkpointing.SaveOnInterrupt`
 and `training.build`.
 """
@@ -20,13 +25,17 @@ from __future__ import annotations
 
 import getpass
 import logging
+import re
 import subprocess
 import sys
 import time
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.core import Job
+from submitit.core.utils import UncompletedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
@@ -158,3 +167,28 @@ def check_request(config: DictConfig) -> None:
             f"trainer.accelerator={accelerator}, but hydra.launcher.gpus_per_node={gpus}: the "
             "job would get no GPU; use hydra/launcher=slurm (one GPU per task)"
         )
+
+
+def record_jobs_without_result(sweeper_stops_at_failures: bool) -> None:
+    """In the launching process of a submitit sweep: a job that ends without a result
+    returns a failed job (the sweeper goes on, and the job's own folder says what stopped it:
+    `job.json`, its log) instead of raising submitit's `UncompletedJobError`. For a sweeper
+    that ends at the first failure (Hydra's basic one), a completed job with no value."""
+    if getattr(Job.results, "records_missing_results", False):
+        return
+    results = Job.results
+
+    def results_or_record(job: Job) -> list:
+        try:
+            return results(job)
+        except UncompletedJobError as error:
+            state = re.search(r"\(state: ([^)]*)\)", str(error))
+            reason = f" (state {state.group(1)})" if state else ""
+            log.warning("job %s ended without a result%s", job.job_id, reason)
+            missing = JobReturn(status=JobStatus.FAILED, _return_value=error)
+            if sweeper_stops_at_failures:
+                missing = JobReturn(status=JobStatus.COMPLETED, _return_value=None)
+            return [missing]
+
+    results_or_record.records_missing_results = True  # type: ignore[attr-defined]
+    Job.results = results_or_record  # type: ignore[method-assign]

@@ -70,7 +70,8 @@ FINAL = {
 RESULT, FAILURE, PICTURE = "result.json", "failure.json", "rate_distortion.png"
 JOB = "job.json"  # {"status", "overrides", "error"}: how the job ended, written when it does
 DEFAULT_OBJECTIVE = {"metric": ["val/neg_elbo"], "direction": ["minimize"]}
-STOPPED = {130: "Ctrl-C", 143: "SIGTERM"}  # exit statuses of a job stopped by a signal
+# exit statuses of a job stopped by a signal (SIGUSR2: a SLURM time limit, not requeued)
+STOPPED = {130: "Ctrl-C", 140: "SIGUSR2", 143: "SIGTERM"}
 # How a job stands; "incomplete": started, no record of an end (running, or killed).
 STATUSES = ("completed", "failed", "interrupted", "incomplete", "not run")
 
@@ -344,8 +345,8 @@ def place_labels(
 
 def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]], stop: str | None = None) -> str:
     """The one line a sweep ends with: what finished, what failed (the first failure's
-    error), and, for a sweep stopped by `stop` ("SIGTERM", "Ctrl-C"), what did not run and
-    the command that continues it."""
+    error), what did not (a sweep stopped by `stop`, "SIGTERM" or "Ctrl-C", or a job that
+    ended without a result) and the command that continues it."""
     names = {s: [r["job"] for r in rows if r["status"] == s] for s in STATUSES}
     names = {s: sorted(jobs, key=_job_order) for s, jobs in names.items()}
     counts = [f"{len(names['completed'])} completed"]
@@ -361,9 +362,16 @@ def sweep_line(sweep_dir: Path, rows: list[dict[str, Any]], stop: str | None = N
             shown = ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "")
             counts.append(f"{len(jobs)} {status} (job{'s' * (len(jobs) > 1)} {shown})")
     line = f"{', '.join(counts)}; see {sweep_dir / 'summary.md'}"
-    if stop is None:
-        return f"sweep finished: {line}"
-    return f"sweep stopped by {stop}: {line}; continue with: {continue_command(sweep_dir)}"
+    if _unfinished(rows):
+        line += f"; continue with: {continue_command(sweep_dir)}"
+    if stop is not None:
+        return f"sweep stopped by {stop}: {line}"
+    return f"sweep {'ended' if _unfinished(rows) else 'finished'}: {line}"
+
+
+def _unfinished(rows: list[dict[str, Any]]) -> bool:
+    """Whether a job of the sweep neither completed nor failed (stopped, killed, not run)."""
+    return any(row["status"] in STATUSES[2:] for row in rows)
 
 
 def continue_command(sweep_dir: Path) -> str:
@@ -458,7 +466,7 @@ def _study_ends_without_result(config: DictConfig, rows: list[dict[str, Any]]) -
 class SweepSummary(Callback):
     """Hydra callback: checks the sweep objective before the first job, records how each
     job ended and refreshes the sweep's summary, and ends the sweep with one line (exit
-    status 1 when a job failed)."""
+    status 1 when a job failed or did not finish)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("objective") is None:  # not a training sweep
@@ -468,6 +476,10 @@ class SweepSummary(Callback):
         except ValueError as error:  # one line, and no sweep folder: nothing has run yet
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):
+            from cvae.cluster import record_jobs_without_result  # imports submitit
+
+            record_jobs_without_result(_sweeper_stops_at_failures(config))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
@@ -494,7 +506,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_sweep_summary(sweep_dir)
-        failed = any(row["status"] == "failed" for row in rows)
-        print(sweep_line(sweep_dir, rows), file=sys.stderr if failed else sys.stdout)
-        if failed:
+        short = any(row["status"] == "failed" for row in rows) or _unfinished(rows)
+        print(sweep_line(sweep_dir, rows), file=sys.stderr if short else sys.stdout)
+        if short:
             sys.exit(1)

@@ -8,6 +8,7 @@ docs/development.md (tests/cluster/start_slurm.sh; never run by `make test`)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import stat
@@ -119,6 +120,42 @@ def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
     assert "handing SIGUSR2 to submitit to requeue the job" in log
     assert "(epoch 1, step 5) from an earlier start" in log
     assert "completed" in (sweep / "summary.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [
+        # what scancel sends: the job saves, says so, records itself as interrupted
+        (["tests.killers.SignalAt", "+callbacks.stop.signum=15"], "interrupted"),
+        # a node failure: the job records nothing
+        (["tests.killers.KillAt"], "incomplete"),
+    ],
+    ids=["sigterm", "sigkill"],
+)
+def test_a_launcher_job_that_ends_without_a_result_is_one_row_and_one_line(
+    tmp_path: Path, stop: list[str], status: str
+) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "hydra/launcher=submitit_local",
+        "trainer.max_epochs=1,3",  # 4 steps an epoch: only job 1 reaches step 4
+        "test=false",
+        "sampler=prior",
+        f"+callbacks.stop._target_={stop[0]}",
+        "+callbacks.stop.step=4",
+        *stop[1:],
+        f"hydra.sweep.dir={sweep}",
+        multirun=True,
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"sweep ended: 1 completed, 1 {status} (job 1); see {sweep}/summary.md; continue with: "
+    )
+    assert re.search(r"job \d+ ended without a result \(state \w+\)", result.stdout)
+    rows = (sweep / "summary.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in rows] == [["0", "completed"], ["1", status]]
 
 
 @pytest.fixture
