@@ -1,7 +1,8 @@
 """What `python -m cvae.generate ckpt_path=PATH mode=...` does, usable from Python too.
 
 `sample` draws from the prior (or a fitted ex-post `sampler`; `fit` fits one beside the
-checkpoint), `reconstruct` shows every image of a folder beside its reconstruction,
+checkpoint), `reconstruct` shows every image of a folder (`input`; without one, `n` test
+images) beside its reconstruction,
 `interpolate` walks between two images (grid and GIF), `traverse` sweeps the directions
 along which the posteriors vary most (or single latents). Output: outputs/generate/<timestamp>/.
 A conditional model draws the class `label` (a name or an index; `all`: a row per class), and
@@ -242,17 +243,15 @@ def _reconstruct(
     out: Path,
     sampler: object = None,
 ) -> None:
-    """A folder's images beside their reconstructions; without `input` (the showcase),
-    `n` random test images."""
+    """A folder's images beside their reconstructions; without `input`, `n` random test
+    images (as the showcase's)."""
     label = plain(cfg.get("label"))
     if cfg.input:
         inputs, paths, classes = load_folder(cfg.input, datamodule.preprocess)
         labels = folder_labels(model, label, classes)
-    elif cfg.mode == "showcase":
+    else:
         inputs, labels = pick_images(None, int(cfg.n), datamodule, generator, model, label)
         paths = None
-    else:
-        raise ValueError("mode=reconstruct needs input=DIR, a folder of images")
     outputs = torch.cat(
         [
             model.reconstruct(inputs[i : i + 256], None if labels is None else labels[i : i + 256])

@@ -46,16 +46,34 @@ def newest_last_checkpoint(log_dir: str | Path, task: str = "*") -> str:
     return str(found[-1])
 
 
+def last_checkpoint_in(folder: Path) -> str:
+    """`ckpt_path=<a folder>`: the newest `last.ckpt` in it or in a `checkpoints/` under it
+    (a run folder's own; a sweep folder's, of the job that wrote last)."""
+    found = [folder / "last.ckpt"] if (folder / "last.ckpt").is_file() else []
+    found += folder.glob("**/checkpoints/last.ckpt")
+    if not found:
+        raise CheckpointError(
+            f"ckpt_path={folder} is a folder without a checkpoints/last.ckpt: give a run "
+            "folder, a sweep folder or a .ckpt file"
+        )
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
 def resolve_checkpoint(cfg: DictConfig, task: str = "*", resuming: bool = False) -> dict | None:
-    """The checkpoint `cfg.ckpt_path` names (`last` replaced by the file it means, and said),
-    read and checked to be a cvae checkpoint with finite weights: a damaged or foreign file,
-    or one whose weights hold NaN, is a one-line error before anything starts."""
+    """The checkpoint `cfg.ckpt_path` names (`last`, or a run or sweep folder, replaced by the
+    file it means, and said first), read and checked to be a cvae checkpoint with finite
+    weights: a damaged or foreign file, or one whose weights hold NaN, is a one-line error
+    before anything starts."""
     path = cfg.get("ckpt_path")
     if not path:
         return None
     if path == "last":
         path = cfg.ckpt_path = newest_last_checkpoint(cfg.paths.log_dir, task)
         log.info("ckpt_path=last: %s", path)
+    elif Path(path).expanduser().is_dir():
+        folder = path
+        path = cfg.ckpt_path = last_checkpoint_in(Path(folder).expanduser())
+        log.info("ckpt_path=%s: %s", folder, shown(path))
     checkpoint = read_checkpoint(path)
     use = "resume from" if resuming else "use"
     check_finite_weights(checkpoint, path, f"{use} an earlier checkpoint of that run")

@@ -460,6 +460,17 @@ def test_reconstruct_decodes_a_folder_like_training_data(trained_run: Path, tmp_
     assert (out / "reconstructions.png").is_file()
 
 
+def test_reconstruct_without_input_shows_n_test_images_as_the_showcase_does(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    alone = _generate(trained_run, tmp_path / "alone", "mode=reconstruct", "n=6")
+    showcase = _generate(trained_run, tmp_path / "showcase", "mode=showcase", "n=6")
+    grid = (alone / "reconstructions.png").read_bytes()
+    assert grid == (showcase / "reconstructions.png").read_bytes()
+    assert Image.open(alone / "reconstructions.png").size[0] > 6 * 16  # the six, in a row
+    assert not (alone / "pairs").exists()  # no files of their own: they are not the user's
+
+
 @pytest.mark.parametrize("spherical", [False, True])
 def test_interpolate_writes_grid_and_gif(trained_run: Path, tmp_path, spherical: bool) -> None:
     out = _generate(trained_run, tmp_path, "mode=interpolate", "steps=5", f"spherical={spherical}")

@@ -253,6 +253,49 @@ def test_every_kind_of_bad_checkpoint_is_one_line_in_every_command(
         assert REASONS[kind] in lines[0]
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "export"])
+def test_a_run_or_sweep_folder_as_ckpt_path_means_its_newest_last_checkpoint(
+    command: str, trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every command reads `ckpt_path` through `loading.resolve_checkpoint`: a folder is
+    its newest `checkpoints/last.ckpt`, named in the first line."""
+    from cvae.loading import resolve_checkpoint
+
+    sweep = tmp_path / "sweep"
+    for job, age in (("1", 2), ("0", 1)):  # job 1 wrote last
+        saved = sweep / job / "checkpoints" / "last.ckpt"
+        saved.parent.mkdir(parents=True)
+        shutil.copy(trained_run / "checkpoints" / "last.ckpt", saved)
+        os.utime(saved, (1_000_000 + age, 1_000_000 + age))
+    for folder, meant in (
+        (trained_run, trained_run / "checkpoints" / "last.ckpt"),
+        (trained_run / "checkpoints", trained_run / "checkpoints" / "last.ckpt"),
+        (sweep, sweep / "1" / "checkpoints" / "last.ckpt"),
+    ):
+        if command == "train":
+            cfg = compose_train(tmp_path / "out", f"ckpt_path={folder}")
+        else:
+            cfg = compose_tool(command, tmp_path / "out", f"ckpt_path={folder}", "device=cpu")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cvae.loading"):
+            checkpoint = resolve_checkpoint(cfg, resuming=command == "train")
+        assert checkpoint["global_step"] > 0 and cfg.ckpt_path == str(meant)
+        assert caplog.messages[0] == f"ckpt_path={folder}: {meant}"
+    (tmp_path / "empty").mkdir()
+    cfg = compose_tool("generate", tmp_path / "out", f"ckpt_path={tmp_path / 'empty'}")
+    with pytest.raises(ValueError, match=r"is a folder without a checkpoints/last.ckpt: give"):
+        resolve_checkpoint(cfg)
+
+
+def test_generate_runs_on_a_run_folder(trained_run: Path, tmp_path: Path) -> None:
+    from cvae.generation import generate
+
+    cfg = compose_tool(
+        "generate", tmp_path, f"ckpt_path={trained_run}", "mode=sample", "n=4", "device=cpu"
+    )
+    assert (generate(cfg) / "samples.png").is_file()  # the fitted sampler found beside it
+
+
 @pytest.mark.slow
 def test_cli_bad_checkpoint_leaves_no_traceback_and_no_run_folder(
     trained_run: Path, tmp_path: Path
