@@ -241,3 +241,23 @@ def test_evaluation_metrics_report_each_level() -> None:
     assert len(metrics["active_units_per_level"]) == len(metrics["kl_per_level"]) == 2
     assert metrics["latent_dim"] == 5 and len(metrics["kl_per_dim"]) == 5
     assert sum(metrics["kl_per_level"]) == pytest.approx(sum(metrics["kl_per_dim"]), abs=1e-4)
+
+
+def test_a_conditional_hierarchy_reads_the_class_everywhere() -> None:
+    """`model.conditional=true` on a hierarchy: the class enters the encoder and the decoder;
+    bounds, samples, walks and the exported sampling graph take it."""
+    torch.manual_seed(0)
+    model = HVAE(
+        **TINY, levels=[2], level_width=8, conditional=True, class_names=["a", "b", "c"]
+    ).eval()
+    x, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    assert torch.isfinite(model.loss_terms(x, labels=labels)["loss"])
+    assert model.log_likelihood(x, labels, k=4).shape == (4,)
+    as_a = model.sample(3, generator=_generator(0), labels="a", temperature=[1.0, 0.0])
+    as_b = model.sample(3, generator=_generator(0), labels="b", temperature=[1.0, 0.0])
+    assert not torch.allclose(as_a, as_b)  # the same latents, another class
+    assert model.interpolate(x[0], x[1], labels=[0, 1], level=1).shape == (8, 1, 8, 8)
+    sampling, example, names, _ = model.exportable()["decoder"]
+    assert names == ["z", "eps", "labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(sampling(*example), model.decode_noise(*example))
