@@ -6,7 +6,9 @@ Light on purpose (no torch, no Lightning): every entry point imports it before `
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -16,11 +18,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    CompactHydraException,
+    ConfigCompositionException,
+    InstantiationException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Set by `run_door` while Hydra composes the config, undone by `composed` when the task starts.
+FULL_ERROR, SUGGESTING = "HYDRA_FULL_ERROR", "CVAE_SUGGESTING"
+SUGGESTIONS = 3  # close matches named at most
+CLOSE_ENOUGH, CLOSE_MARGIN = 0.7, 0.05  # difflib similarity of a match; of others to the best
 
 
 class CheckpointError(ValueError):
@@ -194,3 +206,150 @@ def _remove_empty_parents(folder: Path, root: Path | None) -> None:
             parent.rmdir()  # only ever succeeds on an empty folder
         except OSError:
             return
+
+
+def run_door(main: Callable[[], object], config_name: str) -> None:
+    """`main()`, a door's `hydra.main` function, with a mistyped key or config option as one
+    line naming its close matches (`did you mean trainer.max_epochs?`) instead of Hydra's
+    advice to add `+trainer.max_epoch=1`. Hydra prints its composition errors itself and
+    exits, unless `HYDRA_FULL_ERROR` is set, when it raises them: so it is set here until
+    the task starts (`composed`), and a user's own setting keeps Hydra's full traces."""
+    if os.environ.get(FULL_ERROR):
+        main()
+        return
+    os.environ[FULL_ERROR] = os.environ[SUGGESTING] = "1"
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        print(f"error: {override_error(error, config_name)}", file=sys.stderr)
+        sys.exit(1)
+    except CompactHydraException as error:  # as Hydra itself prints them
+        cause = error.__cause__
+        print(f"{error}{os.linesep}{cause}" if cause else error, file=sys.stderr)
+        sys.exit(1)
+    finally:
+        composed()
+
+
+def composed() -> None:
+    """The config is composed (the first call of every door's task): from here Hydra reports
+    errors its own way again, in this process and in those the task starts."""
+    if os.environ.pop(SUGGESTING, None):
+        os.environ.pop(FULL_ERROR, None)
+
+
+def override_error(error: Exception, config_name: str, overrides: list[str] | None = None) -> str:
+    """The one line for an override Hydra could not apply (`overrides`: the command line's):
+    a key or config option that does not exist, with its close matches among those of the
+    composed config; else Hydra's own first line."""
+    if overrides is None:
+        from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
+
+        args = get_args_parser().parse_known_args()[0]
+        overrides, config_name = args.overrides, args.config_name or config_name
+    try:
+        return bad_override(config_name, overrides) or _first_line(error)
+    except Exception:  # the suggestion is a courtesy: never hide Hydra's message behind it
+        return _first_line(error)
+
+
+def bad_override(config_name: str, overrides: list[str]) -> str | None:
+    """What is wrong with the first of `overrides` that names a key or config option the
+    config `config_name` does not have, with close matches; None when each names one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            parser.parse_overrides([line])
+        except OverrideParseException as error:
+            return f"{line} is not an override Hydra can read ({_first_line(error)})"
+    parsed = parser.parse_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        groups = set(compose(config_name, return_hydra_config=True).hydra.runtime.choices)
+        chosen, wrong = [], None
+        for override in parsed:
+            group = override.key_or_group
+            if group not in groups or override.is_delete():
+                continue
+            options = loader.get_group_options(group)
+            values = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [str(override.value())]
+            )
+            missing = [value for value in values if value not in options]
+            if missing and wrong is None:
+                close = _close(missing[0], options, group=group)
+                wrong = f"{group}={missing[0]} is not an option of {group}{close} "
+                wrong += f"({', '.join(options)})"
+            elif not missing:
+                chosen.append(f"{override.get_key_element()}={values[0]}")
+        if wrong is not None:
+            return wrong
+        keys = _keys(compose(config_name, overrides=chosen, return_hydra_config=True))
+    for override in parsed:
+        key = override.key_or_group
+        if key in groups or override.package is not None:
+            continue
+        if override.is_add() and key in keys:
+            return f"{override.input_line}: {key} is a key already, set it without '+'"
+        if not override.is_add() and not override.is_force_add() and key not in keys:
+            shown = keys if key.startswith("hydra.") else {k for k in keys if k[:6] != "hydra."}
+            close = _close(key, sorted(shown | groups))
+            listing = f"python -m cvae.{_DOORS.get(config_name, config_name)} --cfg job"
+            return f"{key} is not a key{close} ({listing} lists them)"
+    return None
+
+
+_DOORS = {"eval": "evaluate"}  # a config's door, where their names differ
+
+
+def _close(word: str, candidates: list[str], group: str | None = None) -> str:
+    """`: did you mean a or b?` for the closest matches of `word` (within `CLOSE_MARGIN` of the
+    best), else nothing. A key at the wrong depth (`max_epochs=1`) is matched by its last
+    part when the whole matches nothing."""
+    scored = _scores(word, candidates)
+    if not scored:
+        ends: dict[str, str] = {}
+        for candidate in candidates:
+            ends.setdefault(candidate.rsplit(".", 1)[-1], candidate)
+        scored = [(r, ends[e]) for r, e in _scores(word.rsplit(".", 1)[-1], list(ends))]
+    if not scored:
+        return ""
+    best = scored[0][0]
+    matches = [c for r, c in scored[:SUGGESTIONS] if r >= best - CLOSE_MARGIN]
+    named = [f"{group}={m}" if group else m for m in matches]
+    return f": did you mean {' or '.join(named)}?"
+
+
+def _scores(word: str, candidates: list[str]) -> list[tuple[float, str]]:
+    """(similarity, candidate) above `CLOSE_ENOUGH`, the closest first."""
+    scored = []
+    for candidate in candidates:
+        matcher = difflib.SequenceMatcher(None, word, candidate)
+        if matcher.ratio() >= CLOSE_ENOUGH:
+            scored.append((matcher.ratio(), candidate))
+    return sorted(scored, key=lambda rc: (-rc[0], rc[1]))
+
+
+def _keys(cfg: DictConfig) -> set[str]:
+    """Every dotted key of a config (lists are leaves), interpolations left unresolved."""
+    found: set[str] = set()
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                found.add(f"{prefix}{key}")
+                walk(value, f"{prefix}{key}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return found
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(error).__name__

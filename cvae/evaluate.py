@@ -11,12 +11,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cvae.errors import run_or_report
+from cvae.errors import composed, run_door, run_or_report
 from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    composed()  # from here Hydra reports errors its own way
     quiet_known_noise()
     # imports torch: after --help, after Hydra's checks
     from cvae.evaluation import evaluate_checkpoint
@@ -25,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_door(main, "eval")  # a mistyped key: one line with its close matches

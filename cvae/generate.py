@@ -9,12 +9,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cvae.errors import run_or_report
+from cvae.errors import composed, run_door, run_or_report
 from cvae.quiet import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    composed()  # from here Hydra reports errors its own way
     quiet_known_noise()
     from cvae.generation import generate  # imports torch: after --help, after Hydra's checks
 
@@ -22,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_door(main, "generate")  # a mistyped key: one line with its close matches

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cvae.errors import run_or_report
+from cvae.errors import composed, run_door, run_or_report
 from cvae.objective import check_objective
 from cvae.quiet import quiet_known_noise
 from cvae.summary import kept_result, stopped_sweep
@@ -17,6 +17,7 @@ from cvae.summary import kept_result, stopped_sweep
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the sweep objective (`objective.metric`): what a sweeper ranks this run by."""
+    composed()  # from here Hydra reports errors its own way
     quiet_known_noise()
     kept = kept_result(cfg)  # a sweep continued in its folder: a job it finished stays
     if kept is not None:
@@ -29,4 +30,4 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_door(main, "train")  # a mistyped key: one line with its close matches

@@ -507,6 +507,65 @@ def test_import_cvae_and_help_do_not_import_lightning() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    ("config", "overrides", "line"),
+    [
+        (
+            "train",
+            ["trainer.max_epoch=1"],
+            "trainer.max_epoch is not a key: did you mean "
+            "trainer.max_epochs? (python -m cvae.train --cfg job lists them)",
+        ),
+        ("train", ["max_epochs=1"], "max_epochs is not a key: did you mean trainer.max_epochs?"),
+        ("train", ["model=hvae", "model.latent=8"], "did you mean model.latent_dim?"),  # its keys
+        (
+            "train",
+            ["model.beta=1,2", "model.latnt_dim=8,16"],
+            "model.latent_dim?",
+        ),
+        (
+            "train",
+            ["model=cvaee"],
+            "model=cvaee is not an option of model: did you mean "
+            "model=cvae? (convhvae, cvae, cvae_deep, cvae_maxpool, hvae, vae_2conv)",
+        ),
+        ("train", ["model/prior=mogg"], "did you mean model/prior=mog?"),
+        ("train", ["+trainer.max_epochs=1"], "trainer.max_epochs is a key already, set it without"),
+        ("eval", ["eval.iw_sample=5"], "did you mean eval.iw_samples? (python -m cvae.evaluate"),
+        ("generate", ["modee=sample"], "modee is not a key: did you mean mode?"),
+        ("train", ["trainer.max_epochs=[1"], "trainer.max_epochs=[1 is not an override Hydra can"),
+        ("train", ["model=hvae", "trainer.max_epochs=1", "~callbacks.image_logger"], None),
+    ],
+)
+def test_a_mistyped_key_or_option_gets_its_close_matches(
+    config: str, overrides: list[str], line: str | None
+) -> None:
+    from cvae.errors import bad_override
+
+    said = bad_override(config, overrides)
+    assert said == line if line is None else line in said
+
+
+@pytest.mark.slow
+def test_a_mistyped_key_is_one_line_instead_of_hydras_advice_to_add_it(tmp_path: Path) -> None:
+    for door, typed in (
+        ("train", "trainer.max_epoch=1"),
+        ("generate", "ckpt_path=x modee=reconstruct"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", f"cvae.{door}", *typed.split(), f"hydra.run.dir={tmp_path}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "did you mean " in result.stderr
+        assert "+" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+        assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing made
+
+
 def test_resume_command_quotes_what_the_shell_would_split(tmp_path: Path) -> None:
     from cvae.training import resume_command
 
