@@ -6,6 +6,7 @@ Everything else they say still shows. Each entry says why it is noise here.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # Warnings (regular expressions matched against the start of the message).
@@ -20,6 +21,10 @@ NOISE_WARNINGS = (
     # ONNX export of a conditional model: its two inputs share the one batch dimension, as meant.
     r"# The axis name: batch will not be used, since it shares the same shape constraints",
 )
+# Lightning's advice to start with `srun`, given wherever the command exists: right inside a
+# SLURM job (an allocation the script did not `srun`), noise on a machine that merely has SLURM
+# installed, so silenced only outside a job (no SLURM_JOB_ID).
+SRUN_ADVICE = r"The `srun` command is available on your system but is not used"
 # Log records of Lightning's rank-zero logger whose message starts with one of these.
 NOISE_LOG_PREFIXES = (
     "💡 Tip: For seamless cloud logging",  # an advertisement for a hosted service
@@ -41,6 +46,8 @@ def quiet_known_noise() -> None:
     """Install the filters (idempotent); cheap, imports nothing heavy."""
     for pattern in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=SRUN_ADVICE)
     for name in RANK_ZERO_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):

@@ -566,6 +566,34 @@ def test_a_mistyped_key_is_one_line_instead_of_hydras_advice_to_add_it(tmp_path:
         assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing made
 
 
+@pytest.mark.parametrize("in_a_job", [False, True])
+def test_lightnings_srun_advice_only_inside_a_slurm_job(
+    in_a_job: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine with SLURM installed (an `srun` on PATH) but outside a job: no advice to
+    prepend `srun`; inside an allocation whose script did not use it, the advice stays."""
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from cvae.quiet import quiet_known_noise
+
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    if in_a_job:
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        SLURMEnvironment.detect()
+    advice = [w for w in caught if "`srun` command is available" in str(w.message)]
+    assert len(advice) == in_a_job
+
+
 def test_resume_command_quotes_what_the_shell_would_split(tmp_path: Path) -> None:
     from cvae.training import resume_command
 
