@@ -6,9 +6,10 @@ SHELL := /bin/bash
 # Python is "externally managed", since pip --target leaves it alone).
 UV_HOME := $(CURDIR)/.tools/uv
 UV := $(or $(shell command -v uv 2>/dev/null),$(UV_HOME)/bin/uv)
-RUN := $(UV) run --frozen
+UV_RUN := $(UV) run --frozen
 ARGS ?=
 SWEEP ?= hparams_search=beta_latent
+RUN ?=
 PORT ?= 6006
 TEST_WORKERS ?= auto
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -36,53 +37,53 @@ fashion-mnist:  ## the Debian package dataset-fashion-mnist (the default data), 
 	else echo "no apt as root: cvae will look for Fashion-MNIST in data/ or download it"; fi
 
 train: install fashion-mnist  ## train (default: Fashion-MNIST 64x64); extra Hydra overrides in ARGS="..."
-	$(RUN) python -m cvae.train $(ARGS)
+	$(UV_RUN) python -m cvae.train $(ARGS)
 
 evaluate: install  ## metrics of a checkpoint; ARGS="ckpt_path=last ..." (last: the newest run)
-	$(RUN) python -m cvae.evaluate $(ARGS)
+	$(UV_RUN) python -m cvae.evaluate $(ARGS)
 
 generate: install  ## samples, reconstructions, interpolations, traversals; ARGS="ckpt_path=last mode=sample"
-	$(RUN) python -m cvae.generate $(ARGS)
+	$(UV_RUN) python -m cvae.generate $(ARGS)
 
 export: install  ## TorchScript or ONNX encoder and decoder; ARGS="ckpt_path=last format=onnx"
-	$(RUN) python -m cvae.export $(ARGS)
+	$(UV_RUN) python -m cvae.export $(ARGS)
 
 features: install fashion-mnist  ## a classifier's TorchScript features for in-domain FID (eval.fid_features); ARGS="data=..."
-	$(RUN) python -m cvae.train_features $(ARGS)
+	$(UV_RUN) python -m cvae.train_features $(ARGS)
 
 summarize: install  ## the table of a sweep; ARGS="outputs/train/multiruns/<time>"
-	$(RUN) python -m cvae.summarize $(ARGS)
+	$(UV_RUN) python -m cvae.summarize $(ARGS)
 
 test: install  ## the test suite (CPU, a few minutes; a pytest-xdist worker per core)
-	$(RUN) pytest -n $(TEST_WORKERS) $(ARGS)
+	$(UV_RUN) pytest -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: install  ## the edit loop's subset: every test not marked slow (about a minute)
-	$(RUN) pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
+	$(UV_RUN) pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 lint: install  ## ruff check and format check
-	$(RUN) ruff check .
-	$(RUN) ruff format --check .
+	$(UV_RUN) ruff check .
+	$(UV_RUN) ruff format --check .
 
 notebook: install  ## JupyterLab on notebooks/ (jupyterlab fetched into uv's cache on first use)
 	$(UV) run --frozen --with jupyterlab jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
-tensorboard: install  ## serve every run under outputs/ at http://localhost:6006 (PORT=6007: another port)
-	$(RUN) tensorboard --logdir outputs --port $(PORT)
+tensorboard: install  ## TensorBoard on the newest run or sweep, or RUN=<folder>, opening on the losses (PORT=6007)
+	$(UV_RUN) python -m cvae.dashboard $(or $(RUN),outputs) --port $(PORT)
 
 sweep: install fashion-mnist  ## a Hydra multirun over SWEEP="..." (default: beta x latent_dim)
-	$(RUN) python -m cvae.train -m $(SWEEP) $(ARGS)
+	$(UV_RUN) python -m cvae.train -m $(SWEEP) $(ARGS)
 
 bench-data: install  ## images/s of ImageDataModule (cold and warm cache) vs torchvision ImageFolder; ARGS="--root DIR"
-	$(RUN) python benchmarks/data_throughput.py $(ARGS)
+	$(UV_RUN) python benchmarks/data_throughput.py $(ARGS)
 
 bench-train: install  ## training images/s, FLOP utilisation, Lightning vs a bare loop; ARGS="--ablation"
-	$(RUN) python benchmarks/train_throughput.py $(ARGS)
+	$(UV_RUN) python benchmarks/train_throughput.py $(ARGS)
 
 bench-quality: install fashion-mnist  ## time for cvae's default to reach a textbook VAE's 4-minute test loss
-	$(RUN) python benchmarks/time_to_quality.py $(ARGS)
+	$(UV_RUN) python benchmarks/time_to_quality.py $(ARGS)
 
 bench-startup: install  ## start-up time of the commands (summarize, --help) against bare Python
-	$(RUN) python benchmarks/startup.py $(ARGS)
+	$(UV_RUN) python benchmarks/startup.py $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

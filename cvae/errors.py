@@ -7,6 +7,7 @@ Light on purpose (no torch, no Lightning): every entry point imports it before `
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import shutil
@@ -156,6 +157,7 @@ def run_or_report(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         if in_multirun():  # let Hydra record this job as failed and go on with the others
             raise
         _remove_empty_run_folder(cfg)
+        _record_failure(f"{type(cause).__name__}: {error_line(cause)}")
         sys.exit(1)
 
 
@@ -182,6 +184,22 @@ def _remove_empty_run_folder(cfg: DictConfig | None = None) -> None:
     if folder.is_dir() and all(entry.name in own for entry in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
         _remove_empty_parents(folder, _log_dir(cfg))
+
+
+def _record_failure(message: str) -> None:
+    """A run folder that kept work (a run that trained, then failed) records how it ended in
+    `failure.json`, as a sweep job's does (`summary.SweepSummary`): `make tensorboard` leaves
+    failed runs out."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cvae.files import atomic_write
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.is_dir():
+        with atomic_write(folder / "failure.json", "w") as handle:
+            handle.write(json.dumps({"error": message}))
 
 
 def _log_dir(cfg: DictConfig | None) -> Path | None:

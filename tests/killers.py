@@ -107,3 +107,15 @@ class SignalAtTest(Callback):
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, *args) -> None:
         if batch_idx == 0:
             os.kill(os.getpid(), self.signum)
+
+
+class FailAt(Callback):
+    """A `ValueError` (an input error: one line, exit status 1) after training step `step`,
+    with the run's work so far (event files) kept."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        if trainer.global_step >= self.step:
+            raise ValueError(f"failed on purpose at step {trainer.global_step}")

@@ -500,7 +500,8 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_cause_and_keeps_the_pre
 def test_import_cvae_and_help_do_not_import_lightning() -> None:
     code = (
         "import sys, cvae, cvae.summarize, cvae.train, cvae.evaluate, cvae.generate, "
-        "cvae.export; print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+        "cvae.export, cvae.dashboard; "
+        "print(sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
