@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cvae import ImageDataModule
-from tests.helpers import figures, run_notebook, text
+from cvae.training import train
+from tests.helpers import compose_train, figures, run_notebook, text, write_mixed_images
 
 pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
@@ -25,6 +26,7 @@ def test_explore_checkpoint_notebook_runs(trained_run: Path) -> None:
     assert f"batch: ({batch}, 3, 16, 16)" in text(outputs)
     assert "principal direction 1 (" in text(outputs) and "active units:" in text(outputs)
     assert "unconditional checkpoint (model.conditional=false)" in text(outputs)
+    assert "no classes in this data" not in text(outputs)  # shapes have classes: a colour bar
 
 
 def test_without_a_path_the_newest_single_run_is_picked(tmp_path: Path) -> None:
@@ -41,3 +43,12 @@ def test_without_a_path_the_newest_single_run_is_picked(tmp_path: Path) -> None:
     outputs = run_notebook(None, tmp_path / "notebooks", cells=3)  # up to picking the path
     assert f"checkpoint: {paths['eval/runs/new'].resolve()}" in text(outputs)
     assert "picked the newest run's checkpoint" in text(outputs)
+
+
+def test_a_folder_without_classes_gets_no_class_colour_bar(tmp_path: Path) -> None:
+    """Every label is -1: the posterior means are drawn in one colour, without a bar."""
+    folder = tmp_path / "flat"
+    write_mixed_images(folder, 24)
+    train(compose_train(tmp_path / "run", "data=folder", f"data.root={folder}", "test=false"))
+    outputs = run_notebook(tmp_path / "run" / "checkpoints" / "last.ckpt", cells=16)
+    assert "no classes in this data: the points in one colour" in text(outputs)
