@@ -14,7 +14,15 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from cvae.errors import Interrupted, stopped_by
-from cvae.metrics import PosteriorStatistics
+from cvae.metrics import (
+    CHANNELS,
+    PosteriorStatistics,
+    channel_errors,
+    colour_distance,
+    colour_histogram,
+    is_colour,
+    named,
+)
 from cvae.objective import LOGGED
 from cvae.pixels import dequantize
 from cvae.progress import duration, metrics_text
@@ -270,6 +278,89 @@ class LikelihoodMonitor(pl.Callback):
                 x, pl_module.given(labels), k=self.iw_samples, generator=generator
             ).sum()
         pl_module.log("val/iw_nll", total / self.collected, sync_dist=True)
+
+
+class ColourMonitor(pl.Callback):
+    """How well a model of colour images (three channels) reproduces colour, after each
+    validation epoch, from the first `num_images` validation images, their reconstructions
+    and as many samples from the prior (fixed noise): each channel's mean absolute error
+    (`colour/mae_<channel>`), how far the reconstructions' and samples' intensities lie
+    from the real images' (`colour/w1_reconstructions_<channel>`, `colour/w1_samples_...`:
+    `metrics.colour_distance`) and the three channels' histograms drawn over each other
+    (`colour/histograms`). Rank 0, TensorBoard only; other images are left alone."""
+
+    def __init__(self, num_images: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.num_images, self.seed = num_images, seed
+        self.batches: list[Batch] = []
+        self.collected = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: Batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or self.collected >= self.num_images or not is_colour(batch[0]):
+            return  # the same images every epoch: those of the first validation
+        images, labels = (part[: self.num_images - self.collected] for part in batch)
+        self.batches.append((images.detach().clone(), labels.detach().clone()))
+        self.collected += len(images)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.batches:
+            return
+        images = torch.cat([b[0] for b in self.batches])
+        labels = pl_module.given(torch.cat([b[1] for b in self.batches]))
+        with torch.no_grad():
+            reconstructions = torch.cat(
+                [
+                    pl_module.reconstruct(
+                        images[i : i + 64], None if labels is None else labels[i : i + 64]
+                    )
+                    for i in range(0, len(images), 64)
+                ]
+            )
+            generator = torch.Generator().manual_seed(self.seed)
+            samples = pl_module.sample(len(images), generator=generator, labels=labels)
+        real = colour_histogram(images)
+        shown = {"reconstructions": colour_histogram(reconstructions)}
+        shown["samples"] = colour_histogram(samples)  # the prior's (the fitted sampler: at the end)
+        values = {
+            f"mae_{c}": v for c, v in named(channel_errors(reconstructions, images).mean(0)).items()
+        }
+        for what, histogram in shown.items():
+            values |= {
+                f"w1_{what}_{c}": v for c, v in named(colour_distance(real, histogram)).items()
+            }
+        step = trainer.global_step
+        for writer in _tensorboard_writers(trainer):
+            for name, value in values.items():
+                writer.add_scalar(f"colour/{name}", value, global_step=step)
+            writer.add_figure("colour/histograms", histogram_figure(real, shown), global_step=step)
+
+
+def histogram_figure(real: torch.Tensor, others: dict[str, torch.Tensor]) -> object:
+    """A panel per channel: the real images' intensity histogram and `others`' over it (a
+    matplotlib `Figure` of its own: no pyplot state, whatever backend a notebook uses)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 2.8))
+    axes = figure.subplots(1, len(CHANNELS), sharey=True)
+    centres = (torch.arange(real.shape[1]) + 0.5) / real.shape[1]
+    curves = {"real": real, **others}
+    for c, (axis, name) in enumerate(zip(axes, CHANNELS, strict=True)):
+        for (label, histogram), style in zip(curves.items(), ("-", "--", ":"), strict=False):
+            axis.plot(centres, histogram[c] / histogram[c].sum(), style, color=name, label=label)
+        axis.set_title(name)
+        axis.set_xlabel("intensity")
+    axes[0].set_ylabel("share of pixels")
+    axes[-1].legend(fontsize="small")
+    figure.tight_layout()
+    return figure
 
 
 class ProgressBar(RichProgressBar):

@@ -245,6 +245,8 @@ def print_metrics(metrics: dict) -> None:
             value = "largest: " + ", ".join(f"{v:.2f}" for v in top)
         elif isinstance(value, float):
             value = f"{value:.4f}"
+        elif isinstance(value, dict):  # per channel
+            value = ", ".join(f"{name} {v:.4f}" for name, v in value.items())
         table.add_row(key, str(value))
     rich.print(table)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cvae.metrics import colour_distance, colour_histogram, is_colour, named
 from cvae.models import CVAE
 from cvae.models.user_api import LatentSource
 from cvae.pixels import unit_range
@@ -350,14 +351,16 @@ def sample_quality(
     batch_size: int = 64,
     progress: bool = False,
     sampler: LatentSource | None = None,
-) -> dict[str, float]:
+) -> dict:
     """FID and KID between `samples` samples (decoded means of latents from `sampler`, a
     fitted `cvae.samplers` one, or None: the model's prior) and as many images of
     `loader` (all of them if it has fewer); a conditional model's samples have the classes
     of those images (`loader`'s labels: the model's class indices). `extractor` replaces the
     Inception network (a module from float images in [0, 1] to features, such as
     `feature_network(path)`'s); otherwise it is loaded from `weights` or the torch hub cache
-    (see `inception_weights`)."""
+    (see `inception_weights`). Images of three channels also get `colour_w1_samples`: per
+    channel, how far the samples' intensities lie from the real images'
+    (`metrics.colour_distance`)."""
     if samples < 2:
         raise ValueError(f"eval.fid_samples must be >= 2, got {samples}")
     if extractor is None:
@@ -365,19 +368,27 @@ def sample_quality(
     extractor = extractor.to(model.device).eval()
     report = ProgressReport(2 * samples, "FID/KID features", enabled=progress)
 
-    def counted(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    histograms: dict[str, torch.Tensor] = {}  # colour images: both sides' colour histograms
+
+    def counted(batches: Iterable[torch.Tensor], side: str) -> Iterator[torch.Tensor]:
         for images in batches:
+            if is_colour(images):
+                histograms[side] = histograms.get(side, 0) + colour_histogram(images)
             yield images.to(model.device)
             report.advance(len(images))
 
     generator = torch.Generator().manual_seed(seed)
     labels: list[torch.Tensor] = []  # filled by the real pass, which `fid_kid` runs first
     try:
-        return fid_kid(
-            counted(_real_images(loader, samples, labels)),
-            counted(_samples(model, samples, batch_size, generator, labels, sampler)),
+        scores = fid_kid(
+            counted(_real_images(loader, samples, labels), "real"),
+            counted(_samples(model, samples, batch_size, generator, labels, sampler), "samples"),
             extractor,
             seed,
         )
     finally:
         report.close()
+    if len(histograms) == 2:  # how far the samples' colours are from the real images'
+        distance = colour_distance(histograms["real"], histograms["samples"])
+        scores["colour_w1_samples"] = named(distance)
+    return scores

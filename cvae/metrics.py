@@ -20,6 +20,8 @@ from cvae.pixels import dequantize, is_binary, unit_range
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x E_q[z_d] above this is "active"
 PER_IMAGE = ("iw_nll", "neg_elbo", "recon", "kl", "mse_per_pixel", "psnr", "ssim")
+CHANNELS = ("red", "green", "blue")  # colour metrics are for images of three channels
+COLOUR_BINS = 32  # intensity bins of a channel's histogram
 KLPerDimension = Callable[[Posterior], tuple[torch.Tensor, ...]]
 
 
@@ -105,6 +107,40 @@ class PosteriorStatistics:
         return self.kl_sum / self.kl_count
 
 
+def is_colour(images: torch.Tensor) -> bool:
+    """Images of three channels (RGB), those the colour metrics describe."""
+    return images.dim() == 4 and images.shape[1] == len(CHANNELS)
+
+
+def colour_histogram(images: torch.Tensor, bins: int = COLOUR_BINS) -> torch.Tensor:
+    """Pixel counts per channel and intensity bin, `(C, bins)` (float64, on the CPU), of
+    images in [0, 1] (uint8: scaled): histograms of batches add up."""
+    x = unit_range(images).detach()
+    index = (x * bins).long().clamp_(0, bins - 1).transpose(0, 1).reshape(x.shape[1], -1)
+    counts = torch.zeros(x.shape[1], bins, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    return counts.cpu()
+
+
+def colour_distance(real: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per channel, how far `other`'s intensities lie from `real`'s (`colour_histogram`s):
+    the Wasserstein-1 distance between the two distributions, in [0, 1] intensity units
+    (0.1: on average a tenth of the range away; a reddish cast shows as red's)."""
+    cdf = [(h / h.sum(1, keepdim=True)).cumsum(1) for h in (real, other)]
+    return (cdf[0] - cdf[1]).abs().sum(1) / real.shape[1]
+
+
+def channel_errors(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of each image's reconstruction per channel, `(B, C)`, on [0, 1]
+    pixels: which colour a model gets wrong."""
+    return (reconstructions - unit_range(images)).abs().mean(dim=(2, 3))
+
+
+def named(values: torch.Tensor) -> dict[str, float]:
+    """`{"red": ..., "green": ..., "blue": ...}` of a value per channel, rounded."""
+    return {name: round(float(v), 6) for name, v in zip(CHANNELS, values, strict=True)}
+
+
 def image_metrics(
     model: CVAE,
     images: torch.Tensor,
@@ -152,6 +188,17 @@ def image_metrics(
         },
         "binary": is_binary(images),
         "dims": images[0].numel(),
+        **({"colour": colour_terms(mean_decoded, clean)} if is_colour(images) else {}),
+    }
+
+
+def colour_terms(reconstructions: torch.Tensor, images: torch.Tensor) -> dict:
+    """What an evaluation chunk keeps of colour: each image's per-channel error and the
+    colour histograms of the images and their reconstructions (summed over chunks)."""
+    return {
+        "errors": channel_errors(reconstructions, images).double().cpu(),
+        "real": colour_histogram(images),
+        "reconstructions": colour_histogram(reconstructions),
     }
 
 
@@ -186,6 +233,12 @@ def combine(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
         latent_dim=int(sum(posterior.sizes)),
         kl_per_dim=[round(v, 6) for v in posterior.kl_per_dim().tolist()],
     )
+    if all("colour" in c for c in chunks):  # RGB images (chunks of older runs have none)
+        colour = [c["colour"] for c in chunks]
+        metrics["mae_per_channel"] = named(torch.cat([c["errors"] for c in colour]).mean(0))
+        real = sum(c["real"] for c in colour)
+        reconstructions = sum(c["reconstructions"] for c in colour)
+        metrics["colour_w1_reconstructions"] = named(colour_distance(real, reconstructions))
     if len(posterior.sizes) > 1:
         metrics["active_units_per_level"] = posterior.active_units_per_level()
         metrics["kl_per_level"] = [

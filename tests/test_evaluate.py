@@ -22,7 +22,13 @@ from cvae import CVAE, ImageDataModule
 from cvae.errors import Interrupted, run_or_report
 from cvae.evaluation import evaluate_checkpoint, evaluate_model
 from cvae.generation import along_principal_axes, generate, traverse
-from cvae.metrics import PosteriorStatistics
+from cvae.metrics import (
+    PosteriorStatistics,
+    channel_errors,
+    colour_distance,
+    colour_histogram,
+    named,
+)
 from cvae.models.latents import Gaussian, Posterior
 from cvae.models.likelihoods import gaussian_log_density
 from cvae.models.losses import kl_per_dimension
@@ -198,6 +204,25 @@ def test_evaluate_reports_every_metric(trained_run: Path) -> None:
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
     assert 0 <= metrics["active_units"] <= 8 and len(metrics["kl_per_dim"]) == 8
     assert 0 < metrics["mse_per_pixel"] < 1
+    # colour (the shapes are RGB): each channel's error, and how far the reconstructions'
+    # intensities lie from the images'
+    assert set(metrics["mae_per_channel"]) == {"red", "green", "blue"}
+    assert all(0 < v < 1 for v in metrics["mae_per_channel"].values())
+    assert all(0 <= v < 1 for v in metrics["colour_w1_reconstructions"].values())
+
+
+def test_colour_metrics_name_the_channel_a_model_gets_wrong() -> None:
+    """Reconstructions with red 0.2 too high: red's error and histogram distance are 0.2,
+    green's and blue's 0."""
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.7
+    tinted = images.clone()
+    tinted[:, 0] += 0.2
+    errors = channel_errors(tinted, (images * 255).round().to(torch.uint8)).mean(0)
+    assert errors.tolist() == pytest.approx([0.2, 0.0, 0.0], abs=0.003)  # 8-bit rounding
+    distance = colour_distance(colour_histogram(images, bins=100), colour_histogram(tinted, 100))
+    assert distance.tolist() == pytest.approx([0.2, 0.0, 0.0], abs=0.011)  # a bin's width
+    assert named(distance)["red"] == pytest.approx(0.2, abs=0.011)
+    assert colour_histogram(images).sum(1).tolist() == [4 * 8 * 8] * 3  # every pixel counted
 
 
 def test_bernoulli_nll_is_reported_only_on_binary_data() -> None:

@@ -138,5 +138,6 @@ def test_evaluate_reports_fid_and_kid(
     metrics = evaluate_checkpoint(cfg)
     assert metrics["fid"] > 0 and "kid" in metrics and metrics["fid_samples"] == 20
     assert metrics["fid_real_images"] == 6  # the validation split has 6 images
+    assert set(metrics["colour_w1_samples"]) == {"red", "green", "blue"}  # RGB shapes
     (saved,) = tmp_path.glob("*/metrics.json")
     assert json.loads(saved.read_text())["fid"] == metrics["fid"]

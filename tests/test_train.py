@@ -79,8 +79,11 @@ def test_cli_run_leaves_checkpoints_and_tensorboard(tmp_path: Path) -> None:
         assert scalar in tags["scalars"]
     assert tags["histograms"] == ["val/kl_per_dim"]
     assert "_hparams_/session_start_info" in tags["hparams"]  # the hparams tab has this run
-    for image in ("data/train_batch", "val/reconstructions", "val/samples"):
+    for image in ("data/train_batch", "val/reconstructions", "val/samples", "colour/histograms"):
         assert image in tags["images"]
+    for channel in ("red", "green", "blue"):  # the shapes are RGB: colour is checked
+        for scalar in ("mae", "w1_reconstructions", "w1_samples"):
+            assert f"colour/{scalar}_{channel}" in tags["scalars"]
 
 
 @pytest.mark.slow
