@@ -261,3 +261,53 @@ def test_a_conditional_hierarchy_reads_the_class_everywhere() -> None:
     assert names == ["z", "eps", "labels"]
     with torch.no_grad():
         torch.testing.assert_close(sampling(*example), model.decode_noise(*example))
+
+
+@pytest.mark.slow
+def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
+    """Train a tiny hierarchy (and the sampler fitted when it ends), then evaluate, sample with
+    a temperature per level, walk a lower level and export, as the commands do."""
+    from cvae.evaluation import evaluate_checkpoint
+    from cvae.exporting import run as export_command
+    from cvae.generation import generate
+    from cvae.training import train
+    from tests.helpers import compose_tool, compose_train
+
+    run = tmp_path / "run"
+    train(
+        compose_train(
+            run,
+            "model=hvae",
+            "model.levels=[4,3]",
+            "model.level_width=16",
+            "sampler.components=2",
+            "sampler.dims=4",
+            "test=false",
+        )
+    )
+    checkpoint = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    metrics = evaluate_checkpoint(
+        compose_tool(
+            "eval", tmp_path / "eval", checkpoint, "eval.iw_samples=4", "eval.progress=false"
+        )
+    )
+    assert len(metrics["active_units_per_level"]) == 3 and metrics["latent_dim"] == 15
+    out = generate(
+        compose_tool(
+            "generate", tmp_path / "sample", checkpoint, "n=8", "temperature=[1.0,0.5,0.0]"
+        )
+    )
+    assert (out / "samples.png").is_file()
+    out = generate(
+        compose_tool(
+            "generate",
+            tmp_path / "walk",
+            checkpoint,
+            "mode=interpolate",
+            "level=2",
+            "sampler=prior",
+        )
+    )
+    assert (out / "interpolation.gif").is_file()
+    paths = export_command(compose_tool("export", tmp_path / "export", checkpoint))
+    assert sorted(paths) == ["decoder", "encoder"]

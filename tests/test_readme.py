@@ -25,10 +25,11 @@ CONFIGS = {
     "train_features": "train_features",
 }
 # Lines that need what this test's tiny unconditional checkpoint cannot give: a placeholder
-# path (your own images, the Inception weights), or a conditional Fashion-MNIST model
-# (`label=`; tests/test_conditional.py runs those paths on synthetic shapes). They are still
-# composed, only not run.
-NOT_RUN = ("/path/to/", "label=")
+# path (your own images, the Inception weights), a conditional Fashion-MNIST model
+# (`label=`; tests/test_conditional.py runs those paths on synthetic shapes), or a
+# hierarchy's temperature list (tests/test_hvae.py runs the commands on a hierarchy). They
+# are still composed, only not run.
+NOT_RUN = ("/path/to/", "label=", "temperature=[")
 
 
 def page_commands(page: Path) -> list[list[str]]:
