@@ -13,8 +13,9 @@ RUN ?=
 PORT ?= 6006
 TEST_WORKERS ?= auto
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+ICONS := /usr/share/icons/oxygen/base/64x64
 
-.PHONY: help install fashion-mnist train evaluate generate export features summarize test test-fast lint notebook tensorboard \
+.PHONY: help install fashion-mnist icons train evaluate generate export features summarize test test-fast lint notebook tensorboard \
 	sweep bench-data bench-train bench-quality bench-startup clean
 
 help:  ## list the targets
@@ -35,6 +36,18 @@ fashion-mnist:  ## the Debian package dataset-fashion-mnist (the default data), 
 		apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } \
 		|| echo "dataset-fashion-mnist not installed: cvae will look in data/ or download"; \
 	else echo "no apt as root: cvae will look for Fashion-MNIST in data/ or download it"; fi
+
+icons: install  ## the Debian package oxygen-icon-theme: colour icons for data=icons (as root, with apt)
+	@if [ ! -d $(ICONS) ]; then \
+		if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+			echo "make icons: installing oxygen-icon-theme needs apt-get as root (sudo apt-get install oxygen-icon-theme)" >&2; exit 1; fi; \
+		echo "installing the Debian package oxygen-icon-theme (32 MB download)"; \
+		apt-get install -y -qq -o Dpkg::Use-Pty=0 oxygen-icon-theme >/dev/null 2>&1 \
+			|| { apt-get update -qq && apt-get install -y -qq -o Dpkg::Use-Pty=0 oxygen-icon-theme >/dev/null; } \
+			|| { echo "make icons: apt-get could not install oxygen-icon-theme" >&2; exit 1; }; \
+	fi; \
+	[ -d $(ICONS) ] || { echo "make icons: oxygen-icon-theme installed no $(ICONS)" >&2; exit 1; }; \
+	echo "icons ready in $(ICONS): train with .venv/bin/python -m cvae.train data=icons"
 
 train: install fashion-mnist  ## train (default: Fashion-MNIST 64x64); extra Hydra overrides in ARGS="..."
 	$(UV_RUN) python -m cvae.train $(ARGS)

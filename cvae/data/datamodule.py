@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -287,7 +287,9 @@ class ImageDataModule(pl.LightningDataModule):
         # Absolute, so a checkpoint's data settings reload from any working directory.
         root = str(Path(root).expanduser().resolve()) if root is not None else None
         cache_dir = str(Path(cache_dir).expanduser().resolve()) if cache_dir else None
-        if isinstance(background, (list, tuple)):  # ListConfig from Hydra: plain values
+        # A list, or Hydra's ListConfig (a Sequence, not a list): plain ints, which a
+        # checkpoint's weights-only loading accepts.
+        if isinstance(background, Sequence) and not isinstance(background, str):
             background = [int(value) for value in background]
         self.preprocess = Preprocess(image_size, channels, crop_size, background)
         self.save_hyperparameters()  # plain values: the datamodule reloads from a checkpoint

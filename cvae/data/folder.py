@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Folders of images that a Debian package installs (a preset reads them in place), and how to
+# get each: what the error says when a data.root inside one does not exist.
+PACKAGED_FOLDERS = {
+    Path("/usr/share/icons/oxygen"): (
+        "install the icon theme with `make icons` (Debian package oxygen-icon-theme)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ def check_root(root: str | os.PathLike | None, key: str = "data.root") -> Path:
         raise ValueError(f"{key} is not set: point it at a folder of images")
     path = Path(root).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{key}={path} does not exist")
+        hints = [hint for folder, hint in PACKAGED_FOLDERS.items() if path.is_relative_to(folder)]
+        raise FileNotFoundError(f"{key}={path} does not exist" + "".join(f": {h}" for h in hints))
     if not path.is_dir():
         raise NotADirectoryError(f"{key}={path} is a file, not a folder of images")
     return path
