@@ -49,7 +49,8 @@ LEGACY_DEFAULTS = {"in_channels": 3, "upsample": "transpose", "recon_loss": "mse
 class CVAE(Bounds, UserAPI, pl.LightningModule):
     """Convolutional VAE: loss = -log p(x | z) + beta * KL, per image, averaged over the batch.
 
-    `recon_loss` names the decoder's likelihood (`likelihoods.py`); `beta_schedule` and
+    `recon_loss` names the decoder's likelihood (`likelihoods.py`; `mixture_components`
+    logistics per pixel for `logistic_mixture`); `beta_schedule` and
     `warmup_steps` warm the KL weight up (training only), and `free_bits` floors each latent
     dimension's KL in the training objective. `iw_samples` > 1 trains on the importance-
     weighted bound (IWAE, Burda et al., 2016) of that many posterior samples instead of the
@@ -93,6 +94,7 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         batch_norm: bool = False,
         residual_blocks: int = 0,
         recon_loss: str = "gaussian_optimal",
+        mixture_components: int = 10,
         sigma: float = 2**-0.5,
         min_sigma: float = 0.0025,
         beta: float = 1.0,
@@ -158,8 +160,9 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
             batch_norm,
             residual_blocks,
         )
+        self.likelihood = build_likelihood(recon_loss, sigma, min_sigma, mixture_components)
         self.decoder = Decoder(
-            in_channels,
+            self.likelihood.output_channels(in_channels),
             hidden_channels,
             image_size,
             self._decoder_latents(latent_dim) + label_code,
@@ -167,8 +170,8 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
             batch_norm,
             residual_blocks,
             upsample,
+            self.likelihood.image_head(in_channels),
         )
-        self.likelihood = build_likelihood(recon_loss, sigma, min_sigma)
         # Built last: a prior's random start leaves the networks' initialisation as it was.
         self.prior = build_prior(
             prior,
@@ -303,10 +306,10 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [0, 1] decoded from latents `z` of shape `(B, latent_dim)`, of class
         `labels` (a conditional model's class indices, `(B,)`)."""
-        return torch.sigmoid(self.decode_logits(z, labels))
+        return self.decoder.images(self.decode_logits(z, labels))
 
     def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's output before its Sigmoid, what `self.likelihood` scores, of latents
+        """The decoder's output before its head, what `self.likelihood` scores, of latents
         `z` and (a conditional model) class `labels`."""
         return self.decoder.logits(self._decoder_input(z, self.class_indices(labels, len(z))))
 

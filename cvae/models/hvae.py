@@ -161,7 +161,7 @@ class Sampling(nn.Module):
     def forward(
         self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return torch.sigmoid(self.logits(z, eps, labels))
+        return self.decoder.images(self.logits(z, eps, labels))
 
 
 class HVAE(CVAE):
@@ -296,7 +296,7 @@ class HVAE(CVAE):
             latents, _, _ = self.top_down.path(
                 features, self._top(features).mu, lambda i, q, p: q.mu
             )
-            return torch.sigmoid(self._logits_of_all(latents, labels))
+            return self.decoder.images(self._logits_of_all(latents, labels))
 
     def interpolate(
         self,
@@ -327,7 +327,7 @@ class HVAE(CVAE):
             latents = a.repeat(steps, 1)
             latents[:, part] = walk(a[part], b[part], t, spherical)
             if labels is None:
-                return torch.sigmoid(self._logits_of_all(latents, None))
+                return self.decoder.images(self._logits_of_all(latents, None))
             return self._decode_between(latents, labels[0], labels[1], t)
 
     # --- bounds ----------------------------------------------------------------------------

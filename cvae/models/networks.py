@@ -164,10 +164,11 @@ class Decoder(nn.Module):
     """Linear to the encoder's last feature map, then blocks doubling it back (`doubling`:
     transposed convolutions, or resize then convolve).
 
-    Mirrors the encoder: one doubling per encoder block, the last one to the image's
-    channels, followed by a Sigmoid so outputs are pixel intensities in [0, 1]. The Sigmoid
-    stays the last (parameter-free) layer of `features`, so checkpoints from before `logits`
-    existed load unchanged.
+    Mirrors the encoder: one doubling per encoder block, the last one to `out_channels`
+    (the likelihood's parameters: the image's channels for the Gaussians), followed by
+    `head`, the parameter-free layer that turns them into the image shown in [0, 1] (a
+    Sigmoid unless the likelihood says otherwise). It stays the last layer of `features`, so
+    checkpoints from before `logits` existed load unchanged.
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class Decoder(nn.Module):
         batch_norm: bool = True,
         residual_blocks: int = 0,
         upsample: str = "transpose",
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         widths = list(reversed(channels))
@@ -197,15 +199,19 @@ class Decoder(nn.Module):
             layers.append(nn.ReLU(inplace=True))
         layers += [ResidualBlock(widths[-1], batch_norm) for _ in range(residual_blocks)]
         layers.append(doubling(widths[-1], out_channels, kernel_size, upsample))
-        layers.append(nn.Sigmoid())
+        layers.append(head or nn.Sigmoid())
         self.features = nn.Sequential(*layers)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """The network before its final Sigmoid: what likelihoods are computed from, exact
-        where a saturated Sigmoid would round to 0 or 1. Shape `(B, C, H, W)`."""
+        """The network before its head: what likelihoods are computed from, exact where a
+        saturated Sigmoid would round to 0 or 1. Shape `(B, out_channels, H, W)`."""
         h = self.project(z).view(-1, *self.start_shape)
         return self.features[:-1](h)
 
+    def images(self, logits: torch.Tensor) -> torch.Tensor:
+        """The images in [0, 1] shown for `logits` (the head: pixel means by default)."""
+        return self.features[-1](logits)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixel means in [0, 1] (what `decode`, sampling and export show)."""
-        return torch.sigmoid(self.logits(z))
+        """The images of latents `z` (what `decode`, sampling and export show)."""
+        return self.images(self.logits(z))

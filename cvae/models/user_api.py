@@ -198,4 +198,4 @@ class UserAPI:
         """Decode `z` with class codes blended from `first`'s (t = 0) to `second`'s (t = 1)."""
         codes = self.conditioning.code(torch.stack([first, second]))
         code = (1 - t) * codes[0] + t * codes[1]
-        return torch.sigmoid(self.decoder.logits(self.conditioning.decoder_input(z, code)))
+        return self.decoder(self.conditioning.decoder_input(z, code))
