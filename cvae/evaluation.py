@@ -53,7 +53,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             raise ValueError(f"eval.fid_samples must be >= 2, got {ev.fid_samples}")
         from cvae.fid import feature_extractor
 
-        sampler = fitted_sampler(cfg)
+        sampler = fitted_sampler(cfg, model, datamodule)
         hp = model.hparams  # a feature network file is probed at the data's channels and size
         extractor = feature_extractor(
             ev.get("fid_features"), ev.get("fid_weights"), hp.in_channels, hp.image_size

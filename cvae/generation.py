@@ -21,9 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
-from cvae.errors import Interrupted, stopped_by
-from cvae.loading import fitted_sampler, load_checkpoint
-from cvae.loading import sampler as configured_sampler
+from cvae.loading import fit_sampler, fitted_sampler, load_checkpoint
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
@@ -185,7 +183,7 @@ def generate(cfg: DictConfig) -> Path:
     model, datamodule = load_checkpoint(cfg)
     if cfg.mode == "fit":
         return _fit(cfg, model, datamodule)
-    sampler = fitted_sampler(cfg)  # before any image: an unfitted one is a one-line error
+    sampler = fitted_sampler(cfg, model, datamodule)  # before any image: fitted if it is not
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     modes = SHOWCASE if cfg.mode == "showcase" else (cfg.mode,)
@@ -198,19 +196,12 @@ def generate(cfg: DictConfig) -> Path:
 
 def _fit(cfg: DictConfig, model: CVAE, datamodule: ImageDataModule) -> Path:
     """`mode=fit`: the sampler fitted to every training image and saved beside the
-    checkpoint. Stopped by Ctrl-C or SIGTERM, one line says what is not done and how to do
-    it (a fit has no partial result to keep)."""
-    sampler = configured_sampler(cfg)
-    batches = datamodule.ordered_dataloader("train")  # every training image
-    try:
-        return fit_and_save(sampler, model, batches, cfg.ckpt_path, cfg.paths.output_dir)
-    except KeyboardInterrupt as stop:
-        what, status = stopped_by(stop)
-        raise Interrupted(
-            f"{what}: sampler={sampler.name} was not fitted to {cfg.ckpt_path}; the same "
-            "command fits it",
-            status,
-        ) from None
+    checkpoint (again, if one is there)."""
+
+    def fit(sampler: LatentSampler, model: CVAE, images, checkpoint, folder) -> Path:
+        return fit_and_save(sampler, model, images(), checkpoint, folder)
+
+    return fit_sampler(cfg, model, datamodule, fit)
 
 
 def _sample(

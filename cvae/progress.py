@@ -47,9 +47,10 @@ def count_images(batches: Iterable, max_images: int | None = None) -> int | None
 
 
 class ProgressReport:
-    """Images done, with an ETA: a rich progress bar on a terminal (stderr), else a log line
-    at most every `every` seconds (batch jobs, pipes). `done` images count as finished
-    before this process started (a resumed evaluation): they do not enter the rate."""
+    """Images (or other `unit`s) done, with an ETA: a rich progress bar on a terminal
+    (stderr), else a log line at most every `every` seconds (batch jobs, pipes). `done`
+    count as finished before this process started (a resumed evaluation): they do not enter
+    the rate."""
 
     def __init__(
         self,
@@ -58,8 +59,10 @@ class ProgressReport:
         done: int = 0,
         enabled: bool = True,
         every: float = 30.0,
+        unit: str = "images",
     ) -> None:
         self.total, self.label, self.done, self.enabled = total, label, done, enabled
+        self.unit = unit
         self.started, self.start_done, self.every = time.monotonic(), done, every
         self.last_line = self.started
         self.bar = None
@@ -68,7 +71,7 @@ class ProgressReport:
             from rich.console import Console
 
             self.bar = bars.Progress(
-                bars.TextColumn(f"{label}: images"),
+                bars.TextColumn(f"{label}: {unit}"),
                 bars.MofNCompleteColumn(),
                 bars.BarColumn(),
                 bars.TimeElapsedColumn(),
@@ -95,7 +98,7 @@ class ProgressReport:
         elapsed = now - self.started
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
         of = f" of {self.total:,}" if self.total else ""
-        text = f"{self.label}: {self.done:,}{of} images, {duration(elapsed)}"
+        text = f"{self.label}: {self.done:,}{of} {self.unit}, {duration(elapsed)}"
         if self.total and rate > 0:
             text += f", about {duration((self.total - self.done) / rate)} left"
         return text

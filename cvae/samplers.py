@@ -25,7 +25,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COVARIANCES = ("full", "diag", "tied", "spherical")  # scikit-learn's covariance_type
+EM_ITERATIONS = 100  # a mixture's EM iterations at most (scikit-learn's default)
+EM_CHUNK = 5  # iterations per call between progress lines (each call adds one E-step)
 
 
 def sampler_path(checkpoint: str | Path, name: str) -> Path:
@@ -178,6 +181,20 @@ class LatentSampler:
         with atomic_write(path) as handle:
             torch.save(contents, handle)
         return path
+
+    def has_fit_for(self, checkpoint: str | Path) -> bool:
+        """Whether a fit of this kind lies beside `checkpoint` made from it as it is now: not
+        when there is none (an interrupted run) or it is of an older version of the
+        checkpoint (a `last.ckpt` trained on since). A file that is not a fit counts as one:
+        `loaded_for` says what is wrong with it, and nothing overwrites it unasked."""
+        path = sampler_path(checkpoint, self.name)
+        if not path.is_file():
+            return False
+        try:
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+            return contents["checkpoint_sha256"] == sha256(checkpoint)
+        except Exception:
+            return True
 
     def loaded_for(self, checkpoint: str | Path) -> LatentSampler:
         """This kind of sampler as fitted to `checkpoint` and saved beside it, built with
@@ -361,15 +378,38 @@ class GaussianMixtureSampler(LatentSampler):
         }
 
     def _fit_one(self, mu: torch.Tensor, log_var: torch.Tensor) -> dict[str, torch.Tensor]:
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
         state = principal_subspace(mu, self.dims)
         coords = to_coordinates(state, mu)
         components = min(self.components, len(coords))
         mixture = GaussianMixture(
-            components, covariance_type=self.covariance, random_state=self.seed, reg_covar=1e-5
+            components,
+            covariance_type=self.covariance,
+            random_state=self.seed,
+            reg_covar=1e-5,
+            max_iter=EM_CHUNK,
+            warm_start=True,  # each call goes on from the last: progress between calls
         )
-        mixture.fit(coords.numpy())
+        report = ProgressReport(EM_ITERATIONS, f"sampler={self.name} fit", unit="EM iterations")
+        try:
+            with warnings.catch_warnings():  # "did not converge" after each chunk but the last
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                while report.done < EM_ITERATIONS:
+                    mixture.fit(coords.numpy())
+                    report.advance(mixture.n_iter_)
+                    if mixture.converged_:
+                        break
+        finally:
+            report.close()
+        if not mixture.converged_:
+            log.warning(
+                "sampler=%s: EM stopped after %d iterations without converging (the fit is "
+                "used as it is)",
+                self.name,
+                EM_ITERATIONS,
+            )
         dims = coords.shape[1]
         covariances = torch.as_tensor(mixture.covariances_, dtype=torch.float64)
         if self.covariance == "tied":
@@ -600,9 +640,7 @@ def fit_and_save(
         sampler.save(checkpoint)  # the one-line refusal
     posterior, labels = posteriors(model, batches, sampler.max_images, progress=True)
     log.info(
-        "%s: fitting to the posteriors of %d training images; no progress lines until it ends",
-        sampler.describe(),
-        len(posterior),
+        "%s: fitting to the posteriors of %d training images", sampler.describe(), len(posterior)
     )
     started = time.perf_counter()
     path = sampler.fit(posterior.mu, posterior.log_var, labels).save(checkpoint)
@@ -623,3 +661,29 @@ def fit_and_save(
         sampler.name,
     )
     return path
+
+
+def fitted_for(
+    sampler: LatentSampler,
+    model: CVAE,
+    training_images: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    checkpoint: str | Path,
+    record_folder: str | Path,
+) -> LatentSampler:
+    """`sampler` as fitted to `checkpoint`: the fit saved beside it or, where there is none
+    (a run stopped before its end-of-training fit) or it is of an older version of the
+    checkpoint, one made now from `training_images()` (said first, then progress lines) and
+    saved beside the checkpoint for the next call. What `cvae.generate`, `eval.fid` and the
+    notebook draw from."""
+    if sampler.needs_fit and not sampler.has_fit_for(checkpoint):
+        log.info(
+            "%s is not fitted for %s (a run stopped before the end-of-training fit, or the "
+            "checkpoint changed since): fitting it now to every training image (a pass over "
+            "them, then at most %d EM iterations for a mixture; progress lines say the time "
+            "left), saved beside the checkpoint for the next call",
+            sampler.describe(),
+            checkpoint,
+            EM_ITERATIONS,
+        )
+        fit_and_save(sampler, model, training_images(), checkpoint, record_folder)
+    return sampler.loaded_for(checkpoint)

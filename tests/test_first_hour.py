@@ -40,14 +40,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
-    folder = tmp_path_factory.mktemp("whole")
-    train(compose_train(folder, *LONG_RUN))
-    return load_checkpoint(folder / "checkpoints" / "last.ckpt")
-
-
 def _stopped_run(
     run: Path, signum: int, step: int, killer: str = "SignalAt"
 ) -> tuple[str, str, dict]:
@@ -170,8 +162,9 @@ def test_sigterm_in_the_test_after_training_says_what_is_left_in_one_line(
     assert (tmp_path / "checkpoints" / "last.gmm.pt").is_file()  # the fit before it finished
 
 
-def test_sigterm_in_generate_mode_fit_is_one_line(
-    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+@pytest.mark.parametrize("mode", ["fit", "sample"])  # sample: the fit of a missing sampler
+def test_sigterm_in_a_sampler_fit_is_one_line(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, mode: str
 ) -> None:
     from cvae.generation import generate
     from cvae.samplers import GaussianMixtureSampler
@@ -185,7 +178,7 @@ def test_sigterm_in_generate_mode_fit_is_one_line(
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(GaussianMixtureSampler, "fit", terminated)
-    cfg = compose_tool("generate", tmp_path / "out", f"ckpt_path={checkpoint}", "mode=fit")
+    cfg = compose_tool("generate", tmp_path / "out", f"ckpt_path={checkpoint}", f"mode={mode}")
     with pytest.raises(SystemExit) as stopped:
         run_or_report(generate, cfg)
     assert stopped.value.code == 143

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cvae import ImageDataModule
+from cvae.samplers import sampler_path
 from cvae.training import train
 from tests.helpers import compose_train, figures, run_notebook, text, write_mixed_images
 
@@ -45,10 +46,15 @@ def test_without_a_path_the_newest_single_run_is_picked(tmp_path: Path) -> None:
     assert "picked the newest run's checkpoint" in text(outputs)
 
 
-def test_a_folder_without_classes_gets_no_class_colour_bar(tmp_path: Path) -> None:
-    """Every label is -1: the posterior means are drawn in one colour, without a bar."""
+def test_a_folder_without_classes_and_a_run_without_a_fit(tmp_path: Path) -> None:
+    """Every label is -1: the posterior means are drawn in one colour, without a bar. The
+    run's fit removed (a run stopped before it): the notebook fits the sampler and saves it."""
     folder = tmp_path / "flat"
     write_mixed_images(folder, 24)
     train(compose_train(tmp_path / "run", "data=folder", f"data.root={folder}", "test=false"))
-    outputs = run_notebook(tmp_path / "run" / "checkpoints" / "last.ckpt", cells=16)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    sampler_path(checkpoint, "gmm").unlink()
+    outputs = run_notebook(checkpoint, cells=16)
     assert "no classes in this data: the points in one colour" in text(outputs)
+    assert "samples from the fitted gmm: sampler=gmm (" in text(outputs)
+    assert sampler_path(checkpoint, "gmm").is_file()

@@ -15,11 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import cvae.fid
 from cvae import CVAE, ImageDataModule
 from cvae.callbacks import SamplerFit
-from cvae.errors import run_or_report, user_error
+from cvae.errors import user_error
 from cvae.evaluation import evaluate_checkpoint
 from cvae.generation import generate
 from cvae.loading import sampler as configured_sampler
 from cvae.samplers import (
+    EM_CHUNK,
     GaussianMixtureSampler,
     PriorSampler,
     TwoStageSampler,
@@ -133,6 +134,34 @@ def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
         sampler.draw(5)
 
 
+def test_a_fit_counts_only_for_the_checkpoint_as_it_is(tmp_path: Path) -> None:
+    """Missing or of an older checkpoint: none (the commands fit it); a file that is not a
+    fit counts as one (loading says what is wrong; nothing overwrites it unasked)."""
+    checkpoint = _checkpoint(tmp_path)
+    sampler = GaussianMixtureSampler(components=2)
+    assert not sampler.has_fit_for(checkpoint)
+    mu, log_var, _ = _two_blobs()
+    sampler.fit(mu, log_var).save(checkpoint)
+    assert sampler.has_fit_for(checkpoint)
+    checkpoint.write_bytes(b"trained on since")
+    assert not sampler.has_fit_for(checkpoint)
+    sampler_path(checkpoint, "gmm").write_bytes(b"not a fit")
+    assert sampler.has_fit_for(checkpoint)
+
+
+def test_the_mixture_fitted_in_chunks_is_scikit_learns_fit() -> None:
+    """EM in chunks of a few iterations (progress lines between them) gives the mixture
+    one call of scikit-learn's own fit gives."""
+    from sklearn.mixture import GaussianMixture
+
+    mu = torch.randn(600, 3, generator=torch.Generator().manual_seed(0))  # no clusters: slow EM
+    state = GaussianMixtureSampler(components=4, dims=None).fit(mu, mu).states[-1]
+    reference = GaussianMixture(4, random_state=0, reg_covar=1e-5).fit(mu.double().numpy())
+    assert reference.n_iter_ > EM_CHUNK  # more than one chunk
+    torch.testing.assert_close(state["means"], torch.as_tensor(reference.means_))
+    torch.testing.assert_close(state["weights"], torch.as_tensor(reference.weights_))
+
+
 def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError) as missing:
@@ -210,17 +239,22 @@ def test_a_damaged_sampler_file_is_one_line_with_the_fit_command(
 
 
 @pytest.mark.slow
-def test_generate_fits_then_samples_with_the_fit(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+def test_generate_and_eval_fid_fit_a_missing_sampler_then_draw_from_the_fit(
+    trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
     checkpoint = tmp_path / "last.ckpt"
     shutil.copy(trained_run / "checkpoints" / "last.ckpt", checkpoint)
     sample = ("mode=sample", "sampler=gmm", "sampler.components=2", "n=8")
-    cfg = compose_tool("generate", tmp_path / "a", f"ckpt_path={checkpoint}", *sample)
-    with pytest.raises(SystemExit):
-        run_or_report(generate, cfg)
-    assert capsys.readouterr().err.startswith("error: sampler=gmm is not fitted for ")
-    assert not (tmp_path / "a").exists()  # nothing made for a command that could not run
+    # an interrupted run's checkpoint, with no fit beside it: generate makes the fit first
+    with caplog.at_level("INFO", logger="cvae.samplers"):
+        made = generate(
+            compose_tool("generate", tmp_path / "a", f"ckpt_path={checkpoint}", *sample)
+        )
+    assert f"components=2, covariance=full, dims=64) is not fitted for {checkpoint} " in caplog.text
+    assert sampler_path(checkpoint, "gmm").is_file() and (made / "sampler.json").is_file()
+    fit = sampler_path(checkpoint, "gmm").read_bytes()
+    first = generate(compose_tool("generate", tmp_path / "c", f"ckpt_path={checkpoint}", *sample))
+    assert sampler_path(checkpoint, "gmm").read_bytes() == fit  # the saved fit, not a new one
     fitted = generate(
         compose_tool(
             "generate",
@@ -232,9 +266,9 @@ def test_generate_fits_then_samples_with_the_fit(
         )
     )
     assert fitted == sampler_path(checkpoint, "gmm") and fitted.is_file()
-    first = generate(compose_tool("generate", tmp_path / "c", f"ckpt_path={checkpoint}", *sample))
     again = generate(compose_tool("generate", tmp_path / "d", f"ckpt_path={checkpoint}", *sample))
     assert (first / "samples.png").read_bytes() == (again / "samples.png").read_bytes()
+    assert (made / "samples.png").read_bytes() == (first / "samples.png").read_bytes()
     prior = generate(
         compose_tool("generate", tmp_path / "e", f"ckpt_path={checkpoint}", "n=8", "sampler=prior")
     )
@@ -274,12 +308,10 @@ def test_generate_fits_then_samples_with_the_fit(
         sampler=sampler,
     )
     assert by_hand["fid"] == pytest.approx(scores["gmm"]["fid"], rel=1e-6)
-    cfg = compose_tool(
-        "eval", tmp_path / "eval_two_stage", f"ckpt_path={checkpoint}", *fid, "sampler=two_stage"
-    )
-    with pytest.raises(SystemExit):
-        run_or_report(evaluate_checkpoint, cfg)
-    assert "sampler=two_stage is not fitted for" in capsys.readouterr().err
+    sampler_path(checkpoint, "gmm").unlink()  # eval.fid without a fit makes one too
+    cfg = compose_tool("eval", tmp_path / "refit", f"ckpt_path={checkpoint}", *fid, *sample[1:3])
+    assert evaluate_checkpoint(cfg)["fid"] == pytest.approx(scores["gmm"]["fid"], rel=1e-6)
+    assert sampler_path(checkpoint, "gmm").is_file()
 
 
 def test_training_fits_the_sampler_it_is_given(tmp_path: Path) -> None:
