@@ -7,17 +7,14 @@ import csv
 import json
 import os
 import shlex
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cvae.summarize import main as summarize_main
 from cvae.summary import draw_rate_distortion
-from tests.helpers import REPO, TINY, run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # every test here runs real commands or trainings
 
@@ -220,27 +217,18 @@ def test_an_optuna_study_where_every_trial_fails_ends_in_one_line(tmp_path: Path
     )
 
 
-def _sweep_process(*overrides: str) -> subprocess.Popen:
-    """A `-m` sweep of the tiny settings in the background, as a user or scheduler starts it."""
-    command = [sys.executable, "-m", "cvae.train", "-m", *TINY, *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 def test_a_sweep_stopped_by_sigterm_lists_every_job_and_continues(tmp_path: Path, capsys) -> None:
     sweep = tmp_path / "sweep"
-    args = ["trainer.max_epochs=1,40,1", "test=false", "sampler=prior", f"hydra.sweep.dir={sweep}"]
-    process = _sweep_process(*args)
-    log = sweep / "1" / "train.log"
-    deadline = time.monotonic() + 240
-    while not (log.is_file() and "epoch end: epoch 2/40" in log.read_text()):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
+    # 4 steps an epoch: only job 1 (3 epochs) reaches step 5, where the sweep's process is
+    # sent SIGTERM, as a scheduler or `kill` sends it, mid-job (tests.killers.SignalAt)
+    stop = ["+callbacks.stop._target_=tests.killers.SignalAt", "+callbacks.stop.step=5"]
+    args = ["trainer.max_epochs=1,3,1", "test=false", "sampler=prior", *stop]
+    result = run_cli(
+        *args, "+callbacks.stop.signum=15", f"hydra.sweep.dir={sweep}", multirun=True, check=False
+    )
+    stderr = result.stderr
+    assert result.returncode == 143, stderr[-3000:]
+    assert "epoch end: epoch 1/3" in (sweep / "1" / "train.log").read_text()  # stopped mid-job
     last = stderr.strip().splitlines()[-1]
     command = last.split("; continue with: ")[1]
     assert last == (
@@ -281,7 +269,7 @@ def test_a_sweep_stopped_by_sigterm_lists_every_job_and_continues(tmp_path: Path
     assert "resuming from it" in (sweep / "1" / "train.log").read_text()
     rows = {r["job"]: r for r in _read(sweep)}
     assert {r["status"] for r in rows.values()} == {"completed"}
-    assert [rows[j]["epochs"] for j in ("0", "1", "2")] == ["1", "40", "1"]
+    assert [rows[j]["epochs"] for j in ("0", "1", "2")] == ["1", "3", "1"]
 
 
 def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
