@@ -1,4 +1,5 @@
-"""Callbacks that kill the training process the hard way, for the resume tests."""
+"""Callbacks that kill the training process the hard way, for the resume tests (and one that
+lets a sweep notice such a job at once)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 from contextlib import contextmanager
 
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback
 
 
@@ -119,3 +121,14 @@ class FailAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
         if trainer.global_step >= self.step:
             raise ValueError(f"failed on purpose at step {trainer.global_step}")
+
+
+class NoWaitForMissingResults(HydraCallback):
+    """A Hydra callback for a sweep through the submitit launcher on a local disk: submitit
+    waits 15 s for the result file of each job that ended without one (time for a network
+    file system to show it); here the file is written or never will be, so look once."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from submitit.core.core import Job
+
+        Job._results_timeout_s = 0

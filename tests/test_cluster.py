@@ -122,28 +122,22 @@ def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
     assert "completed" in (sweep / "summary.csv").read_text()
 
 
-@pytest.mark.parametrize(
-    ("stop", "status"),
-    [
-        # what scancel sends: the job saves, says so, records itself as interrupted
-        (["tests.killers.SignalAt", "+callbacks.stop.signum=15"], "interrupted"),
-        # a node failure: the job records nothing
-        (["tests.killers.KillAt"], "incomplete"),
-    ],
-    ids=["sigterm", "sigkill"],
-)
 def test_a_launcher_job_that_ends_without_a_result_is_one_row_and_one_line(
-    tmp_path: Path, stop: list[str], status: str
+    tmp_path: Path,
 ) -> None:
+    """Two ways a launcher job ends without a result, in one sweep: SIGTERM (what scancel
+    sends: the job saves, says so, records itself as interrupted) and SIGKILL (a node
+    failure: the job records nothing)."""
     sweep = tmp_path / "sweep"
     result = run_cli(
         "hydra/launcher=submitit_local",
-        "trainer.max_epochs=1,3",  # 4 steps an epoch: only job 1 reaches step 4
+        "trainer.max_epochs=1,3",  # 4 steps an epoch: only jobs 2 and 3 (3 epochs) reach step 4
+        "+callbacks.stop.signum=15,9",  # SIGTERM in jobs 0 and 2, SIGKILL in jobs 1 and 3
         "test=false",
         "sampler=prior",
-        f"+callbacks.stop._target_={stop[0]}",
+        "+callbacks.stop._target_=tests.killers.SignalAt",
         "+callbacks.stop.step=4",
-        *stop[1:],
+        "+hydra.callbacks.no_wait._target_=tests.killers.NoWaitForMissingResults",
         f"hydra.sweep.dir={sweep}",
         multirun=True,
         check=False,
@@ -151,11 +145,18 @@ def test_a_launcher_job_that_ends_without_a_result_is_one_row_and_one_line(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        f"sweep ended: 1 completed, 1 {status} (job 1); see {sweep}/summary.md; continue with: "
+        "sweep ended: 2 completed, 1 interrupted (job 2), 1 incomplete (job 3); "
+        f"see {sweep}/summary.md; continue with: "
     )
-    assert re.search(r"job \d+ ended without a result \(state \w+\)", result.stdout)
+    ended = re.findall(r"job \d+ ended without a result \(state \w+\)", result.stdout)
+    assert len(ended) == 2, result.stdout[-3000:]  # named by submitit's job ids
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[:2] for row in rows] == [["0", "completed"], ["1", status]]
+    assert sorted(row.split(",")[:2] for row in rows) == [
+        ["0", "completed"],
+        ["1", "completed"],
+        ["2", "interrupted"],
+        ["3", "incomplete"],
+    ]
 
 
 @pytest.fixture
