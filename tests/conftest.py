@@ -38,7 +38,7 @@ _cache_bytecode()
 import pytest  # noqa: E402 - after the bytecode folder is set
 import torch  # noqa: E402
 
-from tests.helpers import compose_train, write_mixed_images  # noqa: E402
+from tests.helpers import LONG_RUN, compose_train, load_checkpoint, write_mixed_images  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs a worker per core: one torch thread each (and in the commands the
@@ -73,3 +73,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained_run")
     train(compose_train(run_dir, "trainer.max_epochs=2", "test=false"))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The last.ckpt of the LONG_RUN trained without interruption (2 epochs of 7 steps): what
+    the runs that are stopped and resumed must end with. Read it, never change it."""
+    from cvae.training import train
+
+    folder = tmp_path_factory.mktemp("whole")
+    train(compose_train(folder, *LONG_RUN))
+    return load_checkpoint(folder / "checkpoints" / "last.ckpt")

@@ -36,14 +36,6 @@ def _stop_at(step: int, signum: int) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The LONG_RUN trained without interruption: 2 epochs of 7 steps."""
-    folder = tmp_path_factory.mktemp("whole")
-    train(compose_train(folder, *LONG_RUN))
-    return load_checkpoint(folder / "checkpoints" / "last.ckpt")
-
-
 def test_a_run_started_again_in_its_folder_resumes_from_its_last_ckpt(
     tmp_path: Path, uninterrupted: dict, caplog: pytest.LogCaptureFixture
 ) -> None:

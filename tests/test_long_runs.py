@@ -21,9 +21,10 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_kill_9_mid_epoch_then_resume_continues_exactly(tmp_path: Path) -> None:
-    train(compose_train(tmp_path / "whole", *LONG_RUN))
-    whole = _checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+def test_kill_9_mid_epoch_then_resume_continues_exactly(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    whole = uninterrupted
     assert whole["global_step"] == 14
 
     killed = tmp_path / "killed"
