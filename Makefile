@@ -26,9 +26,16 @@ $(UV_HOME)/bin/uv:
 		&& apt-get update -qq && apt-get install -y -qq python3-pip; }
 	python3 -m pip install --quiet --disable-pip-version-check --target $(UV_HOME) uv
 
-install: $(if $(shell command -v uv 2>/dev/null),,$(UV_HOME)/bin/uv)  ## uv (if missing) and the locked environment in .venv
+install: $(if $(shell command -v uv 2>/dev/null),,$(UV_HOME)/bin/uv) .venv/.bytecode  ## uv (if missing) and the locked environment in .venv
 	@$(UV) sync --frozen
 	@echo "environment ready: run commands as .venv/bin/python -m cvae.train ... (or source .venv/bin/activate)"
+
+# Compiled once per lock file (about a minute of CPU): where PYTHONDONTWRITEBYTECODE is set
+# (containers, CI images) every command would otherwise compile torch and Lightning again,
+# about 10 s of CPU per start.
+.venv/.bytecode: uv.lock
+	$(UV) sync --frozen --compile-bytecode --quiet
+	@touch $@
 
 fashion-mnist:  ## the Debian package dataset-fashion-mnist (the default data), where apt is available
 	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \

@@ -4,41 +4,12 @@
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from pathlib import Path
 
+import pytest
+import torch
 
-def _cache_bytecode() -> None:
-    """Where bytecode is not written (PYTHONDONTWRITEBYTECODE, as in some containers and CI
-    images, with a venv installed without compiled files), every command a test starts
-    compiles torch, Lightning and SciPy from source again (about 10 s of CPU each). Keep the
-    compiled files in a private folder of the temp directory instead, shared by the workers,
-    the commands they start and later sessions; the source tree and the venv stay as they
-    are. Set before this process imports torch."""
-    if not sys.flags.dont_write_bytecode or os.environ.get("PYTHONPYCACHEPREFIX"):
-        return
-    folder = Path(tempfile.gettempdir()) / f"cvae-tests-pycache-{os.getuid()}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.lstat()
-    except OSError:
-        return
-    if folder.is_symlink() or not folder.is_dir() or info.st_uid != os.getuid():
-        return  # not ours: compile as before
-    if info.st_mode & 0o022:
-        return  # others could write there
-    sys.pycache_prefix, sys.dont_write_bytecode = str(folder), False
-    os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-
-
-_cache_bytecode()
-
-import pytest  # noqa: E402 - after the bytecode folder is set
-import torch  # noqa: E402
-
-from tests.helpers import LONG_RUN, compose_train, load_checkpoint, write_mixed_images  # noqa: E402
+from tests.helpers import LONG_RUN, compose_train, load_checkpoint, write_mixed_images
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs a worker per core: one torch thread each (and in the commands the
