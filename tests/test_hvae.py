@@ -60,7 +60,7 @@ def test_the_kl_over_levels_matches_a_monte_carlo_estimate() -> None:
         _, kl, posterior = model.elbo_terms(x, generator=_generator(0))
         encoding = model._encoding(x[:1], None)
         _, log_ratio = model._log_weight_terms(x[:1], None, encoding, 20_000, _generator(1))
-    monte_carlo = -log_ratio.mean()
+    monte_carlo = -log_ratio.sum(0).mean()  # (levels, samples, images)
     assert float(kl.mean()) == pytest.approx(float(monte_carlo), abs=0.03)
     assert len(posterior.levels) == 2 and posterior.levels[1].mu.shape == (20_000, 2)
 
@@ -210,6 +210,15 @@ def test_a_kl_warm_up_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
         _two_levels(level_warmup_steps=[100])
     with pytest.raises(ValueError, match=r"it needs model.iw_samples=1"):
         _two_levels(level_warmup_steps=[0, 100], iw_samples=4)
+
+
+def test_iwae_training_logs_each_levels_kl_adding_up_to_the_kl() -> None:
+    model = _two_levels(iw_samples=4)
+    model.train()
+    terms = model.loss_terms(torch.rand(4, 1, 8, 8))
+    levels = [terms[f"kl_level_{i}"] for i in range(2)]
+    assert all(float(kl) != 0 for kl in levels)
+    torch.testing.assert_close(sum(levels), terms["kl"])
 
 
 def test_interpolation_at_a_chosen_level() -> None:

@@ -87,14 +87,21 @@ class Bounds:
         """`loss_terms` of the IWAE bound: `k` samples per image decoded in one call. `kl`:
         the closed form where there is one (`_closed_form_kl`), else the mean over the `k`
         samples of log q(z | x) - log p(z)."""
-        log_px, log_ratio = self._log_weight_terms(
+        log_px, level_ratios = self._log_weight_terms(
             x, self.class_indices(labels, len(x)), encoding, k
         )
+        log_ratio = level_ratios.sum(0)
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(k)
         kl = self._closed_form_kl(encoding)
         if kl is None:
             kl = -log_ratio.mean(0)
-        return {"loss": -bound.mean(), "recon": -log_px.mean(), "kl": kl.mean()}
+        terms = {"loss": -bound.mean(), "recon": -log_px.mean(), "kl": kl.mean()}
+        return terms | self._kl_per_level(-level_ratios.mean(dim=(1, 2)))
+
+    def _kl_per_level(self, kls: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms naming each level's KL (`kl_level_<i>`, level 0 the top), logged
+        as `train/kl_level_<i>` and `val/...`: none for a model of one level."""
+        return {}
 
     def _closed_form_kl(self, encoding: Gaussian) -> torch.Tensor | None:
         """KL(q(z | x) || p(z)) per image in closed form, None where there is none (a
@@ -113,9 +120,10 @@ class Bounds:
         generator: torch.Generator | None = None,
         logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two parts of the importance weights of `n` posterior samples per image, each
-        `(n, B)`: log p(x | z) and log p(z) - log q(z | x). The IWAE training bound and the
-        likelihood estimate share them; the `n * B` latents are decoded in one call
+        """The two parts of the importance weights of `n` posterior samples per image:
+        log p(x | z) `(n, B)` and, per latent level, log p(z) - log q(z | x) `(levels, n, B)`
+        (their sum over levels is the weights' latent part). The IWAE training bound and
+        the likelihood estimate share them; the `n * B` latents are decoded in one call
         (`logits_of(z, labels)`: the decoder's logits of latents, `decode_logits` by
         default)."""
         mu, log_var = encoding
@@ -124,7 +132,7 @@ class Bounds:
         logits = (logits_of or self.decode_logits)(z.flatten(0, 1), repeated)
         log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)  # x broadcast over n
         z, mu, log_var = z.float(), mu.float(), log_var.float()
-        return log_px, self.prior.log_prob(z) - normal_log_density(z, mu, log_var)
+        return log_px, (self.prior.log_prob(z) - normal_log_density(z, mu, log_var))[None]
 
     def elbo(
         self,
@@ -202,7 +210,8 @@ class Bounds:
                     log_px, log_ratio = self._log_weight_terms(
                         x, labels, encoding, n, generator, logits_of
                     )
-                    total = torch.logaddexp(total, torch.logsumexp(log_px + log_ratio, dim=0))
+                    weights = log_px + log_ratio.sum(0)
+                    total = torch.logaddexp(total, torch.logsumexp(weights, dim=0))
                 return total - math.log(k)
         finally:
             self.train(was_training)

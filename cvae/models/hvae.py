@@ -171,7 +171,8 @@ class HVAE(CVAE):
     `iw_samples` > 1) over all levels: -log p(x | z) + beta * (KL of the top to `prior` +
     sum of each lower level's KL to its conditional prior, in closed form given the latents
     drawn above it); `free_bits` floors each dimension of every level. Logged beside `kl`:
-    `kl_level_<i>`, level 0 the top. `level_warmup_steps` (one per level, top first; None:
+    `kl_level_<i>`, level 0 the top (under IWAE the mean over the samples of each level's
+    log q - log p, which add up to `kl`). `level_warmup_steps` (one per level, top first; None:
     off) ramps each level's KL weight from 0 to `beta` over its own number of training steps,
     on top of `beta_schedule` (the ELBO only: not with `iw_samples` > 1)."""
 
@@ -359,7 +360,10 @@ class HVAE(CVAE):
         kl = torch.stack(kls).sum()
         weighted = torch.stack(floored) * self._level_weights().to(recon)
         terms = {"loss": recon + beta * weighted.sum(), "recon": recon, "kl": kl}
-        return terms | {f"kl_level_{i}": value for i, value in enumerate(kls)}
+        return terms | self._kl_per_level(torch.stack(kls))
+
+    def _kl_per_level(self, kls: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"kl_level_{i}": value for i, value in enumerate(kls)}
 
     def _level_weights(self) -> torch.Tensor:
         """Each level's KL weight at this training step under `level_warmup_steps` (ones
@@ -381,16 +385,16 @@ class HVAE(CVAE):
         generator: torch.Generator | None = None,
         logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x | z) and sum over levels of log p(z_i | z_<i) - log q(z_i | x, z_<i), for
-        `n` samples of every level per image, `(n, B)` each."""
+        """log p(x | z) `(n, B)` and each level's log p(z_i | z_<i) - log q(z_i | x, z_<i)
+        `(levels, n, B)`, for `n` samples of every level per image."""
         features, top = encoding
         z = reparameterize(top.mu, top.log_var, generator, samples=n)  # (n, B, latent)
-        log_ratio = self.prior.log_prob(z.float()) - normal_log_density(
-            z.float(), top.mu.float(), top.log_var.float()
-        )
+        log_ratios = [
+            self.prior.log_prob(z.float())
+            - normal_log_density(z.float(), top.mu.float(), top.log_var.float())
+        ]
 
         def draw(index: int, posterior: Gaussian, prior: Gaussian) -> torch.Tensor:
-            nonlocal log_ratio
             eps = torch.randn(posterior.mu.shape, generator=generator).to(posterior.mu)
             sample = posterior.mu + torch.exp(0.5 * posterior.log_var) * eps
             q, p, s = (
@@ -398,10 +402,8 @@ class HVAE(CVAE):
                 prior.map(torch.Tensor.float),
                 sample.float(),
             )
-            log_ratio = (
-                log_ratio
-                + normal_log_density(s, p.mu, p.log_var)
-                - normal_log_density(s, q.mu, q.log_var)
+            log_ratios.append(
+                normal_log_density(s, p.mu, p.log_var) - normal_log_density(s, q.mu, q.log_var)
             )
             return sample
 
@@ -412,7 +414,7 @@ class HVAE(CVAE):
         else:
             logits = logits_of(latents.flatten(0, 1), repeated)
         log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)
-        return log_px, log_ratio
+        return log_px, torch.stack(log_ratios)
 
     def elbo_terms(
         self,
