@@ -25,6 +25,7 @@ from cvae.loading import fit_sampler, fitted_sampler, load_checkpoint
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
+from cvae.models.user_api import check_level
 from cvae.pixels import unit_range
 from cvae.samplers import LatentSampler, fit_and_save, posteriors, principal_axes
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
@@ -110,32 +111,35 @@ class Directions(NamedTuple):
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def latent_kl(model: CVAE, batches: Batches, max_images: int = 1024) -> torch.Tensor:
-    """Mean KL of each latent dimension over (up to `max_images` of) `batches`."""
+def along_latents(
+    model: CVAE, batches: Batches, count: int, level: int = 0, max_images: int = 1024
+) -> Directions:
+    """The `count` latents of `level` with the most KL over (up to `max_images` of)
+    `batches` (images, labels): at the top, each in its prior standard deviations around the
+    prior's mean; below it (whose prior depends on the levels above), in the spread of the
+    posterior means around their average. What one latent alone encodes."""
     posterior, _ = posteriors(model, batches, max_images)
     statistics = PosteriorStatistics()
     statistics.update(posterior.map(lambda t: t.to(model.device)), model.kl_per_dimension)
-    return statistics.kl_per_dim()[: posterior.mu.shape[1]]  # the top level's
-
-
-def along_latents(model: CVAE, batches: Batches, count: int) -> Directions:
-    """The `count` latents with the most KL over `batches` (images, labels), each in its prior
-    standard deviations around the prior's mean: what one latent alone encodes."""
-    kl = latent_kl(model, batches)
+    kl = statistics.kl_per_dim()[posterior.span(level)].cpu()
     dims = kl.argsort(descending=True)[:count]
-    centre, spread = model.prior.marginal_moments()
-    names = [f"latent {d} (KL {kl[d]:.2f} nats)" for d in dims.tolist()]
+    if level == 0:
+        centre, spread = model.prior.marginal_moments()
+    else:
+        means = posterior.levels[level].mu
+        centre, spread = means.mean(0), means.std(0)
+    names = [f"latent {d} of level {level} (KL {kl[d]:.2f} nats)" for d in dims.tolist()]
     return Directions(torch.eye(len(kl))[dims], centre, spread[dims], names)
 
 
 def along_principal_axes(
-    model: CVAE, batches: Batches, count: int, max_images: int = 1024
+    model: CVAE, batches: Batches, count: int, level: int = 0, max_images: int = 1024
 ) -> Directions:
-    """The top `count` principal directions of the posterior means of (up to `max_images` of)
-    `batches` (images, labels), each in the means' standard deviation along it around their
-    average: the factors the model varies most, even where it spreads each over hundreds of
-    latents."""
-    mu = posteriors(model, batches, max_images)[0].mu
+    """The top `count` principal directions of the posterior means of `level` of (up to
+    `max_images` of) `batches` (images, labels), each in the means' standard deviation
+    along it around their average: the factors the model varies most, even where it spreads
+    each over hundreds of latents."""
+    mu = posteriors(model, batches, max_images)[0].levels[level].mu
     centre, singular, vectors = principal_axes(mu)
     share = singular.square() / singular.square().sum()
     spreads = singular / max(len(mu) - 1, 1) ** 0.5
@@ -157,21 +161,27 @@ def traverse(
     steps: int,
     span: float,
     label: torch.Tensor | None = None,
+    level: int = 0,
 ) -> torch.Tensor:
-    """Rows of images: for each of `directions`, the image's posterior mean with its
-    coordinate along that vector set to `steps` values from -span to span spreads around the
-    centre's (a latent's unit vector: that latent alone), a conditional model all of the
+    """Rows of images: for each of `directions` (vectors of `level`'s latents), the image's
+    posterior means with that level's coordinate along the vector set to `steps` values
+    from -span to span spreads around the centre's (a latent's unit vector: that latent
+    alone), the other levels held at the image's means; a conditional model all of the
     image's `label`."""
+    check_level(level, model.latent_levels)
     vectors, centre, spreads = (
         t.to(model.device) for t in (directions.vectors, directions.centre, directions.spreads)
     )
     values = torch.linspace(-span, span, steps, device=model.device)
     with torch.no_grad():
-        mu = model.encode(image[None].to(model.device), label).mu
+        posterior = model.encode(image[None].to(model.device), label)
+        part = posterior.span(level)
+        mu = posterior.means[:, part]
         along = (centre - mu) @ vectors.T  # (1, rows): from the image's mean to the centre
         shift = along.T + spreads[:, None] * values  # (rows, steps)
-        z = mu + (shift[..., None] * vectors[:, None, :]).reshape(-1, mu.shape[1])
-        return model.decode(z, label)
+        latents = posterior.means.repeat(len(vectors) * steps, 1)
+        latents[:, part] = mu + (shift[..., None] * vectors[:, None, :]).reshape(-1, mu.shape[1])
+        return model.decode_latents(latents, label)
 
 
 def generate(cfg: DictConfig) -> Path:
@@ -296,9 +306,12 @@ def _traverse(
 ) -> None:
     label = plain(cfg.get("label"))
     (image,), labels = pick_images(cfg.input, 1, datamodule, generator, model, label)
+    level = int(cfg.get("level", 0))
+    check_level(level, model.latent_levels)
     datamodule.setup("test")
-    directions = DIRECTIONS[cfg.directions](model, datamodule.test_dataloader(), int(cfg.dims))
-    grid = traverse(model, image, directions, int(cfg.steps), float(cfg.range), labels)
+    batches = datamodule.test_dataloader()
+    directions = DIRECTIONS[cfg.directions](model, batches, int(cfg.dims), level)
+    grid = traverse(model, image, directions, int(cfg.steps), float(cfg.range), labels, level)
     visualize_batch(grid, out / "traversal.png", nrow=int(cfg.steps))
     (out / "traversal.txt").write_text(
         "".join(f"row {i + 1}: {name}\n" for i, name in enumerate(directions.names))

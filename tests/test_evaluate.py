@@ -550,7 +550,7 @@ def test_a_traversal_moves_only_along_its_direction(trained_run: Path) -> None:
         directions.vectors @ directions.vectors.T, torch.eye(2), atol=1e-5, rtol=0
     )
     decoded = []
-    model.decode = lambda z, label=None: decoded.append(z) or z  # the latents, not images
+    model.decode_latents = lambda z, label=None: decoded.append(z) or z  # latents, not images
     traverse(model, images[0], directions, 3, 2.0)
     z = decoded[0].reshape(2, 3, -1)
     mu = model.encode(images[:1]).mu

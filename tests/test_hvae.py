@@ -239,6 +239,34 @@ def test_interpolation_at_a_chosen_level() -> None:
         CVAE(**TINY).interpolate(x[0], x[1], level=1)
 
 
+@pytest.mark.parametrize("directions", ["principal", "latents"])
+def test_a_traversal_at_a_chosen_level_moves_that_level_only(
+    directions: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row moves level 1's latents along one direction; the top level stays at the
+    image's posterior mean in every image."""
+    from cvae.generation import DIRECTIONS, traverse
+
+    model = _two_levels()
+    with torch.no_grad():  # a lower level that varies with the image
+        model.top_down.posteriors[0][-1].weight.mul_(20)
+    images = torch.rand(40, 1, 8, 8)
+    found = DIRECTIONS[directions](model, [(images, torch.zeros(40))], 2, level=1)
+    assert found.vectors.shape == (2, 2) and len(found.names) == 2
+    decoded = []
+    decode = model.decode_latents
+    monkeypatch.setattr(
+        model, "decode_latents", lambda z, labels=None: decoded.append(z) or decode(z)
+    )
+    grid = traverse(model, images[0], found, 3, 2.0, level=1)
+    assert grid.shape == (6, 1, 8, 8) and not torch.allclose(grid[0], grid[2])
+    top = model.encode(images[:1]).levels[0].mu
+    torch.testing.assert_close(decoded[0][:, :3], top.expand(6, -1))
+    assert decoded[0][:, 3:].std(0).min() > 0
+    with pytest.raises(ValueError, match="level=2: this model has 2 latent level"):
+        traverse(model, images[0], found, 3, 2.0, level=2)
+
+
 def test_evaluation_metrics_report_each_level() -> None:
     """`cvae.evaluate`'s metrics of a hierarchy: active units and the KL of each level (the
     levels' shares of the per-latent KL), beside the totals."""

@@ -311,7 +311,18 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
     def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's output before its head, what `self.likelihood` scores, of latents
         `z` and (a conditional model) class `labels`."""
-        return self.decoder.logits(self._decoder_input(z, self.class_indices(labels, len(z))))
+        return self._logits_of_all(z, labels)
+
+    def decode_latents(self, latents: torch.Tensor, labels: object = None) -> torch.Tensor:
+        """Images of every level's latents side by side (`Posterior.means`' layout; one
+        level: `decode`), of class `labels` (a conditional model's)."""
+        return self.decoder.images(self._logits_of_all(latents, labels))
+
+    def _logits_of_all(self, latents: torch.Tensor, labels: object) -> torch.Tensor:
+        """The decoder's logits of every level's latents side by side."""
+        return self.decoder.logits(
+            self._decoder_input(latents, self.class_indices(labels, len(latents)))
+        )
 
     def _decoder_input(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """`z`, or for a conditional model `z` beside the class code of `labels`."""

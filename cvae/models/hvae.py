@@ -25,7 +25,6 @@ from cvae.models.cvae import CVAE
 from cvae.models.latents import Gaussian, Posterior
 from cvae.models.losses import free_bits_kl, kl_divergence, kl_per_dimension, normal_log_density
 from cvae.models.networks import reparameterize
-from cvae.models.user_api import check_level, evaluating, walk
 from cvae.pixels import unit_range
 
 Choose = Callable[[int, Gaussian | None, Gaussian], torch.Tensor]
@@ -257,12 +256,6 @@ class HVAE(CVAE):
         conditional priors' means."""
         return self._logits_of_all(self.top_down.complete(z), labels)
 
-    def _logits_of_all(self, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The decoder's logits of every level's latents side by side."""
-        return self.decoder.logits(
-            self._decoder_input(latents, self.class_indices(labels, len(latents)))
-        )
-
     def decode_drawn(
         self,
         z: torch.Tensor,
@@ -288,48 +281,6 @@ class HVAE(CVAE):
         else:
             parts["decoder"] = (sampling, (z, eps), ["z", "eps"], ["images"])
         return parts
-
-    def reconstruct(self, x: torch.Tensor, labels: object = None) -> torch.Tensor:
-        """Images decoded from every level's posterior mean along the path of means."""
-        labels = self.class_indices(labels, len(x))
-        with evaluating(self):
-            features = self._features(x.to(self.device), labels)
-            latents, _, _ = self.top_down.path(
-                features, self._top(features).mu, lambda i, q, p: q.mu
-            )
-            return self.decoder.images(self._logits_of_all(latents, labels))
-
-    def interpolate(
-        self,
-        x1: torch.Tensor,
-        x2: torch.Tensor,
-        steps: int = 8,
-        spherical: bool = False,
-        labels: object = None,
-        level: int = 0,
-    ) -> torch.Tensor:
-        """`steps` images along the walk of one latent `level` (0: the top) between the two
-        images' posterior means (every level along the path of means), the other levels
-        held at the first image's: the first frame is its reconstruction, and what changes
-        is what that level encodes. Without levels below the top: `CVAE.interpolate`."""
-        if not self.level_sizes:
-            return super().interpolate(x1, x2, steps, spherical, labels, level)
-        check_level(level, self.latent_levels)
-        labels = self.class_indices(labels, 2)
-        ends = [0, self.hparams.latent_dim]
-        for size in self.level_sizes:
-            ends.append(ends[-1] + size)
-        with evaluating(self):
-            features = self._features(torch.stack([x1, x2]).to(self.device), labels)
-            means = lambda i, q, p: q.mu  # noqa: E731
-            (a, b), _, _ = self.top_down.path(features, self._top(features).mu, means)
-            t = torch.linspace(0, 1, steps, device=self.device)[:, None]
-            part = slice(ends[level], ends[level + 1])
-            latents = a.repeat(steps, 1)
-            latents[:, part] = walk(a[part], b[part], t, spherical)
-            if labels is None:
-                return self.decoder.images(self._logits_of_all(latents, None))
-            return self._decode_between(latents, labels[0], labels[1], t)
 
     # --- bounds ----------------------------------------------------------------------------
     def _one_sample_terms(

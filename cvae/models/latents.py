@@ -8,7 +8,10 @@ metrics, export) read it through this type, never as a bare `(mu, log_var)`:
   walk (`model.decode` takes latents of this level; a model with lower levels completes
   them itself);
 - `posterior.levels`: every level, for per-level statistics (active units, KL per
-  dimension: `model.kl_per_dimension(posterior)` gives one tensor per level).
+  dimension: `model.kl_per_dimension(posterior)` gives one tensor per level);
+- `posterior.means`: every level's means side by side (`span(level)`: one level's
+  columns), what `model.decode_latents` reads: reconstructions, and interpolations and
+  traversals at a chosen level.
 
 A model with more levels changes `models/` and its config only.
 """
@@ -60,6 +63,18 @@ class Posterior:
     @property
     def log_var(self) -> torch.Tensor:
         return self.top.log_var
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Every level's means side by side, top first `(B, sum of level sizes)`: the latents
+        `model.decode_latents` reads (each level below the top along the path of the upper
+        levels' means, as `encode` computes them)."""
+        return torch.cat([level.mu for level in self.levels], dim=-1)
+
+    def span(self, level: int) -> slice:
+        """The columns of `level` (0: the top) in `means`."""
+        start = sum(above.mu.shape[-1] for above in self.levels[:level])
+        return slice(start, start + self.levels[level].mu.shape[-1])
 
     def __len__(self) -> int:
         return len(self.top.mu)

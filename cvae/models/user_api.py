@@ -149,7 +149,7 @@ class UserAPI:
         conditional model decodes with the classes the images were encoded with."""
         labels = self.class_indices(labels, len(x))
         with evaluating(self):
-            return self.decode(self.encode(x.to(self.device), labels).mu, labels)
+            return self.decode_latents(self.encode(x.to(self.device), labels).means, labels)
 
     def interpolate(
         self,
@@ -164,16 +164,21 @@ class UserAPI:
         `(C, H, W)`: a straight line, or a great circle (`spherical`), which keeps the norm
         that latents of a Gaussian prior concentrate at. A conditional model takes the two
         images' `labels`; the class code walks from one to the other along with `z`. `level`:
-        the latent level that walks (0, the top, the only one of a one-level model)."""
+        the latent level that walks (0, the top, the only one of a one-level model); the
+        other levels stay at the first image's means, so the first frame is its
+        reconstruction and what changes is what that level encodes."""
         check_level(level, self.latent_levels)
         labels = self.class_indices(labels, 2)
         with evaluating(self):
-            a, b = self.encode(torch.stack([x1, x2]).to(self.device), labels).mu
+            posterior = self.encode(torch.stack([x1, x2]).to(self.device), labels)
+            a, b = posterior.means
+            part = posterior.span(level)
             t = torch.linspace(0, 1, steps, device=self.device)[:, None]
-            z = walk(a, b, t, spherical)
+            latents = a.repeat(steps, 1)
+            latents[:, part] = walk(a[part], b[part], t, spherical)
             if labels is None:
-                return self.decode(z)
-            return self._decode_between(z, labels[0], labels[1], t)
+                return self.decode_latents(latents)
+            return self._decode_between(latents, labels[0], labels[1], t)
 
     def interpolate_classes(
         self, first: int | str, second: int | str, z: torch.Tensor, steps: int = 8
