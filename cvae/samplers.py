@@ -384,6 +384,7 @@ class GaussianMixtureSampler(LatentSampler):
         state = principal_subspace(mu, self.dims)
         coords = to_coordinates(state, mu)
         components = min(self.components, len(coords))
+        self._warn_if_too_many_parameters(components, *coords.shape)
         mixture = GaussianMixture(
             components,
             covariance_type=self.covariance,
@@ -424,6 +425,35 @@ class GaussianMixtureSampler(LatentSampler):
             "means": torch.as_tensor(mixture.means_, dtype=torch.float64),
             "scale_tril": torch.linalg.cholesky(covariances),
         }
+
+    def parameters(self, components: int, dims: int) -> int:
+        """How many numbers a mixture of `components` in `dims` dimensions fits: weights,
+        means and the covariances of `self.covariance`."""
+        per_covariance = {
+            "full": dims * (dims + 1) // 2,
+            "diag": dims,
+            "spherical": 1,
+            "tied": dims * (dims + 1) // 2 / components,
+        }[self.covariance]
+        return int(components * (1 + dims + per_covariance)) - 1
+
+    def _warn_if_too_many_parameters(self, components: int, images: int, dims: int) -> None:
+        """A warning when the mixture has more parameters than the posterior means have
+        values: it then fits them one by one, and its samples copy training images."""
+        parameters = self.parameters(components, dims)
+        if parameters > images * dims:
+            log.warning(
+                "sampler=gmm: %d %s-covariance components in %d dimensions have %s "
+                "parameters, more than the %s values of %s posterior means: the mixture "
+                "memorises them and its samples copy training images; use fewer "
+                "(sampler.components, sampler.dims) or sampler.covariance=diag",
+                components,
+                self.covariance,
+                dims,
+                f"{parameters:,}",
+                f"{images * dims:,}",
+                f"{images:,}",
+            )
 
     def _sample_one(
         self,

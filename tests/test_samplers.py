@@ -134,6 +134,27 @@ def test_a_conditional_fit_draws_each_class_from_its_own_density() -> None:
         sampler.draw(5)
 
 
+def test_a_mixture_with_more_parameters_than_data_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """400 means in 4 dims are 1,600 values: 100 full components have 1,499 parameters (no
+    warning), 120 have 1,799 (warned); a diagonal 120 have 1,079 (none)."""
+    mu, log_var, _ = _two_blobs()
+    assert GaussianMixtureSampler(components=100).parameters(100, 4) == 1499
+    for components, covariance, warned in (
+        (100, "full", False),
+        (120, "full", True),
+        (120, "diag", False),
+    ):
+        caplog.clear()
+        sampler = GaussianMixtureSampler(components=components, covariance=covariance)
+        with caplog.at_level("WARNING", logger="cvae.samplers"):
+            sampler.fit(mu, log_var)
+        assert (
+            "parameters, more than the 1,600 values of 400 posterior means" in caplog.text
+        ) is warned
+
+
 def test_a_fit_counts_only_for_the_checkpoint_as_it_is(tmp_path: Path) -> None:
     """Missing or of an older checkpoint: none (the commands fit it); a file that is not a
     fit counts as one (loading says what is wrong; nothing overwrites it unasked)."""
