@@ -226,6 +226,9 @@ class SaveOnInterrupt(Callback):
                 handler(signum, None)
             except Exception as error:  # "Job not requeued because: timed-out too many times."
                 message += f"; {str(error).rstrip('.')}"
+            else:  # a rank > 0: rank 0 requeues the job, which resumes from the save
+                message += f"; rank {trainer.global_rank} stops, rank 0 requeues the job"
+                raise Interrupted(message, 128 + signum, str(path), requeued=True)
         raise Interrupted(message, 128 + signum, str(path))
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -47,9 +47,16 @@ class Interrupted(Exception):
     `exit_status` follows the shell's convention for a process ended by a signal (128 + N).
     """
 
-    def __init__(self, message: str, exit_status: int, checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        exit_status: int,
+        checkpoint: str | None = None,
+        requeued: bool = False,
+    ) -> None:
         super().__init__(message)
         self.exit_status, self.checkpoint = exit_status, checkpoint
+        self.requeued = requeued  # the job comes back by itself: no resume command to give
 
 
 class Terminated(KeyboardInterrupt):

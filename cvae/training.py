@@ -218,12 +218,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
             )
         except Interrupted as stop:
-            if stop.checkpoint is None:  # after training, in the sampler fit: said there
+            if stop.requeued:  # the job comes back by itself
+                message = str(stop)
+            elif stop.checkpoint is None:  # after training, in the sampler fit: said there
                 untested = f"; the test did not run either: {_test_command(trainer)}"
                 message = f"{stop}{untested if cfg.get('test') else ''}"
             else:
                 message = f"{stop}; resume with: {resume_command(cfg, stop.checkpoint)}"
-            raise Interrupted(message, stop.exit_status, stop.checkpoint) from None
+            raise Interrupted(message, stop.exit_status, stop.checkpoint, stop.requeued) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero:
             _write_result(

@@ -92,6 +92,25 @@ def test_a_job_submitit_does_not_requeue_stops_with_the_reason_and_a_resume_line
     assert stop.value.exit_status == 128 + signal.SIGUSR2
 
 
+def test_a_rank_that_does_not_requeue_gives_no_resume_line(
+    tmp_path: Path, submitit_handler: list
+) -> None:
+    """Under DDP submitit requeues on rank 0 and returns on the others: those say that rank
+    0 requeues the job, and give no resume command (the job comes back by itself)."""
+
+    def returns(signum: int, frame: object) -> None:
+        submitit_handler.append(signum)
+
+    signal.signal(signal.SIGUSR2, returns)
+    with pytest.raises(Interrupted) as stop:
+        train(compose_train(tmp_path, *LONG_RUN, *_stop_at(4, signal.SIGUSR2)))
+    message = str(stop.value)
+    assert message.startswith("SIGUSR2: training stopped at epoch 1, step 5; saved ")
+    assert message.endswith("; rank 0 stops, rank 0 requeues the job")
+    assert "resume with" not in message and stop.value.requeued
+    assert submitit_handler == [signal.SIGUSR2]
+
+
 def test_a_requeued_launcher_job_continues_exactly_in_its_folder(
     tmp_path: Path, uninterrupted: dict
 ) -> None:
