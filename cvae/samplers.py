@@ -357,7 +357,7 @@ class GaussianMixtureSampler(LatentSampler):
         covariance: str = "full",
         dims: int | None = 64,
         seed: int = 0,
-        max_images: int | None = None,
+        max_images: int | None = 20_000,
     ) -> None:
         super().__init__(seed, max_images)
         if not isinstance(components, int) or components < 1:
