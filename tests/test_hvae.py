@@ -346,5 +346,10 @@ def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
         )
     )
     assert (out / "interpolation.gif").is_file()
+    out = generate(
+        compose_tool("generate", tmp_path / "traverse", checkpoint, "mode=traverse", "level=1")
+    )
+    assert "of level 1" not in (out / "traversal.txt").read_text()  # principal directions
+    assert len((out / "traversal.txt").read_text().splitlines()) == 4  # level 1 has 4 latents
     paths = export_command(compose_tool("export", tmp_path / "export", checkpoint))
     assert sorted(paths) == ["decoder", "encoder"]

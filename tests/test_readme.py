@@ -27,9 +27,9 @@ CONFIGS = {
 # Lines that need what this test's tiny unconditional checkpoint cannot give: a placeholder
 # path (your own images, the Inception weights), a conditional Fashion-MNIST model
 # (`label=`; tests/test_conditional.py runs those paths on synthetic shapes), or a
-# hierarchy's temperature list (tests/test_hvae.py runs the commands on a hierarchy). They
-# are still composed, only not run.
-NOT_RUN = ("/path/to/", "label=", "temperature=[")
+# hierarchy's temperature list or lower level (tests/test_hvae.py runs the commands on a
+# hierarchy). They are still composed, only not run.
+NOT_RUN = ("/path/to/", "label=", "temperature=[", "level=1")
 
 
 def page_commands(page: Path) -> list[list[str]]:
