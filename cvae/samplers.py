@@ -708,9 +708,9 @@ def fitted_for(
     if sampler.needs_fit and not sampler.has_fit_for(checkpoint):
         log.info(
             "%s is not fitted for %s (a run stopped before the end-of-training fit, or the "
-            "checkpoint changed since): fitting it now to every training image (a pass over "
-            "them, then at most %d EM iterations for a mixture; progress lines say the time "
-            "left), saved beside the checkpoint for the next call",
+            "checkpoint changed since): fitting it now to the training images (a pass over "
+            "them, then for a mixture at most %d EM iterations: the time left that progress "
+            "lines give is for all of them), saved beside the checkpoint for the next call",
             sampler.describe(),
             checkpoint,
             EM_ITERATIONS,
