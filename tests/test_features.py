@@ -19,19 +19,7 @@ from cvae.errors import run_or_report
 from cvae.evaluation import evaluate_checkpoint
 from cvae.features import run
 from cvae.fid import feature_network, fid_kid
-from tests.helpers import REPO, compose_tool, write_mixed_images
-
-# A narrow network for one epoch over 96 synthetic shapes at 16 px (3 classes): a second.
-TINY_CLASSIFIER = [
-    "data.image_size=16",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "classifier.epochs=1",
-    "classifier.input_size=16",
-    "classifier.width=8",
-    "classifier.feature_dim=16",
-    "progress=false",
-]
+from tests.helpers import REPO, TINY_CLASSIFIER, compose_tool, write_mixed_images
 
 
 @pytest.fixture(scope="module")

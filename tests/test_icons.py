@@ -22,7 +22,7 @@ from cvae import unit_range
 from cvae.errors import run_or_report
 from cvae.features import run
 from cvae.fid import feature_network
-from tests.helpers import REPO, compose_tool
+from tests.helpers import REPO, TINY_CLASSIFIER, compose_tool
 
 PRESET_ROOT = Path("/usr/share/icons/oxygen/base/64x64")
 CATEGORIES = ["actions", "apps", "devices", "mimetypes", "places", "status"]
@@ -151,14 +151,8 @@ def test_train_features_on_a_colour_class_folder(tmp_path: Path, icon_tree: Path
             "data=icons",
             f"data.root={icon_tree}",
             f"data.cache_dir={tmp_path / 'cache'}",
-            "data.image_size=16",
+            *TINY_CLASSIFIER,
             "data.batch_size=8",
-            "data.num_workers=0",
-            "classifier.epochs=1",
-            "classifier.input_size=16",
-            "classifier.width=8",
-            "classifier.feature_dim=16",
-            "progress=false",
         )
     )
     path = tmp_path / "out" / "features.pt"
