@@ -21,13 +21,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvae.data import ImageDataModule, index_folder
 from cvae.data.decode import ImageDecodeError, Preprocess
-from cvae.loading import fit_sampler, fitted_sampler, load_checkpoint
+from cvae.loading import fitted_sampler, load_checkpoint
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
 from cvae.models.user_api import check_level
 from cvae.pixels import unit_range
-from cvae.samplers import LatentSampler, fit_and_save, posteriors, principal_axes
+from cvae.samplers import LatentSampler, posteriors, principal_axes, sampler_path
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
 
 log = logging.getLogger(__name__)
@@ -205,13 +205,10 @@ def generate(cfg: DictConfig) -> Path:
 
 
 def _fit(cfg: DictConfig, model: CVAE, datamodule: ImageDataModule) -> Path:
-    """`mode=fit`: the sampler fitted to every training image and saved beside the
+    """`mode=fit`: the sampler fitted to the training images and saved beside the
     checkpoint (again, if one is there)."""
-
-    def fit(sampler: LatentSampler, model: CVAE, images, checkpoint, folder) -> Path:
-        return fit_and_save(sampler, model, images(), checkpoint, folder)
-
-    return fit_sampler(cfg, model, datamodule, fit)
+    fitted = fitted_sampler(cfg, model, datamodule, refit=True)
+    return sampler_path(cfg.ckpt_path, fitted.name)
 
 
 def _sample(

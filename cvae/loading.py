@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from hydra.utils import instantiate
@@ -22,7 +20,6 @@ from cvae.models import CVAE, from_checkpoint
 from cvae.samplers import LatentSampler, fitted_for
 
 log = logging.getLogger(__name__)
-Result = TypeVar("Result")
 SHOWN_TENSORS = 3  # how many non-finite tensors an error names
 
 
@@ -132,27 +129,23 @@ def sampler(cfg: DictConfig) -> LatentSampler:
     return instantiate(cfg.sampler)
 
 
-def fitted_sampler(cfg: DictConfig, model: CVAE, datamodule: ImageDataModule) -> LatentSampler:
+def fitted_sampler(
+    cfg: DictConfig, model: CVAE, datamodule: ImageDataModule, refit: bool = False
+) -> LatentSampler:
     """`cfg.sampler` as fitted to `cfg.ckpt_path` and saved beside it (the prior: itself),
-    fitted now to `model`'s training images when it is not (`samplers.fitted_for`); the
-    record of a new fit goes to the command's output folder."""
-    return fit_sampler(cfg, model, datamodule, fitted_for)
-
-
-def fit_sampler(
-    cfg: DictConfig, model: CVAE, datamodule: ImageDataModule, how: Callable[..., Result]
-) -> Result:
-    """`how(sampler, model, training images, checkpoint, record folder)` for `cfg.sampler`;
-    stopped by Ctrl-C or SIGTERM, one line says what is not done (a fit has no partial
+    fitted now to `model`'s training images when it is not, or `refit` (`samplers.
+    fitted_for`); the record of a new fit goes to the command's output folder. Stopped by
+    Ctrl-C or SIGTERM during a fit, one line says what is not done (a fit has no partial
     result to keep) and that the same command fits it."""
     chosen = sampler(cfg)
     try:
-        return how(
+        return fitted_for(
             chosen,
             model,
             lambda: datamodule.ordered_dataloader("train"),
             cfg.ckpt_path,
             cfg.paths.output_dir,
+            refit,
         )
     except KeyboardInterrupt as stop:
         what, status = stopped_by(stop)

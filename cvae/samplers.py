@@ -46,6 +46,10 @@ EM_ITERATIONS = 100  # a mixture's EM iterations at most (scikit-learn's default
 EM_CHUNK = 5  # iterations per call between progress lines (each call adds one E-step)
 
 
+class NoFit(ValueError):
+    """No fit of a checkpoint as it is now: none beside it, or one of an older version."""
+
+
 def sampler_path(checkpoint: str | Path, name: str) -> Path:
     """Where the fitted sampler `name` of `checkpoint` is kept: beside it."""
     checkpoint = Path(checkpoint)
@@ -182,30 +186,16 @@ class LatentSampler:
             torch.save(contents, handle)
         return path
 
-    def has_fit_for(self, checkpoint: str | Path) -> bool:
-        """Whether a fit of this kind lies beside `checkpoint` made from it as it is now: not
-        when there is none (an interrupted run) or it is of an older version of the
-        checkpoint (a `last.ckpt` trained on since). A file that is not a fit counts as one:
-        `loaded_for` says what is wrong with it, and nothing overwrites it unasked."""
-        path = sampler_path(checkpoint, self.name)
-        if not path.is_file():
-            return False
-        try:
-            contents = torch.load(path, map_location="cpu", weights_only=True)
-            return contents["checkpoint_sha256"] == sha256(checkpoint)
-        except Exception:
-            return True
-
     def loaded_for(self, checkpoint: str | Path) -> LatentSampler:
         """This kind of sampler as fitted to `checkpoint` and saved beside it, built with
         the settings it was fitted with (said when they differ from this one's: those are
-        for fitting). A one-line error naming the file and the fit command when there is
-        no fit, the file is not one, or the checkpoint changed since (a `last.ckpt` trained
-        on)."""
+        for fitting). A one-line error naming the file and the fit command when the file is
+        not a fit, and `NoFit` when there is none or the checkpoint changed since (a
+        `last.ckpt` trained on): what `fitted_for` fits afresh."""
         path = sampler_path(checkpoint, self.name)
         again = f"fit it again with: {fit_command(checkpoint, self.name)}"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise NoFit(
                 f"sampler={self.name} is not fitted for {checkpoint} (no "
                 f"{path.name} beside it): fit it with: "
                 f"{fit_command(checkpoint, self.name)} (or draw from the "
@@ -224,7 +214,7 @@ class LatentSampler:
         if contents["sampler"] != self.name:
             raise ValueError(f"{path} holds a {contents['sampler']} fit, not {self.name}; {again}")
         if contents.get("checkpoint_sha256") != sha256(checkpoint):
-            raise ValueError(
+            raise NoFit(
                 f"{path} was fitted to another version of {checkpoint} (it has "
                 f"changed since): {again}"
             )
@@ -699,13 +689,19 @@ def fitted_for(
     training_images: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     checkpoint: str | Path,
     record_folder: str | Path,
+    refit: bool = False,
 ) -> LatentSampler:
     """`sampler` as fitted to `checkpoint`: the fit saved beside it or, where there is none
     (a run stopped before its end-of-training fit) or it is of an older version of the
-    checkpoint, one made now from `training_images()` (said first, then progress lines) and
-    saved beside the checkpoint for the next call. What `cvae.generate`, `eval.fid` and the
-    notebook draw from."""
-    if sampler.needs_fit and not sampler.has_fit_for(checkpoint):
+    checkpoint (`NoFit`), one made now from `training_images()` (said first, then progress
+    lines) and saved beside the checkpoint for the next call. What `cvae.generate`,
+    `eval.fid` and the notebook draw from; `refit`: fit and save whatever is there
+    (`cvae.generate mode=fit`)."""
+    if refit:
+        fit_and_save(sampler, model, training_images(), checkpoint, record_folder)
+    try:
+        return sampler.loaded_for(checkpoint)
+    except NoFit:
         log.info(
             "%s is not fitted for %s (a run stopped before the end-of-training fit, or the "
             "checkpoint changed since): fitting it now to the training images (a pass over "
@@ -715,5 +711,5 @@ def fitted_for(
             checkpoint,
             EM_ITERATIONS,
         )
-        fit_and_save(sampler, model, training_images(), checkpoint, record_folder)
+    fit_and_save(sampler, model, training_images(), checkpoint, record_folder)
     return sampler.loaded_for(checkpoint)

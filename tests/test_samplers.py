@@ -22,6 +22,7 @@ from cvae.loading import sampler as configured_sampler
 from cvae.samplers import (
     EM_CHUNK,
     GaussianMixtureSampler,
+    NoFit,
     PriorSampler,
     TwoStageSampler,
     sampler_path,
@@ -156,18 +157,23 @@ def test_a_mixture_with_more_parameters_than_data_is_warned_about(
 
 
 def test_a_fit_counts_only_for_the_checkpoint_as_it_is(tmp_path: Path) -> None:
-    """Missing or of an older checkpoint: none (the commands fit it); a file that is not a
-    fit counts as one (loading says what is wrong; nothing overwrites it unasked)."""
+    """Missing or of an older checkpoint: `NoFit` (what the commands fit afresh); a file
+    that is not a fit is another error (loading says what is wrong; nothing overwrites it
+    unasked)."""
     checkpoint = _checkpoint(tmp_path)
     sampler = GaussianMixtureSampler(components=2)
-    assert not sampler.has_fit_for(checkpoint)
+    with pytest.raises(NoFit, match="is not fitted for"):
+        sampler.loaded_for(checkpoint)
     mu, log_var, _ = _two_blobs()
     sampler.fit(mu, log_var).save(checkpoint)
-    assert sampler.has_fit_for(checkpoint)
+    assert sampler.loaded_for(checkpoint).states
     checkpoint.write_bytes(b"trained on since")
-    assert not sampler.has_fit_for(checkpoint)
+    with pytest.raises(NoFit, match="was fitted to another version of"):
+        sampler.loaded_for(checkpoint)
     sampler_path(checkpoint, "gmm").write_bytes(b"not a fit")
-    assert sampler.has_fit_for(checkpoint)
+    with pytest.raises(ValueError, match="is not a sampler fit") as damaged:
+        sampler.loaded_for(checkpoint)
+    assert not isinstance(damaged.value, NoFit)
 
 
 def test_the_mixture_fitted_in_chunks_is_scikit_learns_fit() -> None:
@@ -185,7 +191,7 @@ def test_the_mixture_fitted_in_chunks_is_scikit_learns_fit() -> None:
 
 def test_missing_or_stale_fits_say_how_to_fit(tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError) as missing:
+    with pytest.raises(NoFit) as missing:
         GaussianMixtureSampler().loaded_for(checkpoint)
     assert str(missing.value) == (
         f"sampler=gmm is not fitted for {checkpoint} (no last.gmm.pt beside it): fit it with: "

@@ -111,12 +111,6 @@ class Bernoulli(Likelihood):
         """Exact for binary data; None for other images, where its NLL means nothing."""
         return nll / (dims * math.log(2)) if binary_data else None
 
-    def sample(
-        self, logits: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        probabilities = torch.sigmoid(logits)
-        return torch.bernoulli(probabilities, generator=generator)
-
     def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.expand_as(logits)
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
