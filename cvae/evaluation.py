@@ -31,7 +31,6 @@ from cvae.files import atomic_write, sha256, why_unreadable
 from cvae.loading import fitted_sampler, load_checkpoint, load_model
 from cvae.metrics import PER_IMAGE, combine, image_metrics
 from cvae.models import CVAE
-from cvae.models.inference import FastDecoder
 from cvae.progress import ProgressReport, count_images
 from cvae.samplers import LatentSampler, sampler_path
 
@@ -358,7 +357,8 @@ def evaluate_model(
     are not evaluated again: an interrupted evaluation continues where it stopped, with the
     numbers an uninterrupted one gives (same `chunk_images` and `max_decodes`), and
     `per_image.csv` is written at the end. `max_decodes` latents are decoded per call
-    (None: `FastDecoder.decodes_per_call`). `progress` shows images done and time left.
+    (None: `FastDecoder.decodes_per_call`, or `log_likelihood`'s default). `progress` shows
+    images done and time left.
     A conditional model is evaluated with each image's label: its likelihoods are of x given
     its class, log p(x | y) (`conditional` says so).
     """
@@ -381,8 +381,9 @@ def evaluate_model(
         )
     report = ProgressReport(total, f"IW NLL, K={iw_samples}", already, enabled=progress)
     count = 0
-    decoder = FastDecoder(model.decoder)
-    max_decodes = max_decodes if max_decodes is not None else decoder.decodes_per_call()
+    decoder = model.fast_logits()  # None: the model's own walk (latent maps)
+    if max_decodes is None and decoder is not None:
+        max_decodes = decoder.decodes_per_call()
     try:
         grouped = image_chunks(batches, chunk_images, max_images)
         for index, (images, labels) in enumerate(grouped):

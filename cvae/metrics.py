@@ -147,7 +147,7 @@ def image_metrics(
     labels: torch.Tensor | None,
     iw_samples: int,
     generator: torch.Generator,
-    max_decodes: int = 1024,
+    max_decodes: int | None = 1024,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Per-image results of a batch of images (uint8 or [0, 1]) with their `labels` (a

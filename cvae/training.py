@@ -101,10 +101,13 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks.append(UnfinishedEpoch())  # not a choice: without it max_steps resumes inexactly
     datamodule = instantiate(cfg.data)
+    # Bad model settings are one line before the data is read, except for a conditional
+    # model: its classes come from the data (and are saved in its checkpoint).
+    conditional = cfg.model.get("conditional")
+    model = None if conditional else instantiate(cfg.model)
     datamodule.prepare_data()
-    # A conditional model's classes come from the data (and are saved in its checkpoint).
-    classes = {"class_names": datamodule.labelled_classes()} if cfg.model.get("conditional") else {}
-    model = instantiate(cfg.model, **classes)
+    if conditional:
+        model = instantiate(cfg.model, class_names=datamodule.labelled_classes())
     if checkpoint is not None:
         check_resumable(checkpoint, model, cfg.ckpt_path)
     trainer = instantiate(

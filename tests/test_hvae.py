@@ -87,7 +87,10 @@ def test_the_importance_weighted_likelihood_matches_brute_force_integration() ->
     axis = torch.arange(-8, 8 + step / 2, step)
     grid = torch.cartesian_prod(axis, axis)  # (z_0, z_1)
     with torch.no_grad():
-        prior = model.top_down.path(None, grid[:, :1], lambda i, q, p: grid[:, 1:])[2][0]
+        walk = model.top_down.walk(
+            model.decoder, lambda v: v, None, grid[:, :1], lambda i, q, p: grid[:, 1:], False
+        )
+        prior = walk[3][0]
         log_prior = normal_log_density(grid[:, :1]) + normal_log_density(
             grid[:, 1:], prior.mu, prior.log_var
         )
@@ -105,7 +108,36 @@ def test_the_importance_weighted_likelihood_matches_brute_force_integration() ->
             {"levels": [4, 0]},
             "model.levels=[4, 0]: every level needs an integer number of latents >= 1, got 0",
         ),
-        ({"levels": "16"}, "model.levels must be a list of latent sizes, got '16'"),
+        (
+            {"levels": "16"},
+            "model.levels must be a list of latent sizes, or of latent map shapes [channels, "
+            "height, width], got '16'",
+        ),
+        (
+            {"levels": [4, [2, 4, 4]]},
+            "model.levels=[4, [2, 4, 4]]: all levels are sizes (vectors) or all are "
+            "[channels, height, width] (maps), not a mix",
+        ),
+        (
+            {"levels": [[0, 4, 4]]},
+            "model.levels=[[0, 4, 4]]: every level needs an integer number of latents >= 1, "
+            "got [0, 4, 4]",
+        ),
+        (
+            {"levels": [[2, 4]]},
+            "model.levels: a latent map is [channels, height, width], got [2, 4]",
+        ),
+        (
+            {"levels": [[2, 3, 3]]},
+            "model.levels: level 1 is 3x3, not one of the decoder's resolutions for "
+            "data.image_size=8 and model.hidden_channels=[4, 8] (2x2, 4x4: the image size "
+            "halved once per block, which the levels' sides must divide)",
+        ),
+        (
+            {"levels": [[2, 4, 4], [2, 2, 2]]},
+            "model.levels: level 2 (2x2) is coarser than the level above it: list the levels "
+            "top-down, coarse to fine",
+        ),
         ({"levels": [4], "level_width": 0}, "model.level_width must be an integer >= 1, got 0"),
     ],
 )
@@ -301,9 +333,17 @@ def test_a_conditional_hierarchy_reads_the_class_everywhere() -> None:
 
 
 @pytest.mark.slow
-def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("levels", "latents", "rows"),
+    [("[4,3]", 15, 4), ("[[2,4,4],[1,8,8]]", 8 + 32 + 64, 6)],
+    ids=["vectors", "maps"],
+)
+def test_every_command_runs_on_a_trained_hierarchy(
+    tmp_path: Path, levels: str, latents: int, rows: int
+) -> None:
     """Train a tiny hierarchy (and the sampler fitted when it ends), then evaluate, sample with
-    a temperature per level, walk a lower level and export, as the commands do."""
+    a temperature per level, walk a lower level and export, as the commands do: vector
+    levels, and latent maps at the 16x16 images' 4x4 and 8x8 resolutions."""
     from cvae.evaluation import evaluate_checkpoint
     from cvae.exporting import run as export_command
     from cvae.generation import generate
@@ -315,7 +355,7 @@ def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
         compose_train(
             run,
             "model=hvae",
-            "model.levels=[4,3]",
+            f"model.levels={levels}",
             "model.level_width=16",
             "sampler.components=2",
             "sampler.dims=4",
@@ -328,7 +368,7 @@ def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
             "eval", tmp_path / "eval", checkpoint, "eval.iw_samples=4", "eval.progress=false"
         )
     )
-    assert len(metrics["active_units_per_level"]) == 3 and metrics["latent_dim"] == 15
+    assert len(metrics["active_units_per_level"]) == 3 and metrics["latent_dim"] == latents
     out = generate(
         compose_tool(
             "generate", tmp_path / "sample", checkpoint, "n=8", "temperature=[1.0,0.5,0.0]"
@@ -350,6 +390,8 @@ def test_every_command_runs_on_a_trained_hierarchy(tmp_path: Path) -> None:
         compose_tool("generate", tmp_path / "traverse", checkpoint, "mode=traverse", "level=1")
     )
     assert "of level 1" not in (out / "traversal.txt").read_text()  # principal directions
-    assert len((out / "traversal.txt").read_text().splitlines()) == 4  # level 1 has 4 latents
+    assert (
+        len((out / "traversal.txt").read_text().splitlines()) == rows
+    )  # its latents, or the test images
     paths = export_command(compose_tool("export", tmp_path / "export", checkpoint))
     assert sorted(paths) == ["decoder", "encoder"]

@@ -118,18 +118,18 @@ class Bounds:
         encoding: Gaussian,
         n: int,
         generator: torch.Generator | None = None,
-        logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+        logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two parts of the importance weights of `n` posterior samples per image:
         log p(x | z) `(n, B)` and, per latent level, log p(z) - log q(z | x) `(levels, n, B)`
         (their sum over levels is the weights' latent part). The IWAE training bound and
         the likelihood estimate share them; the `n * B` latents are decoded in one call
-        (`logits_of(z, labels)`: the decoder's logits of latents, `decode_logits` by
-        default)."""
+        (`logits_of`: another computation of `decoder.logits` of the decoder's inputs)."""
         mu, log_var = encoding
         z = reparameterize(mu, log_var, generator, samples=n)  # (n, B, latent)
         repeated = None if labels is None else labels.repeat(n)
-        logits = (logits_of or self.decode_logits)(z.flatten(0, 1), repeated)
+        inputs = self._decoder_input(z.flatten(0, 1), repeated)
+        logits = (logits_of or self.decoder.logits)(inputs)
         log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)  # x broadcast over n
         z, mu, log_var = z.float(), mu.float(), log_var.float()
         return log_px, (self.prior.log_prob(z) - normal_log_density(z, mu, log_var))[None]
@@ -192,11 +192,10 @@ class Bounds:
             raise ValueError(f"eval.iw_samples must be >= 1, got {k}")
         labels = self.class_indices(labels, len(x))
         if decoder is None:
-            decoder = FastDecoder(self.decoder)
+            decoder = self.fast_logits()
         if max_decodes is None:
             per_call = getattr(decoder, "decodes_per_call", None)
             max_decodes = per_call() if per_call is not None else 4096
-        logits_of = lambda z, labels: decoder(self._decoder_input(z, labels))  # noqa: E731
         was_training = self.training
         self.eval()
         try:
@@ -208,10 +207,15 @@ class Bounds:
                 for start in range(0, k, per_call):
                     n = min(per_call, k - start)
                     log_px, log_ratio = self._log_weight_terms(
-                        x, labels, encoding, n, generator, logits_of
+                        x, labels, encoding, n, generator, decoder
                     )
                     weights = log_px + log_ratio.sum(0)
                     total = torch.logaddexp(total, torch.logsumexp(weights, dim=0))
                 return total - math.log(k)
         finally:
             self.train(was_training)
+
+    def fast_logits(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What `log_likelihood` computes `decoder.logits` with by default: a `FastDecoder`
+        copy (None: the decoder itself)."""
+        return FastDecoder(self.decoder)

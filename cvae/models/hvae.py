@@ -16,6 +16,8 @@ the upper levels' posterior means, with the conditional prior beside each.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,25 +26,55 @@ from torch import nn
 from cvae.models.cvae import CVAE
 from cvae.models.latents import Gaussian, Posterior
 from cvae.models.losses import free_bits_kl, kl_divergence, kl_per_dimension, normal_log_density
-from cvae.models.networks import reparameterize
+from cvae.models.networks import Decoder, reparameterize
+from cvae.models.spatial import SpatialTopDown, bottom_up, check_spatial_levels, decoder_sides
 from cvae.pixels import unit_range
 
 Choose = Callable[[int, Gaussian | None, Gaussian], torch.Tensor]
 
 
-def check_levels(levels: object, level_width: object) -> list[int]:
-    """The level sizes as plain integers, or a one-line error naming the key."""
+def check_levels(levels: object, level_width: object) -> list[int] | list[list[int]]:
+    """The levels as plain integers (vector levels: their sizes) or as plain `[channels,
+    height, width]` lists (latent maps: `spatial.py`), or a one-line error naming the key."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
-        raise ValueError(f"model.levels must be a list of latent sizes, got {levels!r}")
-    for size in levels:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(
+            "model.levels must be a list of latent sizes, or of latent map shapes [channels, "
+            f"height, width], got {levels!r}"
+        )
+    shapes = [_shape(entry) for entry in levels]
+    if any(shapes) and not all(shapes):
+        raise ValueError(
+            f"model.levels={_plain(levels)}: all levels are sizes (vectors) or all are "
+            "[channels, height, width] (maps), not a mix"
+        )
+    for entry in levels:
+        values = list(entry) if _shape(entry) else [entry]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
             raise ValueError(
-                f"model.levels={list(levels)}: every level needs an integer number of "
-                f"latents >= 1, got {size!r}"
+                f"model.levels={_plain(levels)}: every level needs an integer number of "
+                f"latents >= 1, got {_plain(entry)!r}"
             )
     if not isinstance(level_width, int) or level_width < 1:
         raise ValueError(f"model.level_width must be an integer >= 1, got {level_width!r}")
-    return [int(size) for size in levels]
+    return [_plain(entry) for entry in levels]
+
+
+def _shape(entry: object) -> bool:
+    """Whether a `model.levels` entry is a map's `[channels, height, width]`."""
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence):
+        return False
+    if len(entry) != 3:
+        raise ValueError(
+            f"model.levels: a latent map is [channels, height, width], got {_plain(entry)}"
+        )
+    return True
+
+
+def _plain(value: object) -> object:
+    """A config value as plain lists and numbers (what errors show and checkpoints keep)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    return [_plain(v) for v in value]
 
 
 def check_level_warmup(steps: object, lower_levels: int, iw_samples: object) -> None:
@@ -77,11 +109,15 @@ def _gaussian(head: nn.Module, inputs: torch.Tensor) -> Gaussian:
     return Gaussian(mu, log_var)
 
 
+Features = tuple[torch.Tensor, dict[int, torch.Tensor]]  # the encoder's: flat, maps by side
+
+
 class TopDown(nn.Module):
-    """The levels below the top: for each, a conditional prior p(z_i | z_<i) from the
-    latents above it and a posterior q(z_i | x, z_<i) from those and the encoder's features
-    (through `bottom_up`, shared by the levels). Inference (`path` with features) and
-    generation (`path` without, `complete`) share it."""
+    """The levels below the top as vectors: for each, a conditional prior p(z_i | z_<i) from
+    the latents above it and a posterior q(z_i | x, z_<i) from those and the encoder's flat
+    features (through `bottom_up`, shared by the levels); the decoder reads every level's
+    latents side by side. Inference (`walk` with features) and generation (without) share
+    it; `SpatialTopDown` (`spatial.py`) is the same walk for latent maps."""
 
     def __init__(self, top: int, features: int, sizes: Sequence[int], width: int) -> None:
         super().__init__()
@@ -97,16 +133,25 @@ class TopDown(nn.Module):
             self.posteriors.append(_gaussian_head(width + above, width, size))
             above += size
 
-    def path(
-        self, features: torch.Tensor | None, top: torch.Tensor, choose: Choose
-    ) -> tuple[torch.Tensor, list[Gaussian | None], list[Gaussian]]:
+    def walk(
+        self,
+        decoder: Decoder,
+        condition: Callable[[torch.Tensor], torch.Tensor],
+        features: Features | None,
+        top: torch.Tensor,
+        choose: Choose,
+        decode: bool = True,
+        logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, list[Gaussian | None], list[Gaussian]]:
         """Walk the levels: each one's conditional prior from the latents above it, its
         posterior from those and the encoder's `features` (None when generating: no
-        posterior), and its latent, `choose(level, posterior, prior)` (level 1 is the first
-        below the top). Returns every level's latent side by side with `top` (what the
-        decoder reads), the posteriors and the priors. Leading dimensions of `top` (samples,
-        batch) carry through."""
-        bottom_up = None if features is None or not self.sizes else self.bottom_up(features)
+        posterior), its latents `choose(level, posterior, prior)` (level 1 is the first
+        below the top); then the decoder's logits of every level's latents (`condition`
+        adds a class code; `logits_of`: another computation of `decoder.logits`; None
+        without `decode`). Returns them, the latents side by side with `top`, the
+        posteriors and the priors; leading dimensions of `top` (samples, batch) carry
+        through."""
+        bottom_up = None if features is None or not self.sizes else self.bottom_up(features[0])
         above, posteriors, priors = top, [], []
         for index, (prior_head, posterior_head) in enumerate(
             zip(self.priors, self.posteriors, strict=True)
@@ -119,24 +164,31 @@ class TopDown(nn.Module):
             above = torch.cat([above, choose(index + 1, posterior, prior)], dim=-1)
             posteriors.append(posterior)
             priors.append(prior)
-        return above, posteriors, priors
+        logits = None
+        if decode:
+            inputs = condition(above.flatten(0, -2))
+            logits = (logits_of or decoder.logits)(inputs).unflatten(0, above.shape[:-1])
+        return logits, above, posteriors, priors
 
-    def complete(self, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """Every level's latent below top-level latents `z`, side by side with it: level i
-        is its conditional prior's mean plus its standard deviation times `eps`'s columns
-        for that level (`eps`: `(B, sum(sizes))` standard normal noise, scaled by a
-        temperature; None: each level at its prior's mean)."""
-        if eps is None:
-            return self.path(None, z, lambda i, q, p: p.mu)[0]
-        ends = [0]
-        for size in self.sizes:
-            ends.append(ends[-1] + size)
 
-        def draw(index: int, posterior: Gaussian | None, prior: Gaussian) -> torch.Tensor:
-            noise = eps[..., ends[index - 1] : ends[index]]
-            return prior.mu + torch.exp(0.5 * prior.log_var) * noise
+def at_prior_means(level: int, posterior: Gaussian | None, prior: Gaussian) -> torch.Tensor:
+    """A `choose` of `walk`: each level at its conditional prior's mean."""
+    return prior.mu
 
-        return self.path(None, z, draw)[0]
+
+def drawing(sizes: Sequence[int], eps: torch.Tensor) -> Choose:
+    """A `choose` of `walk`: level i is its conditional prior's mean plus its standard
+    deviation times `eps`'s columns for that level (`(B, sum(sizes))` standard normal noise,
+    scaled by a temperature)."""
+    ends = [0]
+    for size in sizes:
+        ends.append(ends[-1] + size)
+
+    def draw(index: int, posterior: Gaussian | None, prior: Gaussian) -> torch.Tensor:
+        noise = eps[..., ends[index - 1] : ends[index]]
+        return prior.mu + torch.exp(0.5 * prior.log_var) * noise
+
+    return draw
 
 
 class Sampling(nn.Module):
@@ -144,7 +196,10 @@ class Sampling(nn.Module):
     model's `labels`): `HVAE.decode_noise` as a module of its own, what export writes."""
 
     def __init__(
-        self, top_down: TopDown, decoder: nn.Module, conditioning: nn.Module | None = None
+        self,
+        top_down: TopDown | SpatialTopDown,
+        decoder: Decoder,
+        conditioning: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.top_down, self.decoder, self.conditioning = top_down, decoder, conditioning
@@ -152,10 +207,13 @@ class Sampling(nn.Module):
     def logits(
         self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        latents = self.top_down.complete(z, eps)
-        if labels is not None:
-            latents = self.conditioning.decoder_input(latents, self.conditioning.code(labels))
-        return self.decoder.logits(latents)
+        def condition(latents: torch.Tensor) -> torch.Tensor:
+            if labels is None:
+                return latents
+            return self.conditioning.decoder_input(latents, self.conditioning.code(labels))
+
+        draw = drawing(self.top_down.sizes, eps)
+        return self.top_down.walk(self.decoder, condition, None, z, draw)[0]
 
     def forward(
         self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
@@ -164,7 +222,9 @@ class Sampling(nn.Module):
 
 
 class HVAE(CVAE):
-    """A top latent of `latent_dim` and the levels `levels` below it (sizes, top-down).
+    """A top latent of `latent_dim` and the levels `levels` below it (top-down): sizes of
+    vector levels (`TopDown`, networks of width `level_width`), or `[channels, height,
+    width]` of latent maps on the decoder's resolutions (`SpatialTopDown`).
 
     Every other setting is `CVAE`'s. The training objective is the ELBO (or IWAE with
     `iw_samples` > 1) over all levels: -log p(x | z) + beta * (KL of the top to `prior` +
@@ -178,40 +238,77 @@ class HVAE(CVAE):
     def __init__(
         self,
         *args: object,
-        levels: Sequence[int] = (),
+        levels: Sequence[int] | Sequence[Sequence[int]] = (),
         level_width: int = 256,
         level_warmup_steps: Sequence[int] | None = None,
         **kwargs: object,
     ) -> None:
-        self.level_sizes = check_levels(levels, level_width)  # read by `_decoder_latents`
-        check_level_warmup(level_warmup_steps, len(self.level_sizes), kwargs.get("iw_samples", 1))
-        super().__init__(*args, **kwargs)
-        self.top_down = TopDown(
-            self.hparams.latent_dim, self.encoder.mu.in_features, self.level_sizes, level_width
-        )
+        levels = check_levels(levels, level_width)
+        # read by `_decoder_latents` while `CVAE` builds the decoder
+        self.maps = bool(levels) and isinstance(levels[0], list)
+        self.level_sizes = [math.prod(level) if self.maps else level for level in levels]
+        check_level_warmup(level_warmup_steps, len(levels), kwargs.get("iw_samples", 1))
+        super().__init__(*args, **kwargs)  # saves `levels` as checked: plain lists
+        hp = self.hparams
+        if self.maps:
+            shapes = check_spatial_levels(levels, hp.image_size, hp.hidden_channels)
+            self.top_down = SpatialTopDown(shapes, decoder_sides(hp.image_size, hp.hidden_channels))
+        else:
+            features = self.encoder.mu.in_features
+            self.top_down = TopDown(hp.latent_dim, features, self.level_sizes, level_width)
 
     # --- the structure ---------------------------------------------------------------------
     def _decoder_latents(self, latent_dim: int) -> int:
-        return latent_dim + sum(self.level_sizes)
+        """Vector levels: the decoder reads them all; maps join it on the way."""
+        return latent_dim if self.maps else latent_dim + sum(self.level_sizes)
 
     @property
     def latent_levels(self) -> int:
         return 1 + len(self.level_sizes)
 
-    def _features(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The encoder's flat features of images `x`: what the top posterior's heads and
-        every level's posterior read."""
-        return self.encoder.features(self.encoder_input(x, labels))
+    def _features(self, x: torch.Tensor, labels: torch.Tensor | None) -> Features:
+        """The encoder's flat features of images `x` (what the top posterior's heads and
+        every vector level's posterior read) and its feature maps (what maps' read)."""
+        return bottom_up(self.encoder.features, self.encoder_input(x, labels))
 
-    def _top(self, features: torch.Tensor) -> Gaussian:
-        return Gaussian(self.encoder.mu(features), self.encoder.log_var(features))
+    def _top(self, features: Features) -> Gaussian:
+        return Gaussian(self.encoder.mu(features[0]), self.encoder.log_var(features[0]))
+
+    def _walk(
+        self,
+        features: Features | None,
+        top: torch.Tensor,
+        choose: Choose,
+        labels: torch.Tensor | None,
+        decode: bool = True,
+        logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, list[Gaussian | None], list[Gaussian]]:
+        """`top_down.walk` from top-level latents `top` (leading dimensions: samples,
+        batch) of images of class `labels` (indices, one per image, or None)."""
+        rows = math.prod(top.shape[:-1])
+        repeated = None if labels is None else labels.repeat(rows // len(labels))
+
+        def condition(latents: torch.Tensor) -> torch.Tensor:
+            return self._decoder_input(latents, repeated)
+
+        if logits_of is not None and self.maps:
+            raise ValueError(
+                "decoder= applies to models whose decoder reads every latent at its input; "
+                "this one's latent maps join the decoder's layers"
+            )
+        walk = self.top_down.walk
+        if logits_of is None:
+            return walk(self.decoder, condition, features, top, choose, decode)
+        return walk(self.decoder, condition, features, top, choose, decode, logits_of)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
         """Every level's posterior of images `x`, along the path of the upper levels'
         posterior means, with each lower level's conditional prior beside it."""
+        labels = self.class_indices(labels, len(x))
         features = self._features(x, labels)
         top = self._top(features)
-        _, posteriors, priors = self.top_down.path(features, top.mu, lambda i, q, p: q.mu)
+        choose = lambda i, q, p: q.mu  # noqa: E731
+        _, _, posteriors, priors = self._walk(features, top.mu, choose, labels, decode=False)
         return Posterior((top, *posteriors), (None, *priors))
 
     def _encode_top(self, x: torch.Tensor, labels: torch.Tensor | None) -> Gaussian:
@@ -246,15 +343,22 @@ class HVAE(CVAE):
     def decode_noise(
         self, z: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Images of top-level latents `z` and the lower levels' noise `eps`
-        (`TopDown.complete`): the sampling graph `cvae.export` writes (`Sampling`)."""
+        """Images of top-level latents `z` and the lower levels' noise `eps` (`drawing`):
+        the sampling graph `cvae.export` writes (`Sampling`)."""
         labels = self.class_indices(labels, len(z))
         return Sampling(self.top_down, self.decoder, self.conditioning)(z, eps, labels)
 
     def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's logits of top-level latents `z`, the levels below at their
         conditional priors' means."""
-        return self._logits_of_all(self.top_down.complete(z), labels)
+        return self._walk(None, z, at_prior_means, self.class_indices(labels, len(z)))[0]
+
+    def _logits_of_all(self, latents: torch.Tensor, labels: object) -> torch.Tensor:
+        """The decoder's logits of every level's latents side by side (`Posterior.means`)."""
+        labels = self.class_indices(labels, len(latents))
+        ends = list(itertools.accumulate([self.hparams.latent_dim, *self.level_sizes]))
+        given = lambda i, q, p: latents[..., ends[i - 1] : ends[i]]  # noqa: E731
+        return self._walk(None, latents[..., : ends[0]], given, labels)[0]
 
     def decode_drawn(
         self,
@@ -282,6 +386,10 @@ class HVAE(CVAE):
             parts["decoder"] = (sampling, (z, eps), ["z", "eps"], ["images"])
         return parts
 
+    def fast_logits(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Latent maps join the decoder's layers: no `FastDecoder` of its input."""
+        return None if self.maps else super().fast_logits()
+
     # --- bounds ----------------------------------------------------------------------------
     def _one_sample_terms(
         self,
@@ -293,10 +401,9 @@ class HVAE(CVAE):
     ) -> dict[str, torch.Tensor]:
         features, top = encoding
         z = reparameterize(top.mu, top.log_var)
-        latents, posteriors, priors = self.top_down.path(
-            features, z, lambda i, q, p: reparameterize(q.mu, q.log_var)
-        )
-        recon = -self.likelihood(self._logits_of_all(latents, labels), x).mean()
+        sampled = lambda i, q, p: reparameterize(q.mu, q.log_var)  # noqa: E731
+        logits, _, posteriors, priors = self._walk(features, z, sampled, labels)
+        recon = -self.likelihood(logits, x).mean()
         mu, log_var = top.mu.float(), top.log_var.float()
         kls = [self.prior.kl(mu, log_var, z).mean()]
         floored = [self.prior.free_bits_kl(mu, log_var, free_bits) if free_bits > 0 else kls[0]]
@@ -334,7 +441,7 @@ class HVAE(CVAE):
         encoding: tuple,
         n: int,
         generator: torch.Generator | None = None,
-        logits_of: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+        logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x | z) `(n, B)` and each level's log p(z_i | z_<i) - log q(z_i | x, z_<i)
         `(levels, n, B)`, for `n` samples of every level per image."""
@@ -358,14 +465,8 @@ class HVAE(CVAE):
             )
             return sample
 
-        latents, _, _ = self.top_down.path(features, z, draw)
-        repeated = None if labels is None else labels.repeat(n)
-        if logits_of is None:
-            logits = self.decoder.logits(self._decoder_input(latents.flatten(0, 1), repeated))
-        else:
-            logits = logits_of(latents.flatten(0, 1), repeated)
-        log_px = self.likelihood(logits.unflatten(0, (n, len(x))), x)
-        return log_px, torch.stack(log_ratios)
+        logits = self._walk(features, z, draw, labels, logits_of=logits_of)[0]
+        return self.likelihood(logits, x), torch.stack(log_ratios)
 
     def elbo_terms(
         self,
@@ -383,9 +484,8 @@ class HVAE(CVAE):
         def draw(index: int, posterior: Gaussian, prior: Gaussian) -> torch.Tensor:
             return reparameterize(posterior.mu, posterior.log_var, generator)
 
-        latents, posteriors, priors = self.top_down.path(features, z, draw)
-        log_px = self.likelihood(self._logits_of_all(latents, labels), x)
+        logits, _, posteriors, priors = self._walk(features, z, draw, labels)
         kl = self.prior.kl(top.mu, top.log_var, z)
         for q, p in zip(posteriors, priors, strict=True):
             kl = kl + kl_divergence(q.mu, q.log_var, p.mu, p.log_var)
-        return log_px, kl, Posterior((top, *posteriors), (None, *priors))
+        return self.likelihood(logits, x), kl, Posterior((top, *posteriors), (None, *priors))
