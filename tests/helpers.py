@@ -253,3 +253,60 @@ def text(outputs: list) -> str:
 
 def page_name(page: Path) -> str:
     return page.relative_to(REPO).as_posix()
+
+
+def run_without_cvae(script: str, folder: Path, **arrays: torch.Tensor) -> None:
+    """Save `arrays` in `folder` as `<name>.npy` and run `script` (given the folder as its
+    argument) in a fresh Python that never imports cvae: how a user loads an export."""
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array.numpy())
+    command = [sys.executable, "-c", script, str(folder)]
+    subprocess.run(command, check=True, cwd=folder, timeout=300)
+
+
+SAMPLE_WITHOUT_CVAE = """
+import sys
+sys.modules["cvae"] = None  # importing cvae fails: the file must stand alone
+import numpy as np, torch
+folder = sys.argv[1]
+decoder = torch.jit.load(f"{folder}/ts/decoder.pt")
+z, eps = np.load(f"{folder}/z.npy"), np.load(f"{folder}/eps.npy")
+images = decoder(torch.from_numpy(z), torch.from_numpy(eps))
+np.save(f"{folder}/images.npy", images.detach().numpy())
+"""
+
+
+def exported_samples(model: nn.Module, folder: Path, z: torch.Tensor, eps: torch.Tensor):
+    """The images a hierarchy's exported sampling graph (TorchScript) gives for top-level
+    latents `z` and the lower levels' noise `eps`, loaded and run without cvae."""
+    from cvae.exporting import export
+
+    export(model, folder / "ts", "torchscript")
+    run_without_cvae(SAMPLE_WITHOUT_CVAE, folder, z=z, eps=eps)
+    return torch.from_numpy(np.load(folder / "images.npy"))
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`: the same draws on every call."""
+    return torch.Generator().manual_seed(seed)
+
+
+def brute_force_log_likelihood(model: nn.Module, x: torch.Tensor, step: float = 0.04):
+    """log p(x) of a hierarchy with one latent on each of two levels, the integral of
+    p(x | z_0, z_1) p(z_1 | z_0) p(z_0) over a grid of (z_0, z_1) in [-8, 8]^2: what its
+    importance-weighted estimate must approach."""
+    import math
+
+    from cvae.models.losses import normal_log_density
+
+    axis = torch.arange(-8, 8 + step / 2, step)
+    grid = torch.cartesian_prod(axis, axis)  # (z_0, z_1)
+    with torch.no_grad():
+        logits, _, _, priors = model.top_down.walk(
+            model.decoder, lambda v: v, None, grid[:, :1], lambda i, q, p: grid[:, 1:]
+        )
+        log_prior = normal_log_density(grid[:, :1]) + normal_log_density(
+            grid[:, 1:], priors[0].mu, priors[0].log_var
+        )
+        log_px = torch.stack([model.likelihood(logits, image) for image in x], dim=1)
+        return torch.logsumexp(log_px + log_prior[:, None], dim=0) + 2 * math.log(step)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from cvae import CVAE
 from cvae.exporting import export
 from cvae.exporting import run as export_command
-from tests.helpers import compose_tool
+from tests.helpers import compose_tool, run_without_cvae
 
 # Runs in a fresh interpreter where importing cvae fails: the files must stand alone.
 LOAD_WITHOUT_CVAE = """
@@ -44,14 +42,7 @@ def test_exports_load_without_cvae_and_match_the_eager_model(
     export(model, tmp_path / "ts", "torchscript")
     export(model, tmp_path / "onnx", "onnx")
     images, z = torch.rand(5, 3, 16, 16), torch.randn(7, 8)  # batch sizes unlike the traces
-    np.save(tmp_path / "images.npy", images.numpy())
-    np.save(tmp_path / "z.npy", z.numpy())
-    subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_CVAE, str(tmp_path)],
-        check=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    run_without_cvae(LOAD_WITHOUT_CVAE, tmp_path, images=images, z=z)
     with torch.no_grad():
         mu, log_var = model.encode(images).top
         decoded = model.decode(z)

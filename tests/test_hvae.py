@@ -4,27 +4,17 @@ integral); bad level settings are one line; its sampling graph exports."""
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from cvae.exporting import export
 from cvae.models import CVAE, HVAE, from_checkpoint
-from cvae.models.losses import normal_log_density
 from cvae.samplers import GaussianMixtureSampler
-from tests.helpers import compose_config
+from tests.helpers import brute_force_log_likelihood, compose_config, exported_samples, generator
 
 TINY = {"in_channels": 1, "image_size": 8, "latent_dim": 3, "hidden_channels": [4, 8]}
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_a_hierarchy_of_one_level_is_the_one_level_model() -> None:
@@ -35,9 +25,9 @@ def test_a_hierarchy_of_one_level_is_the_one_level_model() -> None:
     hierarchy.load_state_dict(one.state_dict())
     x = torch.rand(4, 1, 8, 8)
     for call in (
-        lambda m: m.elbo(x, generator=_generator(1)),
-        lambda m: m.log_likelihood(x, k=16, generator=_generator(2)),
-        lambda m: m.sample(5, generator=_generator(3)),
+        lambda m: m.elbo(x, generator=generator(1)),
+        lambda m: m.log_likelihood(x, k=16, generator=generator(2)),
+        lambda m: m.sample(5, generator=generator(3)),
         lambda m: m.reconstruct(x),
     ):
         assert torch.equal(call(hierarchy), call(one))
@@ -57,9 +47,9 @@ def test_the_kl_over_levels_matches_a_monte_carlo_estimate() -> None:
         model.top_down.posteriors[0][-1].bias[:2] += 1.5
     x = torch.rand(1, 1, 8, 8).expand(20_000, -1, -1, -1)
     with torch.no_grad():
-        _, kl, posterior = model.elbo_terms(x, generator=_generator(0))
+        _, kl, posterior = model.elbo_terms(x, generator=generator(0))
         encoding = model._encoding(x[:1], None)
-        _, log_ratio = model._log_weight_terms(x[:1], None, encoding, 20_000, _generator(1))
+        _, log_ratio = model._log_weight_terms(x[:1], None, encoding, 20_000, generator(1))
     monte_carlo = -log_ratio.sum(0).mean()  # (levels, samples, images)
     assert float(kl.mean()) == pytest.approx(float(monte_carlo), abs=0.03)
     assert len(posterior.levels) == 2 and posterior.levels[1].mu.shape == (20_000, 2)
@@ -83,21 +73,8 @@ def test_the_importance_weighted_likelihood_matches_brute_force_integration() ->
         model.top_down.posteriors[0][-1].bias[1:] += 1.0
         model.decoder.project[0].weight *= 3
     x = (torch.rand(3, 1, 4, 4) > 0.5).float()
-    step = 0.04
-    axis = torch.arange(-8, 8 + step / 2, step)
-    grid = torch.cartesian_prod(axis, axis)  # (z_0, z_1)
-    with torch.no_grad():
-        walk = model.top_down.walk(
-            model.decoder, lambda v: v, None, grid[:, :1], lambda i, q, p: grid[:, 1:], False
-        )
-        prior = walk[3][0]
-        log_prior = normal_log_density(grid[:, :1]) + normal_log_density(
-            grid[:, 1:], prior.mu, prior.log_var
-        )
-        logits = model.decoder.logits(grid)
-        log_px = torch.stack([model.likelihood(logits, image) for image in x], dim=1)
-        brute = torch.logsumexp(log_px + log_prior[:, None], dim=0) + 2 * math.log(step)
-    estimate = model.log_likelihood(x, k=20_000, generator=_generator(0))
+    brute = brute_force_log_likelihood(model, x)
+    estimate = model.log_likelihood(x, k=20_000, generator=generator(0))
     torch.testing.assert_close(estimate, brute, atol=0.05, rtol=0)
 
 
@@ -151,10 +128,10 @@ def test_a_temperature_per_level() -> None:
     """One number for every level, or one per level, top first; the levels below the top
     are drawn from their conditional priors (temperature 0: at the prior's mean)."""
     model = _two_levels()
-    at_means = model.sample(4, temperature=[1.0, 0.0], generator=_generator(0))
-    z = model.sample_latents(4, 1.0, _generator(0))
+    at_means = model.sample(4, temperature=[1.0, 0.0], generator=generator(0))
+    z = model.sample_latents(4, 1.0, generator(0))
     torch.testing.assert_close(at_means, model.decode(z))
-    assert not torch.allclose(model.sample(4, 1.0, _generator(0)), at_means)
+    assert not torch.allclose(model.sample(4, 1.0, generator(0)), at_means)
     with pytest.raises(ValueError) as error:
         model.sample(4, temperature=[1.0, 0.5, 0.5])
     assert str(error.value) == (
@@ -172,31 +149,12 @@ def test_the_posterior_and_its_statistics_have_every_level() -> None:
     assert bool((kl[1] >= 0).all())
 
 
-LOAD_WITHOUT_CVAE = """
-import sys, numpy as np, torch
-folder = sys.argv[1]
-decoder = torch.jit.load(f"{folder}/ts/decoder.pt")
-z, eps = np.load(f"{folder}/z.npy"), np.load(f"{folder}/eps.npy")
-images = decoder(torch.from_numpy(z), torch.from_numpy(eps))
-np.save(f"{folder}/images.npy", images.detach().numpy())
-"""
-
-
 def test_the_exported_sampling_graph_gives_the_models_images(tmp_path: Path) -> None:
     model = _two_levels()
-    export(model, tmp_path / "ts", "torchscript")
     z, eps = torch.randn(5, 3), torch.randn(5, 2)
-    np.save(tmp_path / "z.npy", z.numpy())
-    np.save(tmp_path / "eps.npy", eps.numpy())
-    subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_CVAE, str(tmp_path)],
-        check=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
     with torch.no_grad():
         expected = model.decode_noise(z, eps)
-    actual = torch.from_numpy(np.load(tmp_path / "images.npy"))
+    actual = exported_samples(model, tmp_path, z, eps)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # zero noise: each lower level at its conditional prior's mean
         torch.testing.assert_close(model.decode_noise(z, torch.zeros(5, 2)), model.decode(z))
@@ -220,8 +178,8 @@ def test_hvae_presets_compose_and_a_checkpoint_round_trip_keeps_the_class(tmp_pa
     sampler = GaussianMixtureSampler(components=2, dims=None).fit(posterior.mu, posterior.log_var)
     sampler.save(path)
     again = GaussianMixtureSampler().loaded_for(path)
-    first = loaded.sample(4, generator=_generator(0), sampler=sampler)
-    assert torch.equal(loaded.sample(4, generator=_generator(0), sampler=again), first)
+    first = loaded.sample(4, generator=generator(0), sampler=sampler)
+    assert torch.equal(loaded.sample(4, generator=generator(0), sampler=again), first)
 
 
 def test_a_kl_warm_up_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,7 +263,7 @@ def test_evaluation_metrics_report_each_level() -> None:
     from cvae.metrics import combine, image_metrics
 
     model = _two_levels()
-    chunk = image_metrics(model, torch.rand(6, 1, 8, 8), None, 4, _generator(0))
+    chunk = image_metrics(model, torch.rand(6, 1, 8, 8), None, 4, generator(0))
     metrics = combine([chunk], model, 4)
     assert len(metrics["active_units_per_level"]) == len(metrics["kl_per_level"]) == 2
     assert metrics["latent_dim"] == 5 and len(metrics["kl_per_dim"]) == 5
@@ -322,8 +280,8 @@ def test_a_conditional_hierarchy_reads_the_class_everywhere() -> None:
     x, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     assert torch.isfinite(model.loss_terms(x, labels=labels)["loss"])
     assert model.log_likelihood(x, labels, k=4).shape == (4,)
-    as_a = model.sample(3, generator=_generator(0), labels="a", temperature=[1.0, 0.0])
-    as_b = model.sample(3, generator=_generator(0), labels="b", temperature=[1.0, 0.0])
+    as_a = model.sample(3, generator=generator(0), labels="a", temperature=[1.0, 0.0])
+    as_b = model.sample(3, generator=generator(0), labels="b", temperature=[1.0, 0.0])
     assert not torch.allclose(as_a, as_b)  # the same latents, another class
     assert model.interpolate(x[0], x[1], labels=[0, 1], level=1).shape == (8, 1, 8, 8)
     sampling, example, names, _ = model.exportable()["decoder"]
