@@ -12,7 +12,8 @@ rebuilds the summary at any time.
 
 Rows are sorted by the sweep objective (`objective.metric`, the same meaning in every job),
 not by `val/loss`, whose beta differs from job to job. Rate is the KL (nats per image),
-distortion the reconstruction term -log p(x | z) (Alemi et al. 2018, "Fixing a Broken ELBO").
+distortion the reconstruction term -log p(x | z) (Alemi et al. 2018, "Fixing a Broken ELBO");
+a hierarchy's rate is split by level too (`rate_per_level`, top first).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ COLUMNS = (
     "status",
     "objective",
     "rate_kl",
+    "rate_per_level",
     "distortion_recon",
     "mse_per_pixel",
     "neg_elbo",
@@ -161,6 +163,7 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
         objective = result.get("objective", DEFAULT_OBJECTIVE)
         row.update(
             {column: final.get(key) for column, key in FINAL.items()},
+            rate_per_level=_rate_per_level(final),
             status="completed",
             objective=final.get(objective["metric"][0]),
             objective_metric=objective["metric"][0],
@@ -176,6 +179,16 @@ def _row(job: Path, shared: set[str]) -> dict[str, Any]:
     else:
         row["status"] = "incomplete"  # still running, or killed
     return row
+
+
+def _rate_per_level(final: dict[str, float]) -> str | None:
+    """A hierarchy's KL of each latent level, top first (`val/kl_level_<i>`), as
+    "12.3 / 4.5"; None for a model of one level."""
+    levels = sorted(
+        (key for key in final if key.startswith("val/kl_level_")),
+        key=lambda key: int(key.rsplit("_", 1)[1]),
+    )
+    return " / ".join(f"{final[key]:.1f}" for key in levels) or None
 
 
 def _not_run(name: str, overrides: list[str] | None, shared: set[str]) -> dict[str, Any]:

@@ -287,6 +287,23 @@ def test_summarize_an_interrupted_sweep(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "rate_distortion.png").is_file()
 
 
+def test_the_summary_splits_a_hierarchys_rate_by_level(tmp_path: Path) -> None:
+    """A job of a hierarchy logs `val/kl_level_<i>`: its row shows them, top first (level 10
+    after level 2); a one-level job's cell is empty."""
+    levels = {f"val/kl_level_{i}": float(i) + 0.25 for i in (0, 1, 2, 10)}
+    finals = {"val/neg_elbo": 3.6, "val/kl": 13.0, "val/recon": 3.0}
+    for job, extra in (("0", levels), ("1", {})):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.beta={job}\n")
+        result = {"best_val_loss": 3.0, "final": {**finals, **extra}}
+        (tmp_path / job / "result.json").write_text(json.dumps(result))
+    summarize_main([str(tmp_path)])
+    rows = {r["job"]: r for r in _read(tmp_path)}
+    assert rows["0"]["rate_per_level"] == "0.2 / 1.2 / 2.2 / 10.2"
+    assert rows["1"]["rate_per_level"] == ""
+    assert "| rate_per_level |" in (tmp_path / "summary.md").read_text()
+
+
 def test_hparams_search_beta_latent_runs_its_grid(tmp_path: Path) -> None:
     run_cli("hparams_search=beta_latent", "test=false", f"hydra.sweep.dir={tmp_path}")
     rows = _read(tmp_path)
