@@ -521,7 +521,8 @@ def test_import_cvae_and_help_do_not_import_lightning() -> None:
             "train",
             ["model=cvaee"],
             "model=cvaee is not an option of model: did you mean "
-            "model=cvae? (convhvae, cvae, cvae_deep, cvae_maxpool, deep_hvae, hvae, hvae_maps, vae_2conv)",
+            "model=cvae? (convhvae, cvae, cvae_deep, cvae_maxpool, deep_hvae, hvae, hvae_maps, "
+            "vae_2conv)",
         ),
         ("train", ["model/prior=mogg"], "did you mean model/prior=mog?"),
         ("train", ["+trainer.max_epochs=1"], "trainer.max_epochs is a key already, set it without"),
