@@ -353,3 +353,22 @@ def test_every_command_runs_on_a_trained_hierarchy(
     )  # its latents, or the test images
     paths = export_command(compose_tool("export", tmp_path / "export", checkpoint))
     assert sorted(paths) == ["decoder", "encoder"]
+
+
+def test_cvae_load_from_checkpoint_builds_the_class_the_checkpoint_names(tmp_path) -> None:
+    """The notebook's loader, `CVAE.load_from_checkpoint`, gives a hierarchy's checkpoint as
+    the `HVAE` it is; a class this cvae does not know is one line naming it."""
+    model = _two_levels()
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    loaded = CVAE.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert type(loaded) is HVAE and loaded.level_sizes == [2]
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+    checkpoint["model_class"] = "NVAE"
+    with pytest.raises(ValueError) as error:
+        from_checkpoint(checkpoint)
+    assert str(error.value) == (
+        "the checkpoint holds a NVAE model, which this cvae does not know (one of CVAE, HVAE)"
+    )

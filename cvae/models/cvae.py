@@ -204,11 +204,22 @@ class CVAE(Bounds, UserAPI, pl.LightningModule):
         cls, checkpoint: dict, map_location: torch.device | str | None = None, **overrides: object
     ) -> CVAE:
         """The model a loaded checkpoint dict holds, on `map_location` (None: the CPU), in
-        eval mode: its saved settings (a setting it lacks: `LEGACY_DEFAULTS`, else today's
-        default) with `overrides` on top, its weights, and its hook state."""
+        eval mode: of the class it names (`model_class`; `CVAE.from_checkpoint` builds a
+        hierarchy's checkpoint as an `HVAE`), its saved settings (a setting it lacks:
+        `LEGACY_DEFAULTS`, else today's default) with `overrides` on top, its weights, and
+        its hook state."""
+        from cvae.models import MODELS  # the registry imports this module
+
+        name = checkpoint.get("model_class", "CVAE")
+        if name not in MODELS:
+            raise ValueError(
+                f"the checkpoint holds a {name} model, which this cvae does not know "
+                f"(one of {', '.join(MODELS)})"
+            )
+        family = MODELS[name] if issubclass(MODELS[name], cls) else cls
         saved = checkpoint["hyper_parameters"]
         legacy = {k: v for k, v in LEGACY_DEFAULTS.items() if k not in saved}
-        model = cls(**{**legacy, **saved, **overrides})
+        model = family(**{**legacy, **saved, **overrides})
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
         return model.to(map_location or "cpu").eval()
