@@ -5,7 +5,7 @@ training budget.
         [--steps 2400 | --minutes 10] [--models cvae hvae hvae_maps] \
         [--likelihoods gaussian_fixed gaussian_optimal] [--priors standard mog vamp] \
         [--samplers prior gmm two_stage] [--upsample resize transpose] [--samples 5000] \
-        [--temperatures 1.0 1.1 1.2] [hydra overrides for every cell ...]
+        [--temperatures 1.0 1.1 1/0.5] [hydra overrides for every cell ...]
 
 Trains each `--models` preset (`model=<name>`; default: `cvae`, the default model) on
 Fashion-MNIST at 64x64 once per (model, likelihood, prior, up-sampling) cell for `--steps`
@@ -23,7 +23,8 @@ a Markdown table with each FD as a ratio to the cell's reconstructions and to it
 `prior` sampler, and the samples' variety as the feature file's classifier sees it (classes
 among the first 64, the rarest class's share of all; a classifier names a class even for a
 blob: look at the grids); saves a 64-image grid per cell under `--out`. With several
-`--temperatures`, each sampler draws at each one (every level of a hierarchy at it) and
+`--temperatures`, each sampler draws at each one (every level of a hierarchy at it, or
+`TOP/BELOW`: the top level at TOP, the levels below at BELOW) and
 keeps the one whose samples lie nearest to as many validation images (held out of training
 and of the fit); its FD to the test images is reported, beside the FD at temperature 1 (the
 fitted density itself) where 1 is among them. A cell whose
@@ -68,6 +69,15 @@ def _variety(features, samples: torch.Tensor, classes: int) -> tuple[int, float]
     return len(seen[:64].unique()), float(torch.bincount(seen, minlength=classes).min()) / len(seen)
 
 
+def _per_level(temperature: str, levels: int) -> float | list[float]:
+    """A `--temperatures` entry for a model of `levels` latent levels: one number for every
+    level, or `TOP/BELOW`, the top level at TOP and each level below at BELOW."""
+    top, _, below = temperature.partition("/")
+    if not below:
+        return float(top)
+    return [float(top)] + [float(below)] * (levels - 1)
+
+
 def _trained(checkpoint: Path) -> tuple[int, float]:
     """Training steps and seconds in a cell's last.ckpt (Lightning's `Timer` keeps them
     under `trainer.max_time`; 0, 0: none yet)."""
@@ -106,9 +116,10 @@ def main() -> None:
     parser.add_argument(
         "--temperatures",
         nargs="+",
-        type=float,
-        default=[1.0],
-        help="sampling temperatures to try; each sampler's is picked on validation images",
+        default=["1"],
+        help="sampling temperatures to try, each one number for every level or TOP/BELOW (a "
+        "hierarchy's top level at TOP, the levels below at BELOW); each sampler's is picked "
+        "on validation images",
     )
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "sample_quality")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every cell")
@@ -241,7 +252,7 @@ def main() -> None:
                     [
                         model.sample(
                             min(256, args.samples - start),
-                            temperature,
+                            _per_level(temperature, model.latent_levels),
                             generator,
                             sampler=sampler,
                         )
@@ -250,17 +261,17 @@ def main() -> None:
                 )
                 val_fd = distance(samples, validation)
                 print(
-                    f"{cell} {name} temperature {temperature:g}: FD {val_fd:.1f} "
+                    f"{cell} {name} temperature {temperature}: FD {val_fd:.1f} "
                     "against validation images",
                     flush=True,
                 )
                 if picked is None or val_fd < picked[0]:
                     picked = (val_fd, temperature, samples)
-                at_one = samples if temperature == 1 else at_one
+                at_one = samples if _per_level(temperature, 1) == 1.0 else at_one
             val_fd, temperature, samples = picked
             fd = distance(samples, test)
-            if temperature == 1 or at_one is None:  # the pick itself, or not drawn
-                fd_at_one = fd if temperature == 1 else None
+            if at_one is samples or at_one is None:  # the pick itself, or not drawn
+                fd_at_one = fd if at_one is samples else None
             else:
                 fd_at_one = distance(at_one, test)
             prior_fd = fd if name == "prior" else prior_fd
@@ -286,7 +297,7 @@ def main() -> None:
                 )
             )
             print(
-                f"{cell} {name}: FD {fd:.1f} at temperature {temperature:g} "
+                f"{cell} {name}: FD {fd:.1f} at temperature {temperature} "
                 f"(reconstructions {recon_fd:.1f}); {in_64} classes in the first 64, "
                 f"the rarest {rarest:.1%} of all; trained {trained:.0f} s, "
                 f"fitted {fitted:.0f} s",
@@ -319,7 +330,7 @@ def main() -> None:
         print(
             f"| `{row['model']}` | {row['steps']:,} | `{row['likelihood']}` | "
             f"`{row['prior']}` | `{row['upsample']}` | "
-            f"`{row['sampler']}` | {one} | {row['temperature']:g} | {row['fd']:.1f} | "
+            f"`{row['sampler']}` | {one} | {row['temperature']} | {row['fd']:.1f} | "
             f"{row['fd'] / row['recon_fd']:.2f}x | {versus_prior} | {row['in_64']} | "
             f"{row['rarest']:.1%} | {row['trained']:.0f} s | "
             f"{row['fitted']:.0f} s |"
