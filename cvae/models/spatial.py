@@ -123,14 +123,8 @@ class SpatialTopDown(nn.Module):
                 pending and isinstance(layer, _JOIN_BEFORE) and self.shapes[pending[0]][1] == side
             ):
                 index = pending.pop(0)
-                prior = _gaussian(self.priors[index](h), lead)
-                posterior = None
-                if maps is not None:
-                    reading = torch.cat([h, maps[side]], dim=1)
-                    posterior = _gaussian(self.posteriors[index](reading), lead)
-                latents = choose(index + 1, posterior, prior)
-                channels = self.shapes[index][0]
-                h = h + self.merges[index](latents.reshape(-1, channels, side, side))
+                reading = None if maps is None else maps[side]
+                h, latents, posterior, prior = self._join(index, h, reading, lead, choose)
                 chosen.append(latents)
                 posteriors.append(posterior)
                 priors.append(prior)
@@ -138,6 +132,26 @@ class SpatialTopDown(nn.Module):
             side *= 2 if isinstance(layer, _DOUBLING) else 1
         logits = h.unflatten(0, lead) if decode else None
         return logits, torch.cat(chosen, dim=-1), posteriors, priors
+
+    def _join(
+        self,
+        index: int,
+        h: torch.Tensor,
+        bottom_up: torch.Tensor | None,
+        lead: torch.Size,
+        choose: Choose,
+    ) -> tuple[torch.Tensor, torch.Tensor, Gaussian | None, Gaussian]:
+        """Level `index` at the decoder's state `h`: its prior from `h`, its posterior from
+        `h` beside the encoder's map of that side (`bottom_up`; None: no posterior), its
+        latents `choose`n, and the state with them added."""
+        prior = _gaussian(self.priors[index](h), lead)
+        posterior = None
+        if bottom_up is not None:
+            posterior = _gaussian(self.posteriors[index](torch.cat([h, bottom_up], dim=1)), lead)
+        latents = choose(index + 1, posterior, prior)
+        channels, side = self.shapes[index]
+        h = h + self.merges[index](latents.reshape(-1, channels, side, side))
+        return h, latents, posterior, prior
 
 
 def _gaussian(output: torch.Tensor, lead: torch.Size) -> Gaussian:
