@@ -53,7 +53,9 @@ def test_sweep_summary_lists_every_job_best_first(tmp_path: Path) -> None:
         ) < 1e-3 * float(row["neg_elbo"])
     markdown = (tmp_path / "summary.md").read_text().splitlines()
     assert markdown[0] == "Sorted by val/neg_elbo (the sweep objective)."
-    assert markdown[2].startswith("| job | status | objective | rate_kl | distortion_recon")
+    assert markdown[2].startswith(
+        "| job | status | objective | rate_kl | rate_per_level | distortion_recon"
+    )
     assert markdown[-1] == "![rate and distortion of each job](rate_distortion.png)"
     assert (tmp_path / "rate_distortion.png").stat().st_size > 10_000
 
