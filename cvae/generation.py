@@ -25,7 +25,7 @@ from cvae.loading import fitted_sampler, load_checkpoint
 from cvae.metrics import PosteriorStatistics
 from cvae.models import CVAE
 from cvae.models.classes import folder_name
-from cvae.models.user_api import check_level
+from cvae.models.user_api import check_level, level_temperatures
 from cvae.pixels import unit_range
 from cvae.samplers import LatentSampler, posteriors, principal_axes, sampler_path
 from cvae.viz import interleave_rows, save_gif, save_images, visualize_batch, visualize_rows
@@ -219,11 +219,7 @@ def _sample(
     out: Path,
     sampler: LatentSampler,
 ) -> None:
-    label, temperature = plain(cfg.get("label")), plain(cfg.temperature)
-    if isinstance(temperature, list):  # a hierarchy's, one per level
-        temperature = [float(t) for t in temperature]
-    else:
-        temperature = float(temperature)
+    label, temperature = plain(cfg.get("label")), _temperature(cfg)
     if model.conditional and label in (None, "all"):
         sample_every_class(model, int(cfg.nrow), temperature, generator, out, sampler)
         return
@@ -231,6 +227,14 @@ def _sample(
     images = model.sample(int(cfg.n), temperature, generator, labels=labels, sampler=sampler)
     visualize_batch(images, out / "samples.png", nrow=cfg.nrow)
     save_images(images, out / "samples")
+
+
+def _temperature(cfg: DictConfig) -> float | list[float]:
+    """`temperature`: one number for every latent level, or a hierarchy's list, one per level."""
+    temperature = plain(cfg.temperature)
+    if isinstance(temperature, list):
+        return [float(t) for t in temperature]
+    return float(temperature)
 
 
 def _reconstruct(
@@ -274,10 +278,11 @@ def _interpolate(
     out: Path,
     sampler: object = None,
 ) -> None:
-    label, temperature = plain(cfg.get("label")), float(cfg.temperature)
+    label = plain(cfg.get("label"))
     if model.conditional and label is not None and not cfg.input:  # a walk between classes
         first, second = _class_pair(label)
-        z = model.sample_latents(1, temperature, generator)
+        top = level_temperatures(_temperature(cfg), model.latent_levels)[0]
+        z = model.sample_latents(1, top, generator)
         frames = model.interpolate_classes(first, second, z, int(cfg.steps))
     else:
         (first, second), labels = pick_images(cfg.input, 2, datamodule, generator, model, label)

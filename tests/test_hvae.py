@@ -329,10 +329,15 @@ def test_every_command_runs_on_a_trained_hierarchy(
     assert len(metrics["active_units_per_level"]) == 3 and metrics["latent_dim"] == latents
     out = generate(
         compose_tool(
-            "generate", tmp_path / "sample", checkpoint, "n=8", "temperature=[1.0,0.5,0.0]"
+            "generate",
+            tmp_path / "sample",
+            checkpoint,
+            "mode=showcase",
+            "n=8",
+            "temperature=[1.0,0.5,0.0]",
         )
     )
-    assert (out / "samples.png").is_file()
+    assert {p.name for p in out.iterdir()} >= {"samples.png", "interpolation.gif", "traversal.png"}
     out = generate(
         compose_tool(
             "generate",
