@@ -180,9 +180,7 @@ def drawing(sizes: Sequence[int], eps: torch.Tensor) -> Choose:
     """A `choose` of `walk`: level i is its conditional prior's mean plus its standard
     deviation times `eps`'s columns for that level (`(B, sum(sizes))` standard normal noise,
     scaled by a temperature)."""
-    ends = [0]
-    for size in sizes:
-        ends.append(ends[-1] + size)
+    ends = list(itertools.accumulate(sizes, initial=0))
 
     def draw(index: int, posterior: Gaussian | None, prior: Gaussian) -> torch.Tensor:
         noise = eps[..., ends[index - 1] : ends[index]]
@@ -356,7 +354,7 @@ class HVAE(CVAE):
     def _logits_of_all(self, latents: torch.Tensor, labels: object) -> torch.Tensor:
         """The decoder's logits of every level's latents side by side (`Posterior.means`)."""
         labels = self.class_indices(labels, len(latents))
-        ends = list(itertools.accumulate([self.hparams.latent_dim, *self.level_sizes]))
+        ends = list(itertools.accumulate(self.level_sizes, initial=self.hparams.latent_dim))
         given = lambda i, q, p: latents[..., ends[i - 1] : ends[i]]  # noqa: E731
         return self._walk(None, latents[..., : ends[0]], given, labels)[0]
 
