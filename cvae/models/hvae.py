@@ -289,15 +289,7 @@ class HVAE(CVAE):
         def condition(latents: torch.Tensor) -> torch.Tensor:
             return self._decoder_input(latents, repeated)
 
-        if logits_of is not None and self.maps:
-            raise ValueError(
-                "decoder= applies to models whose decoder reads every latent at its input; "
-                "this one's latent maps join the decoder's layers"
-            )
-        walk = self.top_down.walk
-        if logits_of is None:
-            return walk(self.decoder, condition, features, top, choose, decode)
-        return walk(self.decoder, condition, features, top, choose, decode, logits_of)
+        return self.top_down.walk(self.decoder, condition, features, top, choose, decode, logits_of)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Posterior:
         """Every level's posterior of images `x`, along the path of the upper levels'

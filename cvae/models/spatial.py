@@ -103,13 +103,20 @@ class SpatialTopDown(nn.Module):
         top: torch.Tensor,
         choose: Choose,
         decode: bool = True,
+        logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, list[Gaussian | None], list[Gaussian]]:
         """The decoder from top-level latents `top` (`condition` adds a class code), each
         level joining its state at its resolution: `choose(level, posterior, prior)` gives
         the level's latents (flat, with `top`'s leading dimensions), the posterior from the
         bottom-up `features` (None when generating). Returns the logits (None without
         `decode`: the walk stops after the last level), every level's latents side by side,
-        the posteriors and the priors."""
+        the posteriors and the priors. `logits_of` (another computation of the decoder, as
+        `TopDown.walk` takes) cannot apply: the maps join the decoder's layers."""
+        if logits_of is not None:
+            raise ValueError(
+                "decoder= applies to models whose decoder reads every latent at its input; "
+                "this one's latent maps join the decoder's layers"
+            )
         lead = top.shape[:-1]
         h = decoder.project(condition(top.flatten(0, -2))).view(-1, *decoder.start_shape)
         maps = None if features is None else _repeated(features[1], len(h))
