@@ -35,6 +35,11 @@ def _run(module: str, arguments: list[str]) -> None:
         sys.exit(f"python -m {module} {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
 
 
+def _override(steps: list[int]) -> str:
+    """A list as a Hydra override value: no spaces, so it stays one command-line word."""
+    return f"[{','.join(map(str, steps))}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -47,20 +52,23 @@ def main() -> None:
         levels = len(compose_train(Path(scratch), args.overrides).model.levels) + 1
     variants = {
         "off": "null",
-        "every level": str([args.warmup] * levels),
-        "below the top": str([0] + [args.warmup] * (levels - 1)),
+        "every level": _override([args.warmup] * levels),
+        "below the top": _override([0] + [args.warmup] * (levels - 1)),
     }
+    runs = {name: args.out / name.replace(" ", "_") for name in variants}
+    if earlier := [str(run) for run in runs.values() if run.exists()]:
+        sys.exit(f"--out {args.out}: holds earlier runs ({', '.join(earlier)}); choose another")
     print(f"{machine()}; {' '.join(args.overrides)}; {args.steps} steps each")
     print("| warm-up | IW NLL (K=100) | -ELBO | KL per level | active units per level | min |")
     print("|---|---|---|---|---|---|")
     for name, steps in variants.items():
         started = time.perf_counter()
-        run = args.out / name.replace(" ", "_")
+        run = runs[name]
         _run(
             "cvae.train",
             [
                 *args.overrides,
-                f"model.level_warmup_steps={steps.replace(' ', '')}",
+                f"model.level_warmup_steps={steps}",
                 f"trainer.max_steps={args.steps}",
                 "trainer.max_time=null",
                 "sampler=prior",
@@ -79,7 +87,8 @@ def main() -> None:
                 f"hydra.run.dir={run}/eval",
             ],
         )
-        metrics = json.loads(next((run / "eval").glob("*/metrics.json")).read_text())
+        (metrics_file,) = (run / "eval").glob("*/metrics.json")
+        metrics = json.loads(metrics_file.read_text())
         kls = " / ".join(f"{kl:.1f}" for kl in metrics["kl_per_level"])
         units = " / ".join(str(n) for n in metrics["active_units_per_level"])
         minutes = (time.perf_counter() - started) / 60
