@@ -169,7 +169,7 @@ class LatentMonitor(pl.Callback):
     a sweep objective can name), so the runs of a sweep can be compared there. Active units
     count every validation image; the KL histogram the first `kl_images` (None: all)."""
 
-    def __init__(self, kl_images: int | None = 2000) -> None:
+    def __init__(self, kl_images: int | None = 200) -> None:
         super().__init__()
         self.kl_images = kl_images
         self.statistics = PosteriorStatistics(kl_images)

@@ -160,7 +160,8 @@ def image_metrics(
     with torch.inference_mode():
         clean = unit_range(images)
         x = dequantize(images, model.likelihood.continuous, generator)
-        log_px, kl, posterior = model.elbo_terms(x, labels, generator=generator)
+        log_px, kl_levels, posterior = model.elbo_terms(x, labels, generator=generator)
+        kl = kl_levels.sum(0)
         nll = -model.log_likelihood(
             x, labels, k=iw_samples, generator=generator, max_decodes=max_decodes, decoder=decoder
         )
@@ -183,6 +184,7 @@ def image_metrics(
     return {
         "images": len(images),
         "values": {name: value.double().cpu() for name, value in values.items()},
+        "kl_levels": kl_levels.T.double().cpu(),  # (B, levels): each level's KL, summing to kl
         "posterior": {
             k: v.cpu() if torch.is_tensor(v) else v for k, v in statistics.state().items()
         },
@@ -241,7 +243,7 @@ def combine(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
         metrics["colour_w1_reconstructions"] = named(colour_distance(real, reconstructions))
     if len(posterior.sizes) > 1:
         metrics["active_units_per_level"] = posterior.active_units_per_level()
-        metrics["kl_per_level"] = [
-            round(float(part.sum()), 6) for part in posterior.kl_per_dim().split(posterior.sizes)
-        ]
+    if len(posterior.sizes) > 1 and all("kl_levels" in c for c in chunks):  # older runs: none
+        kl_levels = torch.cat([c["kl_levels"] for c in chunks]).mean(0)
+        metrics["kl_per_level"] = [round(v, 6) for v in kl_levels.tolist()]
     return metrics

@@ -47,11 +47,11 @@ def test_the_kl_over_levels_matches_a_monte_carlo_estimate() -> None:
         model.top_down.posteriors[0][-1].bias[:2] += 1.5
     x = torch.rand(1, 1, 8, 8).expand(20_000, -1, -1, -1)
     with torch.no_grad():
-        _, kl, posterior = model.elbo_terms(x, generator=generator(0))
+        _, kl_levels, posterior = model.elbo_terms(x, generator=generator(0))
         encoding = model._encoding(x[:1], None)
         _, log_ratio = model._log_weight_terms(x[:1], None, encoding, 20_000, generator(1))
-    monte_carlo = -log_ratio.sum(0).mean()  # (levels, samples, images)
-    assert float(kl.mean()) == pytest.approx(float(monte_carlo), abs=0.03)
+    monte_carlo = -log_ratio.mean(dim=(1, 2))  # each level's, from (levels, samples, images)
+    torch.testing.assert_close(kl_levels.mean(1), monte_carlo, atol=0.03, rtol=0)
     assert len(posterior.levels) == 2 and posterior.levels[1].mu.shape == (20_000, 2)
 
 
@@ -257,17 +257,24 @@ def test_a_traversal_at_a_chosen_level_moves_that_level_only(
         traverse(model, images[0], found, 3, 2.0, level=2)
 
 
-def test_evaluation_metrics_report_each_level() -> None:
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_evaluation_metrics_report_each_level(prior: str) -> None:
     """`cvae.evaluate`'s metrics of a hierarchy: active units and the KL of each level (the
-    levels' shares of the per-latent KL), beside the totals."""
+    ELBO's, adding up to `kl`), beside the totals. Under a mixture prior the per-latent KLs
+    (each to the prior's 1-D marginal) do not add up to the top level's KL: not its source."""
     from cvae.metrics import combine, image_metrics
 
-    model = _two_levels()
-    chunk = image_metrics(model, torch.rand(6, 1, 8, 8), None, 4, generator(0))
-    metrics = combine([chunk], model, 4)
+    settings = {"prior": prior, "prior_components": 3} if prior == "vamp" else {}
+    model = _two_levels(**settings)
+    chunks = [image_metrics(model, torch.rand(6, 1, 8, 8), None, 4, generator(i)) for i in (0, 1)]
+    metrics = combine(chunks, model, 4)
     assert len(metrics["active_units_per_level"]) == len(metrics["kl_per_level"]) == 2
     assert metrics["latent_dim"] == 5 and len(metrics["kl_per_dim"]) == 5
-    assert sum(metrics["kl_per_level"]) == pytest.approx(sum(metrics["kl_per_dim"]), abs=1e-4)
+    assert sum(metrics["kl_per_level"]) == pytest.approx(metrics["kl"], abs=1e-5)
+    levels = torch.cat([c["kl_levels"] for c in chunks]).mean(0)
+    assert metrics["kl_per_level"] == pytest.approx(levels.tolist(), abs=1e-6)
+    del chunks[0]["kl_levels"]  # a chunk saved before the per-level KL was kept
+    assert "kl_per_level" not in combine(chunks, model, 4)
 
 
 def test_a_conditional_hierarchy_reads_the_class_everywhere() -> None:

@@ -144,8 +144,8 @@ class Bounds:
         decoder's proper density: shape (B,). Not scaled by beta. A conditional model's
         bound is on log p(x | y), `y` the `labels`."""
         with evaluating(self):
-            log_px, kl, _ = self.elbo_terms(x, labels, generator)
-            return log_px - kl
+            log_px, kl_levels, _ = self.elbo_terms(x, labels, generator)
+            return log_px - kl_levels.sum(0)
 
     def elbo_terms(
         self,
@@ -153,16 +153,17 @@ class Bounds:
         labels: Labels = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Posterior]:
-        """`(log p(x | z), KL, posterior)` of each image, one posterior sample: the parts
-        of `elbo`, for callers that report them separately (KL: closed form, or for a
-        mixture prior log q(z | x) - log p(z) at the same sample), and q(z | x)."""
+        """`(log p(x | z), KL per level, posterior)` of each image, one posterior sample:
+        the parts of `elbo`, for callers that report them separately, and q(z | x). The KL
+        is `(levels, B)`, one row here (closed form, or for a mixture prior log q(z | x) -
+        log p(z) at the same sample); its sum over levels is the ELBO's KL."""
         labels = self.class_indices(labels, len(x))
         x = unit_range(x.to(self.device))
         posterior = self.encode(x, labels)
         mu, log_var = posterior.top
         z = reparameterize(mu, log_var, generator)
         logits = self.decode_logits(z, labels)
-        return self.likelihood(logits, x), self.prior.kl(mu, log_var, z), posterior
+        return self.likelihood(logits, x), self.prior.kl(mu, log_var, z)[None], posterior
 
     def log_likelihood(
         self,

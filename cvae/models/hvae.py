@@ -464,8 +464,9 @@ class HVAE(CVAE):
         labels: object = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Posterior]:
-        """`(log p(x | z), KL summed over levels, posterior)` of each image, one sample of
-        every level; the posterior is the one along the sampled path."""
+        """`(log p(x | z), KL of each level (levels, B), posterior)` of each image, one
+        sample of every level (each lower level's KL in closed form given the latents drawn
+        above it); the posterior is the one along the sampled path."""
         labels = self.class_indices(labels, len(x))
         x = unit_range(x.to(self.device))
         features, top = self._encoding(x, labels)
@@ -475,7 +476,10 @@ class HVAE(CVAE):
             return reparameterize(posterior.mu, posterior.log_var, generator)
 
         logits, _, posteriors, priors = self._walk(features, z, draw, labels)
-        kl = self.prior.kl(top.mu, top.log_var, z)
-        for q, p in zip(posteriors, priors, strict=True):
-            kl = kl + kl_divergence(q.mu, q.log_var, p.mu, p.log_var)
-        return self.likelihood(logits, x), kl, Posterior((top, *posteriors), (None, *priors))
+        kls = [self.prior.kl(top.mu, top.log_var, z)]
+        kls += [
+            kl_divergence(q.mu, q.log_var, p.mu, p.log_var)
+            for q, p in zip(posteriors, priors, strict=True)
+        ]
+        posterior = Posterior((top, *posteriors), (None, *priors))
+        return self.likelihood(logits, x), torch.stack(kls), posterior
