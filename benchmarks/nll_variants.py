@@ -43,6 +43,12 @@ VARIANTS = {
         "model.iw_samples=5",
         "model/prior=vamp",
     ],
+    "IWAE k=5, two levels, VampPrior (100 pseudo-inputs) on the top": [
+        "model=convhvae",
+        "model.iw_samples=5",
+        "model/prior=vamp",
+        "model.prior_components=100",
+    ],
 }
 
 

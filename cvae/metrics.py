@@ -243,7 +243,7 @@ def combine(chunks: list[dict], model: CVAE, iw_samples: int) -> dict:
         metrics["colour_w1_reconstructions"] = named(colour_distance(real, reconstructions))
     if len(posterior.sizes) > 1:
         metrics["active_units_per_level"] = posterior.active_units_per_level()
-    if len(posterior.sizes) > 1 and all("kl_levels" in c for c in chunks):  # older runs: none
-        kl_levels = torch.cat([c["kl_levels"] for c in chunks]).mean(0)
-        metrics["kl_per_level"] = [round(v, 6) for v in kl_levels.tolist()]
+        if all("kl_levels" in c for c in chunks):  # chunks of older runs have none
+            kl_levels = torch.cat([c["kl_levels"] for c in chunks]).mean(0)
+            metrics["kl_per_level"] = [round(v, 6) for v in kl_levels.tolist()]
     return metrics
