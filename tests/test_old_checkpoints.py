@@ -3,10 +3,11 @@ load with today's code and give the same numbers: samples from the prior and fro
 fitted `gmm`, ELBO, importance-weighted bound and reconstructions
 (`tests/data/checkpoints_859023e/README.md` says how they were made).
 
-Bit for bit where the decoder up-samples with transposed convolutions. The `resize`
-decoder computes the same function as a transposed convolution since commit 5a60cc7 (its
-sums reordered: `tests/test_decoder_phases.py`), so its outputs agree to float rounding;
-the house's refactor alone kept them bit for bit (checked with the decoder of 4c0260d)."""
+To float rounding, not bit for bit: the same code on another CPU picks other kernels (on
+an Intel Xeon in 2026-12 the transposed-convolution samples differed from the references by
+at most 6e-8, in 43 of 3,072 values), and the `resize` decoder computes the same function as
+a transposed convolution since commit 5a60cc7 with its sums reordered
+(`tests/test_decoder_phases.py`). A changed computation moves them by far more."""
 
 from __future__ import annotations
 
@@ -45,12 +46,10 @@ def test_old_checkpoint_gives_identical_numbers(name: str, references: dict) -> 
         "iw_bound": model.log_likelihood(x, labels, k=8, generator=generator().manual_seed(2)),
         "reconstructions": model.reconstruct(x, labels),
     }
-    exact = model.hparams.upsample == "transpose"
     for key, value in got.items():
-        if exact:
-            assert torch.equal(value, expected[key]), f"{name}: {key} differs"
-        else:  # float rounding of the resize decoder's reordered sums, nothing more
-            torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            value, expected[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{name}: {k}: {m}"
+        )
 
 
 def test_old_defaults_are_kept_from_the_saved_settings() -> None:
