@@ -29,7 +29,7 @@ def references() -> dict:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_old_checkpoint_gives_identical_numbers(name: str, references: dict) -> None:
+def test_old_checkpoint_gives_the_same_numbers(name: str, references: dict) -> None:
     expected = references[name]
     checkpoint = FIXTURE / f"{name}.ckpt"
     model = CVAE.load_from_checkpoint(checkpoint)
